@@ -1,0 +1,68 @@
+"""Training checkpoints through orbax: the whole train state plus a small JSON of run metadata.
+
+Orbax writes each step to a temporary directory and renames it when complete, so a checkpoint
+half-written at the moment of a kill is never listed as a step and resuming picks the last complete one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from hybrid_distill_jax.errors import CheckpointError
+
+
+class Checkpointer:
+    """Saves every ``every`` steps (and on request), keeps the newest ``keep``, restores the latest."""
+
+    def __init__(self, directory: str, *, every: int, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        self.every = every
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def save(self, step: int, state: Any, meta: dict) -> None:
+        if step in self._manager.all_steps():
+            return
+        self._manager.save(
+            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            force=True,
+        )
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        """Restores into the shapes, dtypes and shardings of ``abstract_state``."""
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+                ),
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(
+                f"checkpoint {self.directory}/{step} does not fit this run's model/optimizer "
+                f"(was the config changed?): {str(e).splitlines()[0][:500]}"
+            ) from None
+        return restored["state"], dict(restored["meta"])
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def abstract_like(tree: Any) -> Any:
+    """ShapeDtypeStructs (with shardings) of a concrete tree, the restore target."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

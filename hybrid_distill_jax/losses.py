@@ -1,0 +1,71 @@
+"""Pure loss functions of the Hybrid Distill objective; every reduction runs in fp32."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from hybrid_distill_jax.errors import ConfigError
+
+FEATURE_LOSSES = ("smooth_l1", "mse", "cosine")
+RELATION_LOSSES = ("kl", "mse")
+
+
+def whiten(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """Parameter-free LayerNorm over channels (FD/MaskAlign target whitening)."""
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.var(x, axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+def smooth_l1(pred: jax.Array, target: jax.Array, beta: float = 2.0) -> jax.Array:
+    """Huber-style SmoothL1 (PyTorch's definition), mean over every element."""
+    diff = jnp.abs(pred.astype(jnp.float32) - target.astype(jnp.float32))
+    return jnp.mean(jnp.where(diff < beta, 0.5 * diff**2 / beta, diff - 0.5 * beta))
+
+
+def feature_loss(pred: jax.Array, target: jax.Array, kind: str = "smooth_l1", beta: float = 2.0) -> jax.Array:
+    """Regression of the student's projected tokens onto the (whitened) teacher tokens, [B, N, C]."""
+    if kind == "smooth_l1":
+        return smooth_l1(pred, target, beta)
+    pred, target = pred.astype(jnp.float32), target.astype(jnp.float32)
+    if kind == "mse":
+        return jnp.mean((pred - target) ** 2)
+    if kind == "cosine":
+        cos = jnp.sum(pred * target, -1) / (
+            jnp.linalg.norm(pred, axis=-1) * jnp.linalg.norm(target, axis=-1) + 1e-8
+        )
+        return -jnp.mean(cos)
+    raise ConfigError(f"loss.feature_loss={kind!r}: expected one of {FEATURE_LOSSES}")
+
+
+def gather_relation(logits: jax.Array, token_indices: jax.Array) -> jax.Array:
+    """Restricts attention logits [B, H, N, N] to the kept tokens [B, K] (rows and columns) -> [B, H, K, K]."""
+    rows = jnp.take_along_axis(logits, token_indices[:, None, :, None], axis=2)
+    return jnp.take_along_axis(rows, token_indices[:, None, None, :], axis=3)
+
+
+def relation_loss(teacher_logits: jax.Array, student_logits: jax.Array, kind: str = "kl") -> jax.Array:
+    """Per query row: KL(softmax(teacher) || softmax(student)) over keys; mean over batch, heads and rows.
+
+    Both logit maps cover the same (kept) token set, so the softmax over kept keys equals the full
+    attention restricted to the kept set and renormalised.
+    """
+    t = teacher_logits.astype(jnp.float32)
+    s = student_logits.astype(jnp.float32)
+    if kind == "kl":
+        log_pt = jax.nn.log_softmax(t, axis=-1)
+        log_ps = jax.nn.log_softmax(s, axis=-1)
+        return jnp.mean(jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), axis=-1))
+    if kind == "mse":
+        return jnp.mean((jax.nn.softmax(t, axis=-1) - jax.nn.softmax(s, axis=-1)) ** 2)
+    raise ConfigError(f"loss.relation_loss={kind!r}: expected one of {RELATION_LOSSES}")
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int, label_smoothing: float = 0.0):
+    """Softmax cross-entropy with optional label smoothing, mean over the batch."""
+    onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    if label_smoothing:
+        onehot = onehot * (1.0 - label_smoothing) + label_smoothing / num_classes
+    return -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(logits.astype(jnp.float32), -1), -1))

@@ -1,0 +1,92 @@
+"""Metric writers (JSONL + TensorBoard) and a progress line with throughput and ETA."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Mapping
+
+import jax
+
+log = logging.getLogger("hybrid_distill_jax")
+
+
+class MetricWriter:
+    """Appends ``{"step": s, ...}`` lines to ``metrics.jsonl`` and scalars to TensorBoard (process 0 only)."""
+
+    def __init__(self, workdir: str, tensorboard: bool = True):
+        self.active = jax.process_index() == 0
+        self._path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if self.active and tensorboard:
+            try:
+                import tensorboard  # noqa: F401  (tf.summary needs it for scalars)
+                import tensorflow as tf
+
+                self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+            except ImportError:  # TensorBoard is optional: JSONL still gets everything.
+                log.warning("tensorboard/tensorflow not importable: TensorBoard summaries are off")
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        if not self.active:
+            return
+        scalars = {k: float(v) for k, v in scalars.items()}
+        with open(self._path, "a") as f:
+            f.write(json.dumps({"step": int(step), **scalars}) + "\n")
+        if self._tb is not None:
+            import tensorflow as tf
+
+            with self._tb.as_default(step=int(step)):
+                for k, v in scalars.items():
+                    tf.summary.scalar(k, v)
+
+    def flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+    """Measures images/s between reports (excluding paused time, e.g. evaluation) and estimates the ETA."""
+
+    def __init__(self, total_steps: int, batch_size: int, start_step: int = 0):
+        self.total_steps, self.batch_size = total_steps, batch_size
+        self._last_step, self._last_time = start_step, time.perf_counter()
+        self._paused = 0.0
+
+    def pause(self):
+        self._pause_start = time.perf_counter()
+
+    def resume(self):
+        self._paused += time.perf_counter() - self._pause_start
+
+    def report(self, step: int) -> dict[str, float]:
+        now = time.perf_counter()
+        elapsed = max(now - self._last_time - self._paused, 1e-9)
+        steps = step - self._last_step
+        self._last_step, self._last_time, self._paused = step, now, 0.0
+        sec_per_step = elapsed / max(steps, 1)
+        return {"img_per_s": steps * self.batch_size / elapsed,
+                "eta_s": sec_per_step * (self.total_steps - step)}
+
+    def line(self, name: str, step: int, scalars: Mapping[str, float], rate: Mapping[str, float]) -> str:
+        keys = [k for k in ("loss", "feature_loss", "relation_loss", "accuracy", "keep") if k in scalars]
+        terms = " ".join(f"{k} {scalars[k]:.4g}" for k in keys)
+        return (f"[{name}] step {step}/{self.total_steps} | {terms} | lr {scalars.get('lr', 0):.3g} | "
+                f"{rate['img_per_s']:.0f} img/s | ETA {_duration(rate['eta_s'])}")

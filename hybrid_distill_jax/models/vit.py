@@ -1,0 +1,336 @@
+"""A pure-functional Flax (linen) Vision Transformer for students and teachers alike.
+
+One module covers timm ViT/DeiT (incl. the distillation token), MAE encoders, DINO and CLIP visual
+towers (``ln_pre``, QuickGELU, ``proj``). The forward pass can
+
+* run on a subset of patch tokens (``keep_indices``, a static count K), masked MAE-style after the
+  position embedding, and drop further tokens inside the network (``drop_after``, EViT-style);
+* return attention *logits* for a static tuple of layers only (the relation targets), and the
+  CLS->patch attention probabilities of chosen layers (the redundancy score).
+
+Layers are numbered from 1 (block 1 is the first transformer block). Softmax runs in fp32 whatever the
+compute ``dtype``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hybrid_distill_jax.errors import ConfigError
+
+Dtype = Any
+
+# name -> (width, depth, heads, mlp_dim). The small ones exist for CPU tests and the embedded demo.
+VARIANTS: dict[str, tuple[int, int, int, int]] = {
+    "pico": (32, 2, 2, 64),
+    "nano": (64, 4, 4, 256),
+    "micro": (96, 6, 4, 384),
+    "Ti": (192, 12, 3, 768),
+    "S": (384, 12, 6, 1536),
+    "B": (768, 12, 12, 3072),
+    "L": (1024, 24, 16, 4096),
+    "H": (1280, 32, 16, 5120),
+}
+
+
+def decode_variant(variant: str) -> dict[str, int]:
+    """'B/16' -> dict(width=768, depth=12, num_heads=12, mlp_dim=3072, patch_size=16)."""
+    name, _, patch = variant.partition("/")
+    if name not in VARIANTS or not patch.isdigit():
+        raise ConfigError(
+            f"model variant {variant!r}: expected '<size>/<patch>' with size in {sorted(VARIANTS)}, e.g. 'B/16'"
+        )
+    width, depth, heads, mlp = VARIANTS[name]
+    return dict(width=width, depth=depth, num_heads=heads, mlp_dim=mlp, patch_size=int(patch))
+
+
+def quick_gelu(x):
+    """CLIP's sigmoid approximation of GELU."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable] = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "quick_gelu": quick_gelu,
+}
+
+
+def sincos_posemb_2d(grid: int, width: int, num_prefix: int) -> np.ndarray:
+    """Fixed 2-D sine-cosine position embedding (MAE), zeros for the prefix tokens: [1, P + grid^2, D]."""
+    if width % 4:
+        raise ConfigError(f"model.width={width}: sincos position embedding needs a width divisible by 4")
+    omega = 1.0 / 10000 ** (np.arange(width // 4, dtype=np.float64) / (width / 4.0))
+    ys, xs = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
+    out_h = np.einsum("n,d->nd", ys.reshape(-1), omega)
+    out_w = np.einsum("n,d->nd", xs.reshape(-1), omega)
+    emb = np.concatenate([np.sin(out_w), np.cos(out_w), np.sin(out_h), np.cos(out_h)], axis=1)
+    emb = np.concatenate([np.zeros((num_prefix, width)), emb], axis=0)
+    return emb[None].astype(np.float32)
+
+
+def resample_posemb(posemb: jax.Array, num_prefix: int, new_grid: int) -> jax.Array:
+    """Bicubically resizes the patch part of a [1, P + g*g, D] position embedding to new_grid^2 patches."""
+    prefix, patches = posemb[:, :num_prefix], posemb[:, num_prefix:]
+    old_grid = math.isqrt(patches.shape[1])
+    if old_grid * old_grid != patches.shape[1]:
+        raise ConfigError(f"position embedding with {patches.shape[1]} patch tokens is not a square grid")
+    if old_grid == new_grid:
+        return posemb
+    grid = patches.reshape(1, old_grid, old_grid, -1).astype(jnp.float32)
+    grid = jax.image.resize(grid, (1, new_grid, new_grid, grid.shape[-1]), method="bicubic")
+    patches = grid.reshape(1, new_grid * new_grid, -1).astype(posemb.dtype)
+    return jnp.concatenate([prefix, patches], axis=1)
+
+
+def gather_tokens(x: jax.Array, indices: jax.Array) -> jax.Array:
+    """x [B, N, D], indices [B, K] -> [B, K, D]."""
+    return jnp.take_along_axis(x, indices[..., None], axis=1)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch per example."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        if deterministic or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention that can expose its logits or its CLS row on request."""
+
+    num_heads: int
+    qkv_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, want_logits: bool = False, want_cls: bool = False, num_prefix: int = 1):
+        width = x.shape[-1]
+        if width % self.num_heads:
+            raise ConfigError(f"model.width={width} is not divisible by num_heads={self.num_heads}")
+        head_dim = width // self.num_heads
+        qkv = nn.DenseGeneral(
+            (3, self.num_heads, head_dim), use_bias=self.qkv_bias, dtype=self.dtype,
+            param_dtype=self.param_dtype, name="qkv",
+        )(x)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, Dh]
+        scale = 1.0 / math.sqrt(head_dim)
+        extras = {}
+        if want_logits:
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k, preferred_element_type=jnp.float32)
+            probs = jax.nn.softmax(logits, axis=-1)
+            out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
+            extras["logits"] = logits
+            if want_cls:
+                extras["cls"] = probs[:, :, 0, num_prefix:]
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, scale=scale)
+            if want_cls:
+                cls_logits = jnp.einsum(
+                    "bhd,bkhd->bhk", q[:, 0] * scale, k, preferred_element_type=jnp.float32
+                )
+                extras["cls"] = jax.nn.softmax(cls_logits, axis=-1)[:, :, num_prefix:]
+        out = nn.DenseGeneral(
+            width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype, name="proj"
+        )(out)
+        return out, extras
+
+
+class MlpBlock(nn.Module):
+    mlp_dim: int
+    act: str = "gelu"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        width = x.shape[-1]
+        x = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x)
+        x = ACTIVATIONS[self.act](x)
+        return nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(x)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block."""
+
+    num_heads: int
+    mlp_dim: int
+    act: str = "gelu"
+    qkv_bias: bool = True
+    norm_eps: float = 1e-6
+    drop_path: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, want_logits: bool = False, want_cls: bool = False,
+                 num_prefix: int = 1):
+        norm = dict(epsilon=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+        y, extras = Attention(
+            self.num_heads, self.qkv_bias, self.dtype, self.param_dtype, name="attn"
+        )(nn.LayerNorm(name="norm1", **norm)(x), want_logits=want_logits, want_cls=want_cls,
+          num_prefix=num_prefix)
+        x = x + DropPath(self.drop_path)(y, deterministic=not train)
+        y = MlpBlock(self.mlp_dim, self.act, self.dtype, self.param_dtype, name="mlp")(
+            nn.LayerNorm(name="norm2", **norm)(x)
+        )
+        x = x + DropPath(self.drop_path)(y, deterministic=not train)
+        return x, extras
+
+
+class VisionTransformer(nn.Module):
+    """ViT returning a dict of outputs.
+
+    Outputs: ``tokens`` (all tokens after the final norm, prefix first: [B, P+K, D]), ``pooled``,
+    ``logits`` (if ``num_classes``), ``embedding`` (CLIP ``proj`` of the CLS token, if ``proj_dim``),
+    ``attn_logits`` {layer: fp32 [B, H, N_l, N_l]} for ``attn_layers`` and ``cls_attn``
+    {layer: fp32 [B, H, K_l]} (CLS -> patch probabilities) for ``cls_attn_layers``.
+    """
+
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    image_size: int = 224  # sets the position-embedding grid; other inputs are resampled on the fly
+    num_classes: int = 0
+    dist_token: bool = False
+    ln_pre: bool = False
+    final_norm: bool = True
+    patch_bias: bool = True
+    qkv_bias: bool = True
+    act: str = "gelu"
+    norm_eps: float = 1e-6
+    posemb: str = "learn"  # or "sincos2d" (MAE; initialised fixed, stored as a parameter)
+    pool: str = "cls"  # or "gap" (mean of patch tokens) for ``pooled``/``logits``
+    proj_dim: int | None = None
+    drop_path: float = 0.0
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @property
+    def num_prefix(self) -> int:
+        return 2 if self.dist_token else 1
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @nn.compact
+    def __call__(
+        self,
+        images: jax.Array,
+        *,
+        keep_indices: jax.Array | None = None,
+        drop_after: Mapping[int, jax.Array] | None = None,
+        attn_layers: Sequence[int] = (),
+        cls_attn_layers: Sequence[int] = (),
+        train: bool = False,
+    ) -> dict[str, Any]:
+        attn_layers, cls_attn_layers = tuple(attn_layers), tuple(cls_attn_layers)
+        drop_after = dict(drop_after or {})
+        for layer in attn_layers + cls_attn_layers + tuple(drop_after):
+            if not 1 <= layer <= self.depth:
+                raise ConfigError(f"layer {layer} requested from a ViT of depth {self.depth} (layers are 1..depth)")
+        p = self.num_prefix
+        x = nn.Conv(
+            self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2, padding="VALID",
+            use_bias=self.patch_bias, dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embed",
+        )(images.astype(self.dtype))
+        b, h, w, _ = x.shape
+        if h != w:
+            raise ConfigError(f"non-square patch grid {h}x{w}: images must be square")
+        x = x.reshape(b, h * w, self.width)
+
+        if self.posemb == "sincos2d":
+            init = lambda *_: jnp.asarray(sincos_posemb_2d(self.grid, self.width, p), self.param_dtype)  # noqa: E731
+        else:
+            init = nn.initializers.normal(stddev=0.02)
+        posemb = self.param("pos_embed", init, (1, p + self.grid**2, self.width), self.param_dtype)
+        posemb = resample_posemb(posemb, p, h).astype(self.dtype)
+        x = x + posemb[:, p:]
+        if keep_indices is not None:
+            x = gather_tokens(x, keep_indices)
+
+        prefix = [self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, self.width), self.param_dtype)]
+        if self.dist_token:
+            prefix.append(
+                self.param("dist_token", nn.initializers.normal(1e-6), (1, 1, self.width), self.param_dtype)
+            )
+        prefix = jnp.concatenate(prefix, axis=1).astype(self.dtype) + posemb[:, :p]
+        x = jnp.concatenate([jnp.broadcast_to(prefix, (b, p, self.width)), x], axis=1)
+        if self.ln_pre:
+            x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                             name="norm_pre")(x)
+
+        block_cls = nn.remat(Block, static_argnums=(2, 3, 4, 5)) if self.remat else Block
+        drop_rates = np.linspace(0.0, self.drop_path, self.depth)
+        attn_logits, cls_attn = {}, {}
+        for layer in range(1, self.depth + 1):
+            want_logits, want_cls = layer in attn_layers, layer in cls_attn_layers
+            x, extras = block_cls(
+                self.num_heads, self.mlp_dim, self.act, self.qkv_bias, self.norm_eps, float(drop_rates[layer - 1]),
+                self.dtype, self.param_dtype, name=f"block{layer}",
+            )(x, train, want_logits, want_cls, p)
+            if want_logits:
+                attn_logits[layer] = extras["logits"]
+            if want_cls:
+                cls_attn[layer] = extras["cls"]
+            if layer in drop_after:
+                x = jnp.concatenate([x[:, :p], gather_tokens(x[:, p:], drop_after[layer])], axis=1)
+
+        if self.final_norm:
+            x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
+        out: dict[str, Any] = {"tokens": x, "attn_logits": attn_logits, "cls_attn": cls_attn}
+        pooled = x[:, 0] if self.pool == "cls" else jnp.mean(x[:, p:], axis=1)
+        out["pooled"] = pooled
+        if self.proj_dim:
+            out["embedding"] = nn.Dense(
+                self.proj_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="proj"
+            )(x[:, 0])
+        if self.num_classes:
+            out["logits"] = nn.Dense(
+                self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                kernel_init=nn.initializers.zeros, name="head",
+            )(pooled).astype(jnp.float32)
+        return out
+
+
+# Fields of ``VisionTransformer`` that describe the architecture (saved beside exported weights).
+ARCH_FIELDS = tuple(
+    f.name for f in dataclasses.fields(VisionTransformer)
+    if f.name not in ("parent", "name", "dtype", "param_dtype", "drop_path", "remat")
+)
+
+
+def make_vit(arch: Mapping[str, Any], **overrides) -> VisionTransformer:
+    """Builds a ViT from an architecture dict (``variant`` 'B/16' expands to width/depth/heads/mlp/patch)."""
+    arch = dict(arch)
+    variant = arch.pop("variant", None)
+    kwargs = decode_variant(variant) if variant else {}
+    kwargs.update(arch)
+    kwargs.update(overrides)
+    unknown = set(kwargs) - {f.name for f in dataclasses.fields(VisionTransformer)}
+    if unknown:
+        raise ConfigError(f"model: unknown ViT field(s) {sorted(unknown)}; known: {sorted(ARCH_FIELDS)}")
+    return VisionTransformer(**kwargs)
+
+
+def arch_dict(model: VisionTransformer) -> dict[str, Any]:
+    """The JSON-serialisable architecture of a ViT (inverse of ``make_vit``)."""
+    return {name: getattr(model, name) for name in ARCH_FIELDS}
