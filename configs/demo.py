@@ -71,10 +71,10 @@ def get_config(arg=None):
     steps = 8 if arg == "smoke" else None
     c = ml_collections.ConfigDict()
     c.mode = "demo"
-    c.teacher_supervised = teacher_supervised(steps or 500)
-    c.teacher_mae = teacher_mae(steps or 500)
-    c.hybrid_student = student("hybrid_student", steps or 400, beta=1.0)
-    c.fd_only_student = student("fd_only_student", steps or 400, beta=0.0)
+    c.teacher_supervised = teacher_supervised(steps or 300)
+    c.teacher_mae = teacher_mae(steps or 400)
+    c.hybrid_student = student("hybrid_student", steps or 300, beta=1.0)
+    c.fd_only_student = student("fd_only_student", steps or 300, beta=0.0)
     c.students = ("hybrid_student", "fd_only_student")
     if arg == "smoke":
         for key in ("teacher_supervised", "teacher_mae", "hybrid_student", "fd_only_student"):

@@ -1,0 +1,354 @@
+"""Key maps between PyTorch ViT state dicts and our Flax ``VisionTransformer`` params, both directions.
+
+Two layouts cover the families:
+
+* ``timm``: timm ``VisionTransformer`` / DeiT (incl. ``dist_token``), official MAE and DINO
+  checkpoints (``cls_token``, ``pos_embed``, ``patch_embed.proj``, ``blocks.{i}.attn.qkv``, ``norm``).
+* ``clip``: OpenAI CLIP and open_clip visual towers (``conv1``, ``class_embedding``,
+  ``positional_embedding``, ``ln_pre``, ``transformer.resblocks.{i}.attn.in_proj_weight``, ``ln_post``,
+  ``proj``), under ``visual.`` in a full CLIP checkpoint.
+
+The architecture is read off the tensor shapes (width, patch size, depth, MLP width, token grid); the
+head count cannot be, so it comes from ``--heads`` or :data:`DEFAULT_HEADS`. Every checkpoint key is
+either mapped, or dropped by a family rule that is reported (MAE decoder, DeiT ``head_dist``, CLIP
+text tower, ...); anything else fails with a :class:`CheckpointError` listing missing keys,
+unexpected keys and shape mismatches in the checkpoint's own names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from hybrid_distill_jax.errors import CheckpointError, ConfigError
+from hybrid_distill_jax.models import io as model_io
+from hybrid_distill_jax.models.vit import VisionTransformer, make_vit
+
+DEFAULT_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str
+    layout: str  # 'timm' | 'clip'
+    act: str
+    norm_eps: float
+    mean: tuple
+    std: tuple
+    posemb: str = "learn"
+    prefix: str = ""  # where the tower lives in a full checkpoint ('visual.' for CLIP)
+    drop: tuple = ()  # (regex, reason) pairs applied to keys after the prefix is stripped
+    help: str = ""
+
+
+_IMNET = dict(mean=model_io.IMAGENET_MEAN, std=model_io.IMAGENET_STD)
+_CLIP = dict(mean=model_io.CLIP_MEAN, std=model_io.CLIP_STD)
+_DIST_HEAD = (r"^head_dist\.", "DeiT distillation head (our ViT keeps one head)")
+
+FAMILIES: dict[str, Family] = {
+    "timm": Family("timm", "timm", "gelu", 1e-6, **_IMNET, drop=(_DIST_HEAD,),
+                   help="timm VisionTransformer state dict"),
+    "deit": Family("deit", "timm", "gelu", 1e-6, **_IMNET, drop=(_DIST_HEAD,),
+                   help="DeiT / DeiT-distilled ({'model': sd} as released, or a plain state dict)"),
+    "mae": Family("mae", "timm", "gelu", 1e-6, **_IMNET, posemb="sincos2d",
+                  drop=((r"^decoder_", "MAE decoder"), (r"^mask_token$", "MAE mask token")),
+                  help="official MAE pre-training checkpoint ({'model': sd}); the encoder is kept"),
+    "dino": Family("dino", "timm", "gelu", 1e-6, **_IMNET,
+                   drop=((r"^head\.", "DINO projection head"),),
+                   help="DINO ViT backbone (plain, or a full checkpoint's 'teacher' with backbone./head.)"),
+    "clip": Family("clip", "clip", "quick_gelu", 1e-5, **_CLIP, prefix="visual.",
+                   help="OpenAI CLIP (TorchScript .pt or state dict); the visual tower is kept"),
+    "open_clip": Family("open_clip", "clip", "gelu", 1e-5, **_CLIP, prefix="visual.",
+                        help="open_clip checkpoint (.bin/.pt/.safetensors); pass --act quick_gelu for "
+                             "'-quickgelu' models and OpenAI-pretrained weights"),
+}
+
+
+def get_family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ConfigError(f"--family={name!r}: expected one of {sorted(FAMILIES)}")
+    return FAMILIES[name]
+
+
+# --------------------------------------------------------------------------------------------------
+# Tensor transforms: fwd(torch_array, flax_shape) -> flax array; bwd(flax_array) -> torch array;
+# shape(flax_shape) -> torch shape.
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    fwd: Callable[[np.ndarray, tuple], np.ndarray]
+    bwd: Callable[[np.ndarray], np.ndarray]
+    shape: Callable[[tuple], tuple]
+
+
+KINDS = {
+    "same": Kind(lambda x, s: x, lambda y: y, lambda s: s),
+    "dense": Kind(lambda x, s: x.T, lambda y: y.T, lambda s: s[::-1]),
+    "conv": Kind(lambda x, s: x.transpose(2, 3, 1, 0), lambda y: y.transpose(3, 2, 0, 1),
+                 lambda s: (s[3], s[2], s[0], s[1])),
+    # qkv: torch [3*H*Dh, D] (output index = which*D + head*Dh + d) <-> flax [D, 3, H, Dh]
+    "qkv": Kind(lambda x, s: x.T.reshape(s), lambda y: y.reshape(y.shape[0], -1).T,
+                lambda s: (s[1] * s[2] * s[3], s[0])),
+    "qkv_bias": Kind(lambda x, s: x.reshape(s), lambda y: y.reshape(-1), lambda s: (math.prod(s),)),
+    # out proj: torch [D, H*Dh] <-> flax [H, Dh, D]
+    "out": Kind(lambda x, s: x.T.reshape(s), lambda y: y.reshape(-1, y.shape[-1]).T,
+                lambda s: (s[2], s[0] * s[1])),
+    # CLIP's class_embedding [D] and positional_embedding [N, D] have no leading batch axis
+    "vec_token": Kind(lambda x, s: x.reshape(s), lambda y: y.reshape(-1), lambda s: (s[-1],)),
+    "unbatch": Kind(lambda x, s: x.reshape(s), lambda y: y[0], lambda s: tuple(s[1:])),
+}
+
+
+def _ln(src: str, dst: str) -> list:
+    return [(f"{src}.weight", f"{dst}/scale", "same"), (f"{src}.bias", f"{dst}/bias", "same")]
+
+
+def _dense(src: str, dst: str, bias: bool = True) -> list:
+    out = [(f"{src}.weight", f"{dst}/kernel", "dense")]
+    return out + [(f"{src}.bias", f"{dst}/bias", "same")] if bias else out
+
+
+def entries(layout: str, model: VisionTransformer) -> list[tuple[str, str, str]]:
+    """[(torch key, flax path 'a/b/c', kind)] for every parameter of ``model``."""
+    m = model
+    if layout == "timm":
+        e = [("cls_token", "cls_token", "same"), ("pos_embed", "pos_embed", "same"),
+             ("patch_embed.proj.weight", "patch_embed/kernel", "conv")]
+        if m.patch_bias:
+            e.append(("patch_embed.proj.bias", "patch_embed/bias", "same"))
+        if m.dist_token:
+            e.append(("dist_token", "dist_token", "same"))
+        if m.ln_pre:
+            e += _ln("norm_pre", "norm_pre")
+        for i in range(m.depth):
+            s, d = f"blocks.{i}", f"block{i + 1}"
+            e += _ln(f"{s}.norm1", f"{d}/norm1") + _ln(f"{s}.norm2", f"{d}/norm2")
+            e.append((f"{s}.attn.qkv.weight", f"{d}/attn/qkv/kernel", "qkv"))
+            if m.qkv_bias:
+                e.append((f"{s}.attn.qkv.bias", f"{d}/attn/qkv/bias", "qkv_bias"))
+            e += [(f"{s}.attn.proj.weight", f"{d}/attn/proj/kernel", "out"),
+                  (f"{s}.attn.proj.bias", f"{d}/attn/proj/bias", "same")]
+            e += _dense(f"{s}.mlp.fc1", f"{d}/mlp/fc1") + _dense(f"{s}.mlp.fc2", f"{d}/mlp/fc2")
+        if m.final_norm:
+            e += _ln("norm", "norm")
+        if m.proj_dim:
+            e.append(("proj", "proj/kernel", "same"))  # not timm; kept so nothing is lost
+        if m.num_classes:
+            e += _dense("head", "head")
+        return e
+    if layout == "clip":
+        e = [("class_embedding", "cls_token", "vec_token"), ("positional_embedding", "pos_embed", "unbatch"),
+             ("conv1.weight", "patch_embed/kernel", "conv")]
+        if m.patch_bias:
+            e.append(("conv1.bias", "patch_embed/bias", "same"))
+        if m.dist_token:
+            raise ConfigError("CLIP towers have no distillation token")
+        if m.ln_pre:
+            e += _ln("ln_pre", "norm_pre")
+        for i in range(m.depth):
+            s, d = f"transformer.resblocks.{i}", f"block{i + 1}"
+            e += _ln(f"{s}.ln_1", f"{d}/norm1") + _ln(f"{s}.ln_2", f"{d}/norm2")
+            e.append((f"{s}.attn.in_proj_weight", f"{d}/attn/qkv/kernel", "qkv"))
+            if m.qkv_bias:
+                e.append((f"{s}.attn.in_proj_bias", f"{d}/attn/qkv/bias", "qkv_bias"))
+            e += [(f"{s}.attn.out_proj.weight", f"{d}/attn/proj/kernel", "out"),
+                  (f"{s}.attn.out_proj.bias", f"{d}/attn/proj/bias", "same")]
+            e += _dense(f"{s}.mlp.c_fc", f"{d}/mlp/fc1") + _dense(f"{s}.mlp.c_proj", f"{d}/mlp/fc2")
+        if m.final_norm:
+            e += _ln("ln_post", "norm")
+        if m.proj_dim:
+            e.append(("proj", "proj/kernel", "same"))
+        if m.num_classes:
+            e += _dense("head", "head")
+        return e
+    raise ConfigError(f"unknown layout {layout!r}")
+
+
+def param_shapes(model: VisionTransformer) -> dict[str, tuple]:
+    size = model.image_size
+    tree = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, size, size, 3), np.float32)))
+    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(v.shape)
+            for path, v in jax.tree_util.tree_leaves_with_path(tree["params"])}
+
+
+def _set(tree: dict, path: str, value) -> None:
+    *parents, leaf = path.split("/")
+    for p in parents:
+        tree = tree.setdefault(p, {})
+    tree[leaf] = value
+
+
+def _get(tree: dict, path: str):
+    for p in path.split("/"):
+        tree = tree[p]
+    return tree
+
+
+# --------------------------------------------------------------------------------------------------
+# Import: torch state dict -> (arch, params)
+
+
+def split_keys(family: Family, sd: dict[str, np.ndarray]) -> tuple[dict, list[tuple[str, str]]]:
+    """Strips the family's prefix and applies its drop rules; returns (kept, [(key, reason)])."""
+    dropped: list[tuple[str, str]] = []
+    if family.name == "dino" and any(k.startswith("backbone.") for k in sd):
+        sd = {(k[len("backbone."):] if k.startswith("backbone.") else k): v for k, v in sd.items()}
+    if family.prefix and any(k.startswith(family.prefix) for k in sd):
+        kept = {}
+        for k, v in sd.items():
+            if k.startswith(family.prefix):
+                kept[k[len(family.prefix):]] = v
+            else:
+                dropped.append((k, f"outside the {family.prefix[:-1]} tower"))
+        sd = kept
+    kept = {}
+    for k, v in sd.items():
+        reason = next((why for pattern, why in family.drop if re.search(pattern, k)), None)
+        if reason:
+            dropped.append((k, reason))
+        else:
+            kept[k] = v
+    return kept, dropped
+
+
+def summarize_dropped(dropped: list[tuple[str, str]]) -> list[str]:
+    """One line per reason: 'reason: N keys (a, b, ...)'."""
+    by_reason: dict[str, list[str]] = {}
+    for k, why in dropped:
+        by_reason.setdefault(why, []).append(k)
+    lines = []
+    for why, keys in by_reason.items():
+        heads = sorted({re.sub(r"\.\d+\..*$", ".*", k) for k in keys})
+        lines.append(f"{why}: {len(keys)} tensor{'s' if len(keys) != 1 else ''} ({', '.join(heads[:8])}"
+                     f"{', ...' if len(heads) > 8 else ''})")
+    return lines
+
+
+def _require_key(sd: dict, key: str, family: Family) -> np.ndarray:
+    if key not in sd:
+        sample = ", ".join(sorted(sd)[:8])
+        raise CheckpointError(
+            f"no {family.prefix if family.layout == 'clip' else ''}{key} in the checkpoint: it does not look like "
+            f"a --family={family.name} ViT ({family.help}). First keys: {sample}"
+        )
+    return sd[key]
+
+
+def _count_blocks(sd: dict, pattern: str) -> int:
+    idx = {int(m.group(1)) for k in sd if (m := re.match(pattern, k))}
+    return max(idx) + 1 if idx else 0
+
+
+def infer_arch(family: Family, sd: dict[str, np.ndarray], *, heads: int | None = None,
+               act: str | None = None) -> dict[str, Any]:
+    """The ``make_vit`` arguments that fit ``sd`` (already split by :func:`split_keys`)."""
+    timm = family.layout == "timm"
+    conv = _require_key(sd, "patch_embed.proj.weight" if timm else "conv1.weight", family)
+    if conv.ndim != 4 or conv.shape[2] != conv.shape[3] or conv.shape[1] != 3:
+        raise CheckpointError(f"patch embedding of shape {conv.shape}: expected [width, 3, p, p]")
+    width, patch = int(conv.shape[0]), int(conv.shape[2])
+    block_re = r"^blocks\.(\d+)\." if timm else r"^transformer\.resblocks\.(\d+)\."
+    depth = _count_blocks(sd, block_re)
+    if not depth:
+        raise CheckpointError(f"no transformer blocks ({block_re[1:-4]}...) in the checkpoint")
+    fc1 = sd.get("blocks.0.mlp.fc1.weight" if timm else "transformer.resblocks.0.mlp.c_fc.weight")
+    mlp_dim = int(fc1.shape[0]) if fc1 is not None else 4 * width
+    if heads is None:
+        if width not in DEFAULT_HEADS:
+            raise ConfigError(f"width {width}: no default head count for it; pass --heads "
+                              f"(defaults: {DEFAULT_HEADS})")
+        heads = DEFAULT_HEADS[width]
+    if width % heads:
+        raise ConfigError(f"--heads={heads} does not divide the width {width}")
+    dist = timm and "dist_token" in sd
+    num_prefix = 2 if dist else 1
+    pos = _require_key(sd, "pos_embed" if timm else "positional_embedding", family)
+    n_patches = pos.shape[-2] - num_prefix
+    grid = math.isqrt(max(n_patches, 0))
+    if grid * grid != n_patches or pos.shape[-1] != width:
+        raise CheckpointError(
+            f"position embedding of shape {pos.shape} is not {num_prefix} prefix token(s) + a square grid of "
+            f"width {width} (timm models with no_embed_class / register tokens are not supported)"
+        )
+    arch: dict[str, Any] = dict(
+        patch_size=patch, width=width, depth=depth, num_heads=int(heads), mlp_dim=mlp_dim,
+        image_size=grid * patch, dist_token=dist, act=act or family.act, norm_eps=family.norm_eps,
+        posemb=family.posemb,
+        patch_bias=("patch_embed.proj.bias" if timm else "conv1.bias") in sd,
+        qkv_bias=("blocks.0.attn.qkv.bias" if timm else "transformer.resblocks.0.attn.in_proj_bias") in sd,
+        ln_pre=("norm_pre.weight" if timm else "ln_pre.weight") in sd,
+        final_norm=("norm.weight" if timm else "ln_post.weight") in sd,
+    )
+    if "proj" in sd and sd["proj"].ndim == 2:
+        arch["proj_dim"] = int(sd["proj"].shape[1])
+    if "head.weight" in sd and sd["head.weight"].ndim == 2:
+        arch["num_classes"] = int(sd["head.weight"].shape[0])
+    return arch
+
+
+def check_state_dict(family: Family, model: VisionTransformer, sd: dict[str, np.ndarray], where: str) -> None:
+    """CheckpointError listing missing / unexpected / mis-shaped keys, in the checkpoint's own names."""
+    shapes = param_shapes(model)
+    expected = {src: tuple(KINDS[kind].shape(shapes[dst])) for src, dst, kind in entries(family.layout, model)}
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    wrong = sorted(f"{k}: expected {expected[k]}, got {tuple(sd[k].shape)}"
+                   for k in set(expected) & set(sd) if tuple(sd[k].shape) != expected[k])
+    if missing or unexpected or wrong:
+        p = family.prefix if family.layout == "clip" else ""
+        lines = [f"{where} does not fit a --family={family.name} ViT (width {model.width}, depth {model.depth}, "
+                 f"heads {model.num_heads}, patch {model.patch_size}):"]
+        if missing:
+            lines.append(f"  missing ({len(missing)}): {', '.join(p + k for k in missing[:20])}")
+        if unexpected:
+            lines.append(f"  unexpected ({len(unexpected)}): {', '.join(p + k for k in unexpected[:20])}")
+        if wrong:
+            lines.append(f"  shape mismatches ({len(wrong)}): {'; '.join(p + w for w in wrong[:20])}")
+        raise CheckpointError("\n".join(lines))
+
+
+def to_flax(family: Family, model: VisionTransformer, sd: dict[str, np.ndarray]) -> dict:
+    shapes = param_shapes(model)
+    params: dict = {}
+    for src, dst, kind in entries(family.layout, model):
+        _set(params, dst, np.ascontiguousarray(KINDS[kind].fwd(sd[src], shapes[dst]), np.float32))
+    return params
+
+
+def from_flax(family: Family, model: VisionTransformer, params: dict, *, prefix: bool = False) -> dict:
+    """Our params -> the family's torch state dict (numpy). ``prefix`` adds 'visual.' for CLIP."""
+    p = family.prefix if prefix else ""
+    return {p + src: np.ascontiguousarray(KINDS[kind].bwd(np.asarray(_get(params, dst), np.float32)))
+            for src, dst, kind in entries(family.layout, model)}
+
+
+def import_state_dict(family_name: str, sd: dict[str, np.ndarray], *, heads: int | None = None,
+                      act: str | None = None, image_size: int | None = None, where: str = "checkpoint",
+                      log=print):
+    """Returns (model, params, report) for a loaded state dict."""
+    family = get_family(family_name)
+    kept, dropped = split_keys(family, sd)
+    arch = infer_arch(family, kept, heads=heads, act=act)
+    model = make_vit(arch)
+    check_state_dict(family, model, kept, where)
+    params = to_flax(family, model, kept)
+    report: dict[str, Any] = {"family": family.name, "dropped": summarize_dropped(dropped),
+                              "num_dropped": len(dropped)}
+    if image_size and image_size != model.image_size:
+        from hybrid_distill_jax.models.vit import resample_posemb
+
+        if image_size % model.patch_size:
+            raise ConfigError(f"--image-size={image_size} is not a multiple of the patch size {model.patch_size}")
+        new_grid = image_size // model.patch_size
+        params["pos_embed"] = np.asarray(resample_posemb(params["pos_embed"], model.num_prefix, new_grid),
+                                         np.float32)
+        report["resampled"] = f"position embedding {model.grid}x{model.grid} -> {new_grid}x{new_grid} (bicubic)"
+        report["original_image_size"] = model.image_size
+        model = make_vit(dict(arch, image_size=image_size))
+    return model, params, report

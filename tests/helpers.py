@@ -1,0 +1,51 @@
+"""Shared builders for trainer tests: tiny configs on the embedded data and random-init teacher exports."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+
+from hybrid_distill_jax.config_lib import base_config
+from hybrid_distill_jax.models import io as model_io
+from hybrid_distill_jax.models.vit import make_vit
+
+ARCH = dict(variant="pico/8", drop_path=0.0)
+
+
+def make_teacher(directory, seed=0, **arch):
+    """A random-init exported ViT (enough for shapes, losses and gradients)."""
+    model = make_vit({**ARCH, "image_size": 32, **arch})
+    params = model.init(jax.random.key(seed), jnp.zeros((1, 32, 32, 3)))["params"]
+    return model_io.save_model(str(directory), model, params)
+
+
+def tiny_common(c, data_dir, steps=6, batch=16):
+    c.image_size = 32
+    c.batch_size = batch
+    c.total_steps = steps
+    c.data.name = "embedded_fashion_mnist"
+    c.data.data_dir = data_dir
+    c.data.train_split, c.data.eval_split = "train", "test"
+    c.data.shuffle_buffer = 256
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 1
+    c.log_every = 2
+    c.checkpoint_every = 0
+    c.tensorboard = False
+    c.eval.at_end = False
+    return c
+
+
+def tiny_distill_config(tmp_path, data_dir, steps=6, batch=16):
+    feature = os.path.join(tmp_path, "t_feature")
+    relation = os.path.join(tmp_path, "t_relation")
+    if not os.path.exists(feature):
+        make_teacher(feature, seed=1)
+        make_teacher(relation, seed=2)
+    c = tiny_common(base_config("distill"), data_dir, steps, batch)
+    c.student.update(ARCH)
+    c.teachers.feature.checkpoint = feature
+    c.teachers.relation.checkpoint = relation
+    c.teachers.feature.dtype = "float32"
+    c.teachers.relation.dtype = "float32"
+    return c
