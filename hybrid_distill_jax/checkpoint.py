@@ -22,7 +22,9 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         self.every = every
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+            max_to_keep=keep,
+            create=True,
+            enable_async_checkpointing=async_save,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
@@ -36,7 +38,8 @@ class Checkpointer:
         if step in self._manager.all_steps():
             return
         self._manager.save(
-            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
             force=True,
         )
 
@@ -44,7 +47,8 @@ class Checkpointer:
         """Restores into the shapes, dtypes and shardings of ``abstract_state``."""
         try:
             restored = self._manager.restore(
-                step, args=ocp.args.Composite(
+                step,
+                args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
                 ),
             )

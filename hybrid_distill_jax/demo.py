@@ -44,6 +44,8 @@ def _random_init(config, workdir: str) -> dict:
 
 def run_demo(config, workdir: str) -> dict:
     workdir = config_lib.check_workdir(workdir)
+    for key in ("teacher_supervised", "teacher_mae", *config.students):
+        config_lib.validate(config[key], check_teachers=False)
     start = time.perf_counter()
     results = {}
     teachers = {}
@@ -65,8 +67,10 @@ def run_demo(config, workdir: str) -> dict:
     total = time.perf_counter() - start
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    table = {name: {k: v for k, v in r.items() if k in ("knn_top1", "linear_top1", "train_seconds")}
-             for name, r in summary.items()}
+    table = {
+        name: {k: v for k, v in r.items() if k in ("knn_top1", "linear_top1", "train_seconds")}
+        for name, r in summary.items()
+    }
     print("\n" + evaluate.format_table(table))
     print(f"\ndemo finished in {total:.0f} s; summary written to {os.path.join(workdir, 'summary.json')}")
     return summary

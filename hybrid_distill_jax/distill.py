@@ -48,8 +48,9 @@ class Teacher:
     @classmethod
     def load(cls, cfg, field: str) -> tuple[Teacher, Any]:
         dtype = dtype_of(cfg.get("dtype", "bfloat16"), f"{field}.dtype")
-        model, params, meta = model_io.load_model(cfg.checkpoint, field=f"{field}.checkpoint", dtype=dtype,
-                                                  drop_path=0.0)
+        model, params, meta = model_io.load_model(
+            cfg.checkpoint, field=f"{field}.checkpoint", dtype=dtype, drop_path=0.0
+        )
         size = cfg.get("image_size") or meta["input"]["image_size"]
         params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
         return cls(model, tuple(meta["input"]["mean"]), tuple(meta["input"]["std"]), int(size)), params
@@ -59,8 +60,9 @@ class Teacher:
         return self.image_size // self.model.patch_size
 
     def __call__(self, params, images, **kwargs):
-        out = self.model.apply({"params": params}, normalize(images, self.mean, self.std, self.image_size),
-                               **kwargs)
+        out = self.model.apply(
+            {"params": params}, normalize(images, self.mean, self.std, self.image_size), **kwargs
+        )
         return jax.tree.map(jax.lax.stop_gradient, out)
 
 
@@ -75,25 +77,29 @@ class DistillTask:
         self.image_size = config.image_size
         self.student = make_vit(
             {k: v for k, v in scfg.items() if k not in ("mean", "std")},
-            image_size=config.image_size, num_classes=0,
+            image_size=config.image_size,
+            num_classes=0,
             dtype=dtype_of(scfg.get("dtype", "float32"), "student.dtype"),
             param_dtype=dtype_of(scfg.get("param_dtype", "float32"), "student.param_dtype"),
         )
         self.mean, self.std = tuple(scfg.mean), tuple(scfg.std)
         self.alpha, self.beta = float(lcfg.alpha), float(lcfg.beta)
         self.depth = self.student.depth
-        self.relation_layers = tuple(lcfg.relation_layers) if lcfg.relation_layers is not None else tuple(
-            range(1, self.depth))
+        self.relation_layers = (
+            tuple(lcfg.relation_layers) if lcfg.relation_layers is not None else tuple(range(1, self.depth))
+        )
         self.score_source = mcfg.score_source
         self.frozen, self.teachers = {}, {}
         needs_feature = self.alpha > 0 or self.score_source == "feature_teacher"
         needs_relation = (self.beta > 0 and self.relation_layers) or self.score_source == "relation_teacher"
         if needs_feature:
-            self.teachers["feature"], self.frozen["feature"] = Teacher.load(config.teachers.feature,
-                                                                           "teachers.feature")
+            self.teachers["feature"], self.frozen["feature"] = Teacher.load(
+                config.teachers.feature, "teachers.feature"
+            )
         if needs_relation:
-            self.teachers["relation"], self.frozen["relation"] = Teacher.load(config.teachers.relation,
-                                                                             "teachers.relation")
+            self.teachers["relation"], self.frozen["relation"] = Teacher.load(
+                config.teachers.relation, "teachers.relation"
+            )
         self._check_compatible()
         self.num_patches = self.student.grid**2
         self.mode = mcfg.mode
@@ -102,8 +108,12 @@ class DistillTask:
         self.feature_width = self.teachers["feature"].model.width if "feature" in self.teachers else 0
         self.head = None
         if self.alpha > 0 and not (lcfg.head == "identity" and self.feature_width == self.student.width):
-            self.head = nn.Dense(self.feature_width, dtype=self.student.dtype,
-                                 param_dtype=self.student.param_dtype, name="head")
+            self.head = nn.Dense(
+                self.feature_width,
+                dtype=self.student.dtype,
+                param_dtype=self.student.param_dtype,
+                name="head",
+            )
 
     # -- validation that needs the loaded teachers ---------------------------------------------------
     def _check_compatible(self):
@@ -112,40 +122,54 @@ class DistillTask:
             raise ConfigError("student.dist_token=True: the student must have a single CLS prefix token")
         for role, t in self.teachers.items():
             if t.image_size % t.model.patch_size:
-                raise ConfigError(f"teachers.{role}.image_size={t.image_size} is not divisible by its patch "
-                                  f"size {t.model.patch_size}")
+                raise ConfigError(
+                    f"teachers.{role}.image_size={t.image_size} is not divisible by its patch "
+                    f"size {t.model.patch_size}"
+                )
             if t.grid != grid:
                 raise ConfigError(
                     f"teachers.{role}: patch grid {t.grid}x{t.grid} ({t.image_size}px / patch "
                     f"{t.model.patch_size}) differs from the student's {grid}x{grid}; set "
-                    f"teachers.{role}.image_size={grid * t.model.patch_size}")
+                    f"teachers.{role}.image_size={grid * t.model.patch_size}"
+                )
         for layer in self.relation_layers:
             if not 1 <= layer < self.depth:
-                raise ConfigError(f"loss.relation_layers: layer {layer} is outside 1..{self.depth - 1} (the last "
-                                  f"block, {self.depth}, belongs to the feature term)")
+                raise ConfigError(
+                    f"loss.relation_layers: layer {layer} is outside 1..{self.depth - 1} (the last "
+                    f"block, {self.depth}, belongs to the feature term)"
+                )
         if "relation" in self.teachers and self.beta > 0:
             rel = self.teachers["relation"].model
             for layer in self.relation_layers:
                 if layer > rel.depth:
-                    raise ConfigError(f"loss.relation_layers: layer {layer} exceeds the relation teacher's "
-                                      f"depth {rel.depth}")
+                    raise ConfigError(
+                        f"loss.relation_layers: layer {layer} exceeds the relation teacher's "
+                        f"depth {rel.depth}"
+                    )
             if rel.num_heads != self.student.num_heads:
                 raise ConfigError(
                     f"loss.relation_layers: the relation teacher has {rel.num_heads} heads per layer, the "
-                    f"student {self.student.num_heads}; head counts must match on distilled layers")
+                    f"student {self.student.num_heads}; head counts must match on distilled layers"
+                )
         mcfg = self.config.masking
         if mcfg.mode == "over_depth":
             layers = tuple(mcfg.drop_layers)
             if len(layers) != len(mcfg.drop_ratios) or not layers:
-                raise ConfigError("masking.drop_layers and masking.drop_ratios must be non-empty, equal length")
+                raise ConfigError(
+                    "masking.drop_layers and masking.drop_ratios must be non-empty, equal length"
+                )
             if list(layers) != sorted(set(layers)) or layers[0] < 1 or layers[-1] >= self.depth:
-                raise ConfigError(f"masking.drop_layers={list(layers)}: increasing layers in 1..{self.depth - 1}")
+                raise ConfigError(
+                    f"masking.drop_layers={list(layers)}: increasing layers in 1..{self.depth - 1}"
+                )
             ratios = list(mcfg.drop_ratios)
             if ratios != sorted(ratios) or not all(0.0 <= r < 1.0 for r in ratios):
                 raise ConfigError(f"masking.drop_ratios={ratios}: non-decreasing mask ratios in [0, 1)")
             source = self.teachers.get("relation" if self.score_source == "relation_teacher" else "feature")
             if self.score_source != "uniform" and source is not None and layers[-1] > source.model.depth:
-                raise ConfigError(f"masking.drop_layers: layer {layers[-1]} exceeds the scoring teacher's depth")
+                raise ConfigError(
+                    f"masking.drop_layers: layer {layers[-1]} exceeds the scoring teacher's depth"
+                )
 
     # -- task interface ------------------------------------------------------------------------------
     def init_params(self, rng):
@@ -186,20 +210,25 @@ class DistillTask:
             src = self.score_source.split("_")[0]
             score_layers[src] = drop_layers or (self.teachers[src].model.depth,)
         if "feature" in self.teachers:
-            tout["feature"] = self.teachers["feature"](frozen["feature"], images,
-                                                       cls_attn_layers=score_layers["feature"])
+            tout["feature"] = self.teachers["feature"](
+                frozen["feature"], images, cls_attn_layers=score_layers["feature"]
+            )
         run_relation_full = "relation" in self.teachers and not lcfg.relation_teacher_on_kept
         if run_relation_full or score_layers["relation"]:
             tout["relation"] = self.teachers["relation"](
-                frozen["relation"], images, cls_attn_layers=score_layers["relation"],
-                attn_layers=self.relation_layers if run_relation_full and self.beta > 0 else ())
+                frozen["relation"],
+                images,
+                cls_attn_layers=score_layers["relation"],
+                attn_layers=self.relation_layers if run_relation_full and self.beta > 0 else (),
+            )
 
         # Kept tokens: one set at the input (over_training) or nested sets inside the student (over_depth).
         n = self.num_patches
         if over_depth:
             scores = [self._scores(tout, layer, rng_mask, (b, n)) for layer in drop_layers]
-            relative, absolute = masking.nested_selection(rng_mask, scores, static, mcfg.selection,
-                                                          mcfg.temperature)
+            relative, absolute = masking.nested_selection(
+                rng_mask, scores, static, mcfg.selection, mcfg.temperature
+            )
             keep_input = None
             drop_after = dict(zip(drop_layers, relative))
             final_idx = absolute[-1]
@@ -208,10 +237,14 @@ class DistillTask:
             if k == n:
                 keep_input = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
             else:
-                layer = self.teachers[self.score_source.split("_")[0]].model.depth if (
-                    self.score_source != "uniform") else 0
-                keep_input = masking.select_tokens(rng_mask, self._scores(tout, layer, rng_mask, (b, n)), k,
-                                                   mcfg.selection, mcfg.temperature)
+                layer = (
+                    self.teachers[self.score_source.split("_")[0]].model.depth
+                    if (self.score_source != "uniform")
+                    else 0
+                )
+                keep_input = masking.select_tokens(
+                    rng_mask, self._scores(tout, layer, rng_mask, (b, n)), k, mcfg.selection, mcfg.temperature
+                )
             drop_after, final_idx = None, keep_input
 
         def patch_set_at(layer: int):
@@ -228,31 +261,37 @@ class DistillTask:
         if self.beta > 0 and self.relation_layers:
             rel_teacher = self.teachers["relation"]
             if lcfg.relation_teacher_on_kept and not over_depth:
-                tout_kept = rel_teacher(frozen["relation"], images, keep_indices=keep_input,
-                                        attn_layers=self.relation_layers)
-                relation_targets = {l: tout_kept["attn_logits"][l] for l in self.relation_layers}
+                tout_kept = rel_teacher(
+                    frozen["relation"], images, keep_indices=keep_input, attn_layers=self.relation_layers
+                )
+                relation_targets = {n: tout_kept["attn_logits"][n] for n in self.relation_layers}
             else:
                 p = rel_teacher.model.num_prefix
                 for layer in self.relation_layers:
                     token_idx = jnp.concatenate(
-                        [jnp.zeros((b, 1), jnp.int32), patch_set_at(layer) + p], axis=1)
-                    relation_targets[layer] = losses.gather_relation(tout["relation"]["attn_logits"][layer],
-                                                                     token_idx)
+                        [jnp.zeros((b, 1), jnp.int32), patch_set_at(layer) + p], axis=1
+                    )
+                    relation_targets[layer] = losses.gather_relation(
+                        tout["relation"]["attn_logits"][layer], token_idx
+                    )
 
         feature_target = None
         if self.alpha > 0:
             ftok = tout["feature"]["tokens"]
             p = self.teachers["feature"].model.num_prefix
             feature_target = jnp.concatenate(
-                [ftok[:, :1], jnp.take_along_axis(ftok[:, p:], final_idx[..., None], axis=1)], axis=1)
+                [ftok[:, :1], jnp.take_along_axis(ftok[:, p:], final_idx[..., None], axis=1)], axis=1
+            )
             if lcfg.whiten_target:
                 feature_target = losses.whiten(feature_target)
 
         out = self.student.apply(
             {"params": params["student"]},
             normalize(images, self.mean, self.std, self.image_size),
-            keep_indices=None if over_depth else keep_input, drop_after=drop_after,
-            attn_layers=self.relation_layers if self.beta > 0 else (), train=True,
+            keep_indices=None if over_depth else keep_input,
+            drop_after=drop_after,
+            attn_layers=self.relation_layers if self.beta > 0 else (),
+            train=True,
             rngs={"dropout": rng_drop},
         )
         metrics = {}
@@ -265,9 +304,16 @@ class DistillTask:
             metrics["feature_loss"] = feat
             total = total + self.alpha * feat
         if self.beta > 0 and self.relation_layers:
-            rel = jnp.mean(jnp.stack([
-                losses.relation_loss(relation_targets[layer], out["attn_logits"][layer], lcfg.relation_loss)
-                for layer in self.relation_layers]))
+            rel = jnp.mean(
+                jnp.stack(
+                    [
+                        losses.relation_loss(
+                            relation_targets[layer], out["attn_logits"][layer], lcfg.relation_loss
+                        )
+                        for layer in self.relation_layers
+                    ]
+                )
+            )
             metrics["relation_loss"] = rel
             total = total + self.beta * rel
         metrics["loss"] = total
@@ -275,13 +321,20 @@ class DistillTask:
         return total, metrics
 
     def feature_fn(self, params, images):
-        out = self.student.apply({"params": params["student"]}, normalize(images, self.mean, self.std,
-                                                                        self.image_size))
+        out = self.student.apply(
+            {"params": params["student"]}, normalize(images, self.mean, self.std, self.image_size)
+        )
         return pooled_features(out, self.config.eval.pool, self.student.num_prefix)
 
     def export(self, params, directory: str) -> str:
-        return model_io.save_model(directory, self.student, params["student"], mean=self.mean, std=self.std,
-                                   extra={"trained_by": "hybrid_distill_jax distill"})
+        return model_io.save_model(
+            directory,
+            self.student,
+            params["student"],
+            mean=self.mean,
+            std=self.std,
+            extra={"trained_by": "hybrid_distill_jax distill"},
+        )
 
 
 def pooled_features(out: dict, pool: str, num_prefix: int = 1) -> jax.Array:

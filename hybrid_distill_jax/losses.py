@@ -41,7 +41,7 @@ def feature_loss(pred: jax.Array, target: jax.Array, kind: str = "smooth_l1", be
 
 
 def gather_relation(logits: jax.Array, token_indices: jax.Array) -> jax.Array:
-    """Restricts attention logits [B, H, N, N] to the kept tokens [B, K] (rows and columns) -> [B, H, K, K]."""
+    """Restricts attention logits [B, H, N, N] to kept tokens [B, K] (rows and columns): [B, H, K, K]."""
     rows = jnp.take_along_axis(logits, token_indices[:, None, :, None], axis=2)
     return jnp.take_along_axis(rows, token_indices[:, None, None, :], axis=3)
 

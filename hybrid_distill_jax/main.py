@@ -25,7 +25,9 @@ def _setup_jax(workdir: str) -> None:
     import jax
 
     jax.config.update("jax_threefry_partitionable", True)
-    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(os.path.abspath(workdir), ".jax_cache")
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+        os.path.abspath(workdir), ".jax_cache"
+    )
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -69,14 +69,18 @@ class KeepSchedule:
 
     def __post_init__(self):
         if len(self.starts) != len(self.ratios) or not self.starts:
-            raise ConfigError("masking.stage_starts and masking.stage_ratios must be non-empty and of equal length")
+            raise ConfigError(
+                "masking.stage_starts and masking.stage_ratios must be non-empty and of equal length"
+            )
         if self.starts[0] != 0.0 or list(self.starts) != sorted(self.starts) or self.starts[-1] >= 1.0:
             raise ConfigError(
                 f"masking.stage_starts={list(self.starts)}: must start at 0.0, increase, and stay below 1.0"
             )
         for r in self.ratios:
             if not 0.0 <= r < 1.0:
-                raise ConfigError(f"masking.stage_ratios={list(self.ratios)}: each mask ratio must lie in [0, 1)")
+                raise ConfigError(
+                    f"masking.stage_ratios={list(self.ratios)}: each mask ratio must lie in [0, 1)"
+                )
 
     def stage(self, step: int, total_steps: int) -> int:
         frac = step / max(total_steps, 1)
@@ -95,7 +99,10 @@ def keep_count(num_patches: int, mask_ratio: float) -> int:
 
 
 def nested_selection(
-    rng: jax.Array, scores_per_drop: Sequence[jax.Array], counts: Sequence[int], method: str,
+    rng: jax.Array,
+    scores_per_drop: Sequence[jax.Array],
+    counts: Sequence[int],
+    method: str,
     temperature: float = 1.0,
 ) -> tuple[list[jax.Array], list[jax.Array]]:
     """EViT-style drops inside the network: successive subsets of the previous kept set.

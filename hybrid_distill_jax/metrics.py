@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 
@@ -82,11 +82,15 @@ class Progress:
         steps = step - self._last_step
         self._last_step, self._last_time, self._paused = step, now, 0.0
         sec_per_step = elapsed / max(steps, 1)
-        return {"img_per_s": steps * self.batch_size / elapsed,
-                "eta_s": sec_per_step * (self.total_steps - step)}
+        return {
+            "img_per_s": steps * self.batch_size / elapsed,
+            "eta_s": sec_per_step * (self.total_steps - step),
+        }
 
     def line(self, name: str, step: int, scalars: Mapping[str, float], rate: Mapping[str, float]) -> str:
         keys = [k for k in ("loss", "feature_loss", "relation_loss", "accuracy", "keep") if k in scalars]
         terms = " ".join(f"{k} {scalars[k]:.4g}" for k in keys)
-        return (f"[{name}] step {step}/{self.total_steps} | {terms} | lr {scalars.get('lr', 0):.3g} | "
-                f"{rate['img_per_s']:.0f} img/s | ETA {_duration(rate['eta_s'])}")
+        return (
+            f"[{name}] step {step}/{self.total_steps} | {terms} | lr {scalars.get('lr', 0):.3g} | "
+            f"{rate['img_per_s']:.0f} img/s | ETA {_duration(rate['eta_s'])}"
+        )

@@ -28,8 +28,11 @@ def schedule(optim_cfg, batch_size: int, total_steps: int, warmup_steps: int) ->
     peak = learning_rate(optim_cfg, batch_size)
     warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=peak, warmup_steps=warmup_steps,
-        decay_steps=max(total_steps, warmup_steps + 1), end_value=min(optim_cfg.min_lr, peak),
+        init_value=0.0,
+        peak_value=peak,
+        warmup_steps=warmup_steps,
+        decay_steps=max(total_steps, warmup_steps + 1),
+        end_value=min(optim_cfg.min_lr, peak),
     )
 
 
@@ -39,6 +42,14 @@ def make_optimizer(optim_cfg, batch_size: int, total_steps: int, warmup_steps: i
     parts = []
     if optim_cfg.grad_clip:
         parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip))
-    parts.append(optax.adamw(sched, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=1e-8,
-                             weight_decay=optim_cfg.weight_decay, mask=decay_mask))
+    parts.append(
+        optax.adamw(
+            sched,
+            b1=optim_cfg.b1,
+            b2=optim_cfg.b2,
+            eps=1e-8,
+            weight_decay=optim_cfg.weight_decay,
+            mask=decay_mask,
+        )
+    )
     return optax.chain(*parts), sched

@@ -20,7 +20,8 @@ def _model_from(config, num_classes: int):
     mcfg = config.model
     return make_vit(
         {k: v for k, v in mcfg.items() if k not in ("mean", "std", "dtype", "param_dtype")},
-        image_size=config.image_size, num_classes=num_classes,
+        image_size=config.image_size,
+        num_classes=num_classes,
         dtype=dtype_of(mcfg.get("dtype", "float32"), "model.dtype"),
         param_dtype=dtype_of(mcfg.get("param_dtype", "float32"), "model.param_dtype"),
     )
@@ -49,21 +50,33 @@ class SupervisedTask:
         return [0]
 
     def loss_fn(self, params, frozen, batch, rng, static):
-        out = self.model.apply({"params": params}, normalize(batch["image"], self.mean, self.std,
-                                                             self.config.image_size),
-                               train=True, rngs={"dropout": rng})
-        loss = losses.cross_entropy(out["logits"], batch["label"], self.num_classes,
-                                    self.config.loss.label_smoothing)
+        out = self.model.apply(
+            {"params": params},
+            normalize(batch["image"], self.mean, self.std, self.config.image_size),
+            train=True,
+            rngs={"dropout": rng},
+        )
+        loss = losses.cross_entropy(
+            out["logits"], batch["label"], self.num_classes, self.config.loss.label_smoothing
+        )
         accuracy = jnp.mean((jnp.argmax(out["logits"], -1) == batch["label"]).astype(jnp.float32))
         return loss, {"loss": loss, "accuracy": accuracy}
 
     def feature_fn(self, params, images):
-        out = self.model.apply({"params": params}, normalize(images, self.mean, self.std, self.config.image_size))
+        out = self.model.apply(
+            {"params": params}, normalize(images, self.mean, self.std, self.config.image_size)
+        )
         return pooled_features(out, self.config.eval.pool, self.model.num_prefix)
 
     def export(self, params, directory):
-        return model_io.save_model(directory, self.model, params, mean=self.mean, std=self.std,
-                                   extra={"trained_by": "hybrid_distill_jax supervised"})
+        return model_io.save_model(
+            directory,
+            self.model,
+            params,
+            mean=self.mean,
+            std=self.std,
+            extra={"trained_by": "hybrid_distill_jax supervised"},
+        )
 
 
 class MAETask:
@@ -76,8 +89,14 @@ class MAETask:
         self.config = config
         self.encoder = _model_from(config, 0)
         mcfg = config.mae
-        self.model = MAE(self.encoder, mcfg.decoder_width, mcfg.decoder_depth, mcfg.decoder_heads,
-                         dtype=self.encoder.dtype, param_dtype=self.encoder.param_dtype)
+        self.model = MAE(
+            self.encoder,
+            mcfg.decoder_width,
+            mcfg.decoder_depth,
+            mcfg.decoder_heads,
+            dtype=self.encoder.dtype,
+            param_dtype=self.encoder.param_dtype,
+        )
         self.mean, self.std = tuple(config.model.mean), tuple(config.model.std)
         self.num_patches = self.encoder.grid**2
         self.keep = masking.keep_count(self.num_patches, mcfg.mask_ratio)
@@ -105,10 +124,17 @@ class MAETask:
         return loss, {"loss": loss}
 
     def feature_fn(self, params, images):
-        out = self.encoder.apply({"params": params["encoder"]},
-                                 normalize(images, self.mean, self.std, self.config.image_size))
+        out = self.encoder.apply(
+            {"params": params["encoder"]}, normalize(images, self.mean, self.std, self.config.image_size)
+        )
         return pooled_features(out, self.config.eval.pool, self.encoder.num_prefix)
 
     def export(self, params, directory):
-        return model_io.save_model(directory, self.encoder, params["encoder"], mean=self.mean, std=self.std,
-                                   extra={"trained_by": "hybrid_distill_jax mae"})
+        return model_io.save_model(
+            directory,
+            self.encoder,
+            params["encoder"],
+            mean=self.mean,
+            std=self.std,
+            extra={"trained_by": "hybrid_distill_jax mae"},
+        )

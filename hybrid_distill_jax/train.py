@@ -44,7 +44,9 @@ def build_task(config, num_classes: int):
 def make_mesh(config) -> jax.sharding.Mesh:
     devices = jax.device_count()
     if config.mesh.data not in (-1, devices):
-        raise ConfigError(f"mesh.data={config.mesh.data} does not match the {devices} devices (use -1 for all)")
+        raise ConfigError(
+            f"mesh.data={config.mesh.data} does not match the {devices} devices (use -1 for all)"
+        )
     return jax.make_mesh((devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
@@ -74,26 +76,35 @@ class Trainer:
         # ---- data --------------------------------------------------------------------------------
         self.info = dataset_info(config.data)
         self.total_steps, self.warmup_steps, self.steps_per_epoch = config_lib.resolve_steps(
-            config, self.info.num_examples[config.data.train_split])
+            config, self.info.num_examples[config.data.train_split]
+        )
 
         # ---- task and optimizer -------------------------------------------------------------------
         self.task = build_task(config, self.info.num_classes)
         self.frozen = jax.device_put(self.task.frozen, self.replicated)
-        self.tx, self.lr_schedule = make_optimizer(config.optim, config.batch_size, self.total_steps,
-                                                   self.warmup_steps)
+        self.tx, self.lr_schedule = make_optimizer(
+            config.optim, config.batch_size, self.total_steps, self.warmup_steps
+        )
 
         # ---- state, created already sharded --------------------------------------------------------
         def init_state(rng):
             params = self.task.init_params(rng)
-            return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params),
-                    "rng": jax.random.key_data(jax.random.fold_in(rng, 1))}
+            return {
+                "step": jnp.zeros((), jnp.int32),
+                "params": params,
+                "opt_state": self.tx.init(params),
+                "rng": jax.random.key_data(jax.random.fold_in(rng, 1)),
+            }
 
         abstract = jax.eval_shape(init_state, jax.random.key(config.seed))
         shardings = jax.tree.map(lambda _: self.replicated, abstract)
         self._init_state = jax.jit(init_state, out_shardings=shardings)
         self.state_shardings = shardings
-        self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"),
-                                         every=config.checkpoint_every, keep=config.keep_checkpoints)
+        self.checkpointer = Checkpointer(
+            os.path.join(self.workdir, "checkpoints"),
+            every=config.checkpoint_every,
+            keep=config.keep_checkpoints,
+        )
         self._steps: dict[Any, Any] = {}
         self.compiles = 0
 
@@ -130,12 +141,15 @@ class Trainer:
         if latest is None:
             return state, 0
         state, meta = self.checkpointer.restore(latest, abstract_like(state))
-        log.info("[%s] resumed from %s/%d (%s)", self.name, self.checkpointer.directory, latest,
-                 json.dumps(meta))
+        log.info(
+            "[%s] resumed from %s/%d (%s)", self.name, self.checkpointer.directory, latest, json.dumps(meta)
+        )
         return state, int(latest)
 
     def _save(self, step, state):
-        self.checkpointer.save(step, state, {"step": step, "name": self.name, "total_steps": self.total_steps})
+        self.checkpointer.save(
+            step, state, {"step": step, "name": self.name, "total_steps": self.total_steps}
+        )
 
     # ---- loop --------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -143,10 +157,18 @@ class Trainer:
         state, start = self.initial_state()
         writer = MetricWriter(self.workdir, cfg.tensorboard)
         progress = Progress(self.total_steps, cfg.batch_size, start)
-        batches = train_iterator(cfg.data, image_size=cfg.image_size, global_batch=cfg.batch_size,
-                                 seed=cfg.seed, start_step=start)
-        log.info("[%s] %d steps (%d/epoch), batch %d on %d device(s), starting at %d", self.name,
-                 self.total_steps, self.steps_per_epoch, cfg.batch_size, jax.device_count(), start)
+        batches = train_iterator(
+            cfg.data, image_size=cfg.image_size, global_batch=cfg.batch_size, seed=cfg.seed, start_step=start
+        )
+        log.info(
+            "[%s] %d steps (%d/epoch), batch %d on %d device(s), starting at %d",
+            self.name,
+            self.total_steps,
+            self.steps_per_epoch,
+            cfg.batch_size,
+            jax.device_count(),
+            start,
+        )
         pending = None
         for step in range(start, self.total_steps):
             static = self.task.static_args(step, self.total_steps)
@@ -205,18 +227,28 @@ def evaluate_features(config, feature_fn, params, num_classes: int) -> dict[str,
     params = jax.device_put(params)
     fn = jax.jit(lambda images: feature_fn(params, images))
     kw = dict(image_size=config.image_size, batch_size=ecfg.batch_size)
-    train_x, train_y = evaluate.extract_features(fn, eval_iterator(dcfg, dcfg.train_split,
-                                                                   max_examples=ecfg.max_train, **kw))
-    test_x, test_y = evaluate.extract_features(fn, eval_iterator(dcfg, dcfg.eval_split,
-                                                                 max_examples=ecfg.max_test, **kw))
+    train_x, train_y = evaluate.extract_features(
+        fn, eval_iterator(dcfg, dcfg.train_split, max_examples=ecfg.max_train, **kw)
+    )
+    test_x, test_y = evaluate.extract_features(
+        fn, eval_iterator(dcfg, dcfg.eval_split, max_examples=ecfg.max_test, **kw)
+    )
     out = {}
     if ecfg.knn:
-        knn = evaluate.knn_classify(train_x, train_y, test_x, test_y, num_classes=num_classes, k=ecfg.knn_k,
-                                    temperature=ecfg.knn_temperature)
+        knn = evaluate.knn_classify(
+            train_x,
+            train_y,
+            test_x,
+            test_y,
+            num_classes=num_classes,
+            k=ecfg.knn_k,
+            temperature=ecfg.knn_temperature,
+        )
         out["knn_top1"] = knn["top1"]
     if ecfg.linear:
-        lin = evaluate.linear_probe(train_x, train_y, test_x, test_y, num_classes=num_classes,
-                                    epochs=ecfg.linear_epochs)
+        lin = evaluate.linear_probe(
+            train_x, train_y, test_x, test_y, num_classes=num_classes, epochs=ecfg.linear_epochs
+        )
         out["linear_top1"] = lin["top1"]
     out["eval_seconds"] = time.perf_counter() - start
     return out

@@ -14,7 +14,9 @@ jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_threefry_partitionable", True)
 jax.config.update(
     "jax_compilation_cache_dir",
-    os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".cache", "jax")),
+    os.environ.get(
+        "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".cache", "jax")
+    ),
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 

@@ -56,13 +56,18 @@ def test_smooth_l1_matches_numpy_reference():
     for p, t in zip(pred.ravel(), target.ravel()):
         d = abs(p - t)
         ref.append(0.5 * d * d / beta if d < beta else d - 0.5 * beta)
-    np.testing.assert_allclose(float(losses.smooth_l1(jnp.asarray(pred), jnp.asarray(target), beta)),
-                               np.mean(ref), rtol=1e-5)
-    np.testing.assert_allclose(float(losses.feature_loss(jnp.asarray(pred), jnp.asarray(target), "mse")),
-                               np.mean((pred - target) ** 2), rtol=1e-5)
+    np.testing.assert_allclose(
+        float(losses.smooth_l1(jnp.asarray(pred), jnp.asarray(target), beta)), np.mean(ref), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        float(losses.feature_loss(jnp.asarray(pred), jnp.asarray(target), "mse")),
+        np.mean((pred - target) ** 2),
+        rtol=1e-5,
+    )
     cos = np.sum(pred * target, -1) / (np.linalg.norm(pred, axis=-1) * np.linalg.norm(target, axis=-1))
-    np.testing.assert_allclose(float(losses.feature_loss(jnp.asarray(pred), jnp.asarray(target), "cosine")),
-                               -np.mean(cos), rtol=1e-5)
+    np.testing.assert_allclose(
+        float(losses.feature_loss(jnp.asarray(pred), jnp.asarray(target), "cosine")), -np.mean(cos), rtol=1e-5
+    )
     with pytest.raises(ConfigError, match="feature_loss"):
         losses.feature_loss(jnp.asarray(pred), jnp.asarray(target), "l3")
 
@@ -78,5 +83,8 @@ def test_cross_entropy_with_label_smoothing():
     labels = np.array([0, 1, 2, 1, 0])
     logp = np.log(_softmax(logits))
     target = np.eye(3)[labels] * 0.9 + 0.1 / 3
-    np.testing.assert_allclose(float(losses.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), 3, 0.1)),
-                               -np.mean(np.sum(target * logp, -1)), rtol=1e-5)
+    np.testing.assert_allclose(
+        float(losses.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), 3, 0.1)),
+        -np.mean(np.sum(target * logp, -1)),
+        rtol=1e-5,
+    )

@@ -55,10 +55,16 @@ def test_keep_schedule_is_piecewise_constant():
     assert masking.keep_count(4, 0.99) == 1
 
 
-@pytest.mark.parametrize("starts,ratios", [
-    ((0.0, 0.5), (0.0, 1.0)), ((0.0,), (-0.1,)), ((0.1,), (0.5,)), ((0.0, 0.6, 0.3), (0, 0.1, 0.2)),
-    ((0.0, 0.5), (0.1,)),
-])
+@pytest.mark.parametrize(
+    "starts,ratios",
+    [
+        ((0.0, 0.5), (0.0, 1.0)),
+        ((0.0,), (-0.1,)),
+        ((0.1,), (0.5,)),
+        ((0.0, 0.6, 0.3), (0, 0.1, 0.2)),
+        ((0.0, 0.5), (0.1,)),
+    ],
+)
 def test_bad_schedules(starts, ratios):
     with pytest.raises(ConfigError, match="masking.stage"):
         masking.KeepSchedule(starts, ratios)

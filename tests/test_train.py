@@ -97,7 +97,8 @@ def test_checkpoint_resume_continues_at_the_right_step(tmp_path, tfds_dir):
     state, start = resumed_trainer.initial_state()
     assert start == 3 and int(state["step"]) == 3
     np.testing.assert_array_equal(
-        jax.tree.leaves(jax.device_get(state["params"]))[0], jax.tree.leaves(first.params)[0])
+        jax.tree.leaves(jax.device_get(state["params"]))[0], jax.tree.leaves(first.params)[0]
+    )
     resumed = resumed_trainer.run()
     assert resumed.step == 6
     for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):

@@ -12,10 +12,16 @@ def _count(model, size=224):
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
 
 
-@pytest.mark.parametrize("variant,expected", [
-    ("Ti/16", 5_717_416), ("S/16", 22_050_664), ("B/16", 86_567_656), ("L/16", 304_326_632),
-    ("H/14", 632_045_800),
-])
+@pytest.mark.parametrize(
+    "variant,expected",
+    [
+        ("Ti/16", 5_717_416),
+        ("S/16", 22_050_664),
+        ("B/16", 86_567_656),
+        ("L/16", 304_326_632),
+        ("H/14", 632_045_800),
+    ],
+)
 def test_parameter_counts_match_published_sizes(variant, expected):
     # timm's vit_*_patch*_224 with a 1000-class head.
     assert _count(make_vit({"variant": variant, "num_classes": 1000})) == expected
@@ -26,8 +32,18 @@ def test_deit_distilled_and_clip_counts():
     deit = _count(make_vit({"variant": "B/16", "num_classes": 1000, "dist_token": True}))
     assert deit == 87_338_192 - (768 * 1000 + 1000)
     # OpenAI CLIP ViT-B/16 visual tower: 86,192,640 parameters (no patch bias, ln_pre, proj to 512).
-    clip = _count(make_vit({"variant": "B/16", "ln_pre": True, "patch_bias": False, "act": "quick_gelu",
-                            "proj_dim": 512, "norm_eps": 1e-5}))
+    clip = _count(
+        make_vit(
+            {
+                "variant": "B/16",
+                "ln_pre": True,
+                "patch_bias": False,
+                "act": "quick_gelu",
+                "proj_dim": 512,
+                "norm_eps": 1e-5,
+            }
+        )
+    )
     assert clip == 86_192_640
 
 
@@ -57,8 +73,9 @@ def test_kept_subset_equals_forward_on_gathered_tokens_by_hand():
     # Permuting the kept tokens permutes the outputs: attention has no order of its own.
     perm = jnp.array([3, 1, 0, 2])
     out_p = model.apply(params, x, keep_indices=idx[:, perm])
-    np.testing.assert_allclose(np.asarray(out["tokens"][:, 1:][:, perm]), np.asarray(out_p["tokens"][:, 1:]),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(out["tokens"][:, 1:][:, perm]), np.asarray(out_p["tokens"][:, 1:]), atol=1e-5
+    )
 
 
 def test_attention_outputs_are_consistent():
@@ -88,8 +105,9 @@ def test_remat_and_drop_path_options():
     model, remat = _tiny(drop_path=0.5), _tiny(drop_path=0.5, remat=True)
     x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
     params = model.init(jax.random.key(0), x)
-    np.testing.assert_allclose(np.asarray(model.apply(params, x)["tokens"]),
-                               np.asarray(remat.apply(params, x)["tokens"]), atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(model.apply(params, x)["tokens"]), np.asarray(remat.apply(params, x)["tokens"]), atol=1e-5
+    )
     a = model.apply(params, x, train=True, rngs={"dropout": jax.random.key(2)})["tokens"]
     b = model.apply(params, x, train=True, rngs={"dropout": jax.random.key(3)})["tokens"]
     assert not np.allclose(np.asarray(a), np.asarray(b))

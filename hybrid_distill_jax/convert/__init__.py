@@ -21,28 +21,29 @@ __all__ = ["import_checkpoint", "export_timm", "timm_state_dict", "families", "t
 
 
 def import_checkpoint(family: str, input_path: str, output_dir: str, *, image_size: int | None = None,
-                      heads: int | None = None, act: str | None = None, mean=None, std=None,
-                      log=print) -> tuple[Any, Any, dict]:
+                      heads: int | None = None, act: str | None = None, norm_eps: float | None = None,
+                      mean=None, std=None, log=print) -> tuple[Any, Any, dict]:
     """Converts a local checkpoint file into an exported-model directory; returns (model, params, report)."""
     fam = families.get_family(family)
     if act is not None and act not in ("gelu", "gelu_tanh", "quick_gelu"):
         raise ConfigError(f"--act={act!r}: expected gelu, gelu_tanh or quick_gelu")
     sd = torch_io.load_state_dict(input_path, log=log)
     model, params, report = families.import_state_dict(
-        family, sd, heads=heads, act=act, image_size=image_size, where=input_path, log=log)
+        family, sd, heads=heads, act=act, norm_eps=norm_eps, image_size=image_size, where=input_path, log=log)
     for line in report["dropped"]:
         log(f"dropped {line}")
     if "resampled" in report:
         log(f"resampled {report['resampled']}")
     mean = tuple(mean) if mean else fam.mean
     std = tuple(std) if std else fam.std
-    extra = {"converted_from": {"family": fam.name, "file": os.path.basename(input_path),
-                                "dropped": report["dropped"], **{k: report[k] for k in
-                                                                ("resampled", "original_image_size") if k in report}}}
-    model_io.save_model(output_dir, model, params, mean=mean, std=std, image_size=model.image_size, extra=extra)
+    source = {"family": fam.name, "file": os.path.basename(input_path), "dropped": report["dropped"]}
+    source.update({k: report[k] for k in ("resampled", "original_image_size") if k in report})
+    model_io.save_model(output_dir, model, params, mean=mean, std=std, image_size=model.image_size,
+                        extra={"converted_from": source})
     n = sum(int(np.prod(np.shape(x))) for x in _leaves(params))
-    log(f"wrote {output_dir}: {fam.name} ViT width {model.width}, depth {model.depth}, heads {model.num_heads}, "
-        f"patch {model.patch_size}, image {model.image_size}, act {model.act}, {n:,} parameters "
+    log(f"wrote {output_dir}: {fam.name} ViT width {model.width}, depth {model.depth}, "
+        f"heads {model.num_heads}, patch {model.patch_size}, image {model.image_size}, act {model.act}, "
+        f"{n:,} parameters "
         f"(heads are not stored in a checkpoint: check {model.num_heads} is right, or pass --heads)")
     return model, params, report
 
@@ -62,8 +63,15 @@ def timm_state_dict(model, params) -> tuple[dict[str, np.ndarray], dict[str, Any
     notes = []
     if model.proj_dim:
         sd.pop("proj")
-        notes.append(f"dropped the CLIP projection 'proj' [{model.width}, {model.proj_dim}] (timm's ViT has none)")
-    if not model.patch_bias:
+        notes.append(f"dropped the CLIP projection 'proj' [{model.width}, {model.proj_dim}] "
+                     "(timm's ViT has none)")
+    if model.ln_pre and model.patch_bias:
+        # timm builds its patch embedding without a bias when pre_norm=True: fold ours into pos_embed.
+        bias = sd.pop("patch_embed.proj.bias")
+        sd["pos_embed"] = sd["pos_embed"].copy()
+        sd["pos_embed"][:, model.num_prefix:] += bias
+        notes.append("patch bias folded into the patch part of pos_embed (timm's pre_norm ViT has none)")
+    elif not model.patch_bias and not model.ln_pre:
         sd["patch_embed.proj.bias"] = np.zeros((model.width,), np.float32)
         notes.append("patch_embed.proj.bias written as zeros (the model has no patch bias)")
     if not model.qkv_bias:

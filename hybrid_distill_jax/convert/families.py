@@ -20,7 +20,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -233,8 +234,9 @@ def summarize_dropped(dropped: list[tuple[str, str]]) -> list[str]:
 def _require_key(sd: dict, key: str, family: Family) -> np.ndarray:
     if key not in sd:
         sample = ", ".join(sorted(sd)[:8])
+        where = family.prefix if family.layout == "clip" else ""
         raise CheckpointError(
-            f"no {family.prefix if family.layout == 'clip' else ''}{key} in the checkpoint: it does not look like "
+            f"no {where}{key} in the checkpoint: it does not look like "
             f"a --family={family.name} ViT ({family.help}). First keys: {sample}"
         )
     return sd[key]
@@ -246,7 +248,7 @@ def _count_blocks(sd: dict, pattern: str) -> int:
 
 
 def infer_arch(family: Family, sd: dict[str, np.ndarray], *, heads: int | None = None,
-               act: str | None = None) -> dict[str, Any]:
+               act: str | None = None, norm_eps: float | None = None) -> dict[str, Any]:
     """The ``make_vit`` arguments that fit ``sd`` (already split by :func:`split_keys`)."""
     timm = family.layout == "timm"
     conv = _require_key(sd, "patch_embed.proj.weight" if timm else "conv1.weight", family)
@@ -278,7 +280,8 @@ def infer_arch(family: Family, sd: dict[str, np.ndarray], *, heads: int | None =
         )
     arch: dict[str, Any] = dict(
         patch_size=patch, width=width, depth=depth, num_heads=int(heads), mlp_dim=mlp_dim,
-        image_size=grid * patch, dist_token=dist, act=act or family.act, norm_eps=family.norm_eps,
+        image_size=grid * patch, dist_token=dist, act=act or family.act,
+        norm_eps=float(norm_eps) if norm_eps else family.norm_eps,
         posemb=family.posemb,
         patch_bias=("patch_embed.proj.bias" if timm else "conv1.bias") in sd,
         qkv_bias=("blocks.0.attn.qkv.bias" if timm else "transformer.resblocks.0.attn.in_proj_bias") in sd,
@@ -295,15 +298,16 @@ def infer_arch(family: Family, sd: dict[str, np.ndarray], *, heads: int | None =
 def check_state_dict(family: Family, model: VisionTransformer, sd: dict[str, np.ndarray], where: str) -> None:
     """CheckpointError listing missing / unexpected / mis-shaped keys, in the checkpoint's own names."""
     shapes = param_shapes(model)
-    expected = {src: tuple(KINDS[kind].shape(shapes[dst])) for src, dst, kind in entries(family.layout, model)}
+    expected = {src: tuple(KINDS[kind].shape(shapes[dst]))
+                for src, dst, kind in entries(family.layout, model)}
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     wrong = sorted(f"{k}: expected {expected[k]}, got {tuple(sd[k].shape)}"
                    for k in set(expected) & set(sd) if tuple(sd[k].shape) != expected[k])
     if missing or unexpected or wrong:
         p = family.prefix if family.layout == "clip" else ""
-        lines = [f"{where} does not fit a --family={family.name} ViT (width {model.width}, depth {model.depth}, "
-                 f"heads {model.num_heads}, patch {model.patch_size}):"]
+        lines = [f"{where} does not fit a --family={family.name} ViT (width {model.width}, "
+                 f"depth {model.depth}, heads {model.num_heads}, patch {model.patch_size}):"]
         if missing:
             lines.append(f"  missing ({len(missing)}): {', '.join(p + k for k in missing[:20])}")
         if unexpected:
@@ -329,12 +333,12 @@ def from_flax(family: Family, model: VisionTransformer, params: dict, *, prefix:
 
 
 def import_state_dict(family_name: str, sd: dict[str, np.ndarray], *, heads: int | None = None,
-                      act: str | None = None, image_size: int | None = None, where: str = "checkpoint",
-                      log=print):
+                      act: str | None = None, norm_eps: float | None = None, image_size: int | None = None,
+                      where: str = "checkpoint", log=print):
     """Returns (model, params, report) for a loaded state dict."""
     family = get_family(family_name)
     kept, dropped = split_keys(family, sd)
-    arch = infer_arch(family, kept, heads=heads, act=act)
+    arch = infer_arch(family, kept, heads=heads, act=act, norm_eps=norm_eps)
     model = make_vit(arch)
     check_state_dict(family, model, kept, where)
     params = to_flax(family, model, kept)
@@ -344,11 +348,13 @@ def import_state_dict(family_name: str, sd: dict[str, np.ndarray], *, heads: int
         from hybrid_distill_jax.models.vit import resample_posemb
 
         if image_size % model.patch_size:
-            raise ConfigError(f"--image-size={image_size} is not a multiple of the patch size {model.patch_size}")
+            raise ConfigError(f"--image-size={image_size} is not a multiple of the patch size "
+                              f"{model.patch_size}")
         new_grid = image_size // model.patch_size
         params["pos_embed"] = np.asarray(resample_posemb(params["pos_embed"], model.num_prefix, new_grid),
                                          np.float32)
-        report["resampled"] = f"position embedding {model.grid}x{model.grid} -> {new_grid}x{new_grid} (bicubic)"
+        report["resampled"] = (f"position embedding {model.grid}x{model.grid} -> {new_grid}x{new_grid} "
+                               "(bicubic)")
         report["original_image_size"] = model.image_size
         model = make_vit(dict(arch, image_size=image_size))
     return model, params, report

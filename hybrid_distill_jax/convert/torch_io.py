@@ -51,13 +51,17 @@ def _np_dtype(name):
 
 def check_local(path: str, what: str = "--input") -> str:
     """Refuses URLs and hub names (no download happens here) and paths that do not exist."""
-    if _REMOTE.match(path) or (not os.path.exists(path) and re.match(r"^[\w.-]+/[\w.-]+$", path)
-                                and not path.startswith(".")):
-        name = path.rsplit("/", 1)[-1] or path
-        raise ConfigError(
-            f"{what}={path!r} is not a local file: this tool never downloads. Fetch the checkpoint yourself "
-            f"(e.g. the file {name!r} from that page or hub repository) and pass its local path"
-        )
+    hub_like = (not os.path.exists(path) and re.match(r"^[\w-][\w.-]*/[\w.-]+$", path)
+                and not path.endswith((".pth", ".pt", ".bin", ".safetensors", ".ckpt")))
+    if _REMOTE.match(path) and "://" in path:
+        name = path.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
+        raise ConfigError(f"{what}={path!r} is a URL: this tool never downloads. Fetch {name!r} yourself "
+                          f"(e.g. curl -LO {path}) and pass the local file")
+    if _REMOTE.match(path) or hub_like:
+        repo = re.sub(r"^(hf-hub:|hf://)", "", path)
+        raise ConfigError(f"{what}={path!r} looks like a hub name, not a local file: this tool never "
+                          f"downloads. Fetch the weights file of {repo!r} yourself (model.safetensors, "
+                          "pytorch_model.bin or open_clip_pytorch_model.bin) and pass its local path")
     if not os.path.exists(path):
         raise ConfigError(f"{what}={path!r}: no such file")
     if os.path.isdir(path):
@@ -84,6 +88,13 @@ class _Stub:
         return f"<stub {self._qualname}>"
 
 
+class _OrderedDict(dict):
+    """collections.OrderedDict as pickled by torch (a state dict carries ``_metadata`` state)."""
+
+    def __setstate__(self, state):
+        self._pickled_state = state
+
+
 class _Storage:
     def __init__(self, dtype, key):
         self.dtype, self.key = dtype, key
@@ -97,15 +108,21 @@ class _TorchZipUnpickler(pickle.Unpickler):
         self._cache: dict[str, np.ndarray] = {}
         self.stubbed: set[str] = set()
 
-    def _storage_array(self, storage: _Storage) -> np.ndarray:
-        if storage.key not in self._cache:
+    def _storage_array(self, storage: _Storage, dtype=None) -> np.ndarray:
+        dtype = dtype or storage.dtype
+        if dtype is None:
+            raise CheckpointError("an untyped storage is used without a dtype in the torch archive")
+        if (storage.key, dtype) not in self._cache:
             raw = self._archive.read(f"{self._prefix}/data/{storage.key}")
-            dtype = _np_dtype(storage.dtype).newbyteorder("<" if self._byteorder == "little" else ">")
-            self._cache[storage.key] = np.frombuffer(raw, dtype=dtype)
-        return self._cache[storage.key]
+            np_dtype = _np_dtype(dtype).newbyteorder("<" if self._byteorder == "little" else ">")
+            self._cache[(storage.key, dtype)] = np.frombuffer(raw, dtype=np_dtype)
+        return self._cache[(storage.key, dtype)]
 
-    def _rebuild_tensor(self, storage, offset, size, stride, *_unused):
-        flat = self._storage_array(storage)
+    def _rebuild_tensor_v3(self, storage, offset, size, stride, requires_grad, hooks, dtype, *_unused):
+        return self._rebuild_tensor(storage, offset, size, stride, dtype=_TORCH_DTYPES.get(dtype, dtype))
+
+    def _rebuild_tensor(self, storage, offset, size, stride, *_unused, dtype=None):
+        flat = self._storage_array(storage, dtype)
         if not size:
             return np.array(flat[offset])
         item = flat.dtype.itemsize
@@ -116,16 +133,20 @@ class _TorchZipUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if module == "torch._utils" and name in ("_rebuild_tensor", "_rebuild_tensor_v2"):
             return self._rebuild_tensor
+        if module == "torch._utils" and name == "_rebuild_tensor_v3":
+            return self._rebuild_tensor_v3
         if module == "torch._utils" and name == "_rebuild_parameter":
             return lambda data, *_: data
         if module == "torch._utils" and name == "_rebuild_parameter_with_state":
             return lambda data, *_: data
+        if module in ("torch", "torch.storage") and name == "UntypedStorage":
+            return name
         if module == "torch" and name in _STORAGE_DTYPES:
             return name  # a marker; persistent_load turns it into a dtype
         if module == "torch" and name in _TORCH_DTYPES:
             return name
         if module == "collections" and name == "OrderedDict":
-            return dict
+            return _OrderedDict
         if module == "builtins" and name in ("set", "frozenset", "tuple", "list", "dict"):
             return {"set": set, "frozenset": frozenset, "tuple": tuple, "list": list, "dict": dict}[name]
         qualname = f"{module}.{name}"
@@ -138,7 +159,9 @@ class _TorchZipUnpickler(pickle.Unpickler):
         if not isinstance(pid, tuple) or not pid or pid[0] != "storage":
             raise CheckpointError(f"unsupported persistent record {pid!r} in the torch archive")
         _, storage_type, key, _location, _numel = pid[:5]
-        if isinstance(storage_type, str) and storage_type in _STORAGE_DTYPES:
+        if storage_type == "UntypedStorage":
+            dtype = None  # typed by _rebuild_tensor_v3
+        elif isinstance(storage_type, str) and storage_type in _STORAGE_DTYPES:
             dtype = _STORAGE_DTYPES[storage_type]
         elif isinstance(storage_type, str) and storage_type in _TORCH_DTYPES:  # UntypedStorage + dtype
             dtype = _TORCH_DTYPES[storage_type]
@@ -224,7 +247,8 @@ def load_raw(path: str, log=print) -> Any:
         try:
             from safetensors.numpy import load_file
         except ImportError:
-            raise ConfigError("reading .safetensors needs the safetensors package: pip install safetensors") from None
+            raise ConfigError("reading .safetensors needs the safetensors package: "
+                              "pip install safetensors") from None
         try:
             return load_file(path)
         except Exception as e:
@@ -245,7 +269,8 @@ def load_raw(path: str, log=print) -> Any:
         obj = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
         if not zipfile.is_zipfile(path):
-            raise CheckpointError(f"{path}: torch.load(weights_only=True) refused it: {str(e).splitlines()[0]}") from None
+            raise CheckpointError(f"{path}: torch.load(weights_only=True) refused it: "
+                                  f"{str(e).splitlines()[0]}") from None
         # weights_only rejects non-tensor globals such as argparse.Namespace in training checkpoints; our
         # reader turns those into inert stubs instead, still without running any code.
         log(f"{path}: torch.load(weights_only=True) refused a non-tensor object "
@@ -290,7 +315,8 @@ def extract_state_dict(obj: Any, path: str, log=print) -> dict[str, np.ndarray]:
         else:
             skipped.append(str(k))
     if skipped:
-        log(f"skipping {len(skipped)} non-float entr{'y' if len(skipped) == 1 else 'ies'}: {', '.join(skipped[:10])}")
+        log(f"skipping {len(skipped)} non-float entr{'y' if len(skipped) == 1 else 'ies'}: "
+            f"{', '.join(skipped[:10])}")
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     if not sd:
@@ -310,7 +336,8 @@ def save_state_dict(sd: dict[str, np.ndarray], path: str) -> str:
         try:
             from safetensors.numpy import save_file
         except ImportError:
-            raise ConfigError("writing .safetensors needs the safetensors package: pip install safetensors") from None
+            raise ConfigError("writing .safetensors needs the safetensors package: "
+                              "pip install safetensors") from None
         save_file(sd, path)
     elif path.endswith((".pth", ".pt", ".bin")):
         try:
@@ -318,7 +345,7 @@ def save_state_dict(sd: dict[str, np.ndarray], path: str) -> str:
         except ImportError:
             raise ConfigError(f"writing {path} needs torch (bash scripts/install_torch_cpu.sh); "
                               "or write .safetensors, which needs no torch") from None
-        torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, path)
+        torch.save({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, path)
     else:
         raise ConfigError(f"--output={path!r}: use a .safetensors or .pth file name")
     return path

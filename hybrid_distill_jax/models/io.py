@@ -24,8 +24,16 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def save_model(directory: str, model: VisionTransformer, params: Any, *, mean=IMAGENET_MEAN,
-               std=IMAGENET_STD, image_size: int | None = None, extra: dict | None = None) -> str:
+def save_model(
+    directory: str,
+    model: VisionTransformer,
+    params: Any,
+    *,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    image_size: int | None = None,
+    extra: dict | None = None,
+) -> str:
     """Writes params (as fp32 numpy) and a JSON description; returns the directory."""
     os.makedirs(directory, exist_ok=True)
     meta = {
@@ -47,7 +55,9 @@ def save_model(directory: str, model: VisionTransformer, params: Any, *, mean=IM
 def read_model_json(directory: str, field: str = "checkpoint") -> dict:
     path = os.path.join(directory or "", "model.json")
     if not directory or not os.path.isfile(path):
-        raise ConfigError(f"{field}={directory!r}: no model.json there (expected an exported or converted model)")
+        raise ConfigError(
+            f"{field}={directory!r}: no model.json there (expected an exported or converted model)"
+        )
     with open(path) as f:
         try:
             meta = json.load(f)
@@ -58,7 +68,9 @@ def read_model_json(directory: str, field: str = "checkpoint") -> dict:
     return meta
 
 
-def load_model(directory: str, *, field: str = "checkpoint", **overrides) -> tuple[VisionTransformer, Any, dict]:
+def load_model(
+    directory: str, *, field: str = "checkpoint", **overrides
+) -> tuple[VisionTransformer, Any, dict]:
     """Returns (module, params, meta); params are checked key by key against the architecture."""
     meta = read_model_json(directory, field)
     model = make_vit(meta["arch"], **overrides)
@@ -72,10 +84,14 @@ def load_model(directory: str, *, field: str = "checkpoint", **overrides) -> tup
 
 def check_params(expected: Any, actual: Any, where: str) -> None:
     """Raises CheckpointError listing missing keys, unexpected keys and shape mismatches."""
-    exp = {"/".join(str(getattr(k, "key", k)) for k in path): v.shape
-           for path, v in jax.tree_util.tree_leaves_with_path(expected)}
-    act = {"/".join(str(getattr(k, "key", k)) for k in path): np.shape(v)
-           for path, v in jax.tree_util.tree_leaves_with_path(actual)}
+    exp = {
+        "/".join(str(getattr(k, "key", k)) for k in path): v.shape
+        for path, v in jax.tree_util.tree_leaves_with_path(expected)
+    }
+    act = {
+        "/".join(str(getattr(k, "key", k)) for k in path): np.shape(v)
+        for path, v in jax.tree_util.tree_leaves_with_path(actual)
+    }
     missing = sorted(set(exp) - set(act))
     unexpected = sorted(set(act) - set(exp))
     shapes = sorted(f"{k}: expected {exp[k]}, got {act[k]}" for k in set(exp) & set(act) if exp[k] != act[k])

@@ -39,24 +39,33 @@ class MAE(nn.Module):
         grid = self.encoder.grid
         n = grid * grid
         p = self.encoder.num_prefix
-        x = nn.Dense(self.decoder_width, dtype=self.dtype, param_dtype=self.param_dtype, name="decoder_embed")(enc)
-        mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, self.decoder_width),
-                                self.param_dtype)
+        x = nn.Dense(
+            self.decoder_width, dtype=self.dtype, param_dtype=self.param_dtype, name="decoder_embed"
+        )(enc)
+        mask_token = self.param(
+            "mask_token", nn.initializers.normal(0.02), (1, 1, self.decoder_width), self.param_dtype
+        )
         full = jnp.broadcast_to(mask_token.astype(x.dtype), (b, n, self.decoder_width))
         full = full.at[jnp.arange(b)[:, None], keep_indices].set(x[:, p:])
         x = jnp.concatenate([x[:, :1], full], axis=1)
         posemb = jnp.asarray(sincos_posemb_2d(grid, self.decoder_width, 1), x.dtype)
         x = x + posemb
         for i in range(self.decoder_depth):
-            x, _ = Block(self.decoder_heads, 4 * self.decoder_width, dtype=self.dtype,
-                         param_dtype=self.param_dtype, name=f"decoder_block{i + 1}")(x, train)
+            x, _ = Block(
+                self.decoder_heads,
+                4 * self.decoder_width,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=f"decoder_block{i + 1}",
+            )(x, train)
         x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype, name="decoder_norm")(x)
         out = self.encoder.patch_size**2 * 3
         return nn.Dense(out, dtype=self.dtype, param_dtype=self.param_dtype, name="decoder_pred")(x[:, 1:])
 
 
-def mae_loss(pred: jax.Array, images: jax.Array, patch: int, keep_indices: jax.Array,
-             norm_pix: bool = True) -> jax.Array:
+def mae_loss(
+    pred: jax.Array, images: jax.Array, patch: int, keep_indices: jax.Array, norm_pix: bool = True
+) -> jax.Array:
     """Mean squared error on the masked patches only, targets optionally normalised per patch."""
     target = patchify(images, patch).astype(jnp.float32)
     if norm_pix:

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -45,7 +46,7 @@ def decode_variant(variant: str) -> dict[str, int]:
     name, _, patch = variant.partition("/")
     if name not in VARIANTS or not patch.isdigit():
         raise ConfigError(
-            f"model variant {variant!r}: expected '<size>/<patch>' with size in {sorted(VARIANTS)}, e.g. 'B/16'"
+            f"model variant {variant!r}: expected '<size>/<patch>', size in {sorted(VARIANTS)}, e.g. 'B/16'"
         )
     width, depth, heads, mlp = VARIANTS[name]
     return dict(width=width, depth=depth, num_heads=heads, mlp_dim=mlp, patch_size=int(patch))
@@ -124,8 +125,11 @@ class Attention(nn.Module):
             raise ConfigError(f"model.width={width} is not divisible by num_heads={self.num_heads}")
         head_dim = width // self.num_heads
         qkv = nn.DenseGeneral(
-            (3, self.num_heads, head_dim), use_bias=self.qkv_bias, dtype=self.dtype,
-            param_dtype=self.param_dtype, name="qkv",
+            (3, self.num_heads, head_dim),
+            use_bias=self.qkv_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="qkv",
         )(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, Dh]
         scale = 1.0 / math.sqrt(head_dim)
@@ -177,13 +181,16 @@ class Block(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool = False, want_logits: bool = False, want_cls: bool = False,
-                 num_prefix: int = 1):
+    def __call__(
+        self, x, train: bool = False, want_logits: bool = False, want_cls: bool = False, num_prefix: int = 1
+    ):
         norm = dict(epsilon=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
-        y, extras = Attention(
-            self.num_heads, self.qkv_bias, self.dtype, self.param_dtype, name="attn"
-        )(nn.LayerNorm(name="norm1", **norm)(x), want_logits=want_logits, want_cls=want_cls,
-          num_prefix=num_prefix)
+        y, extras = Attention(self.num_heads, self.qkv_bias, self.dtype, self.param_dtype, name="attn")(
+            nn.LayerNorm(name="norm1", **norm)(x),
+            want_logits=want_logits,
+            want_cls=want_cls,
+            num_prefix=num_prefix,
+        )
         x = x + DropPath(self.drop_path)(y, deterministic=not train)
         y = MlpBlock(self.mlp_dim, self.act, self.dtype, self.param_dtype, name="mlp")(
             nn.LayerNorm(name="norm2", **norm)(x)
@@ -246,11 +253,19 @@ class VisionTransformer(nn.Module):
         drop_after = dict(drop_after or {})
         for layer in attn_layers + cls_attn_layers + tuple(drop_after):
             if not 1 <= layer <= self.depth:
-                raise ConfigError(f"layer {layer} requested from a ViT of depth {self.depth} (layers are 1..depth)")
+                raise ConfigError(
+                    f"layer {layer} requested from a ViT of depth {self.depth} (layers are 1..depth)"
+                )
         p = self.num_prefix
         x = nn.Conv(
-            self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2, padding="VALID",
-            use_bias=self.patch_bias, dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embed",
+            self.width,
+            (self.patch_size,) * 2,
+            strides=(self.patch_size,) * 2,
+            padding="VALID",
+            use_bias=self.patch_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="patch_embed",
         )(images.astype(self.dtype))
         b, h, w, _ = x.shape
         if h != w:
@@ -275,8 +290,9 @@ class VisionTransformer(nn.Module):
         prefix = jnp.concatenate(prefix, axis=1).astype(self.dtype) + posemb[:, :p]
         x = jnp.concatenate([jnp.broadcast_to(prefix, (b, p, self.width)), x], axis=1)
         if self.ln_pre:
-            x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                             name="norm_pre")(x)
+            x = nn.LayerNorm(
+                epsilon=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm_pre"
+            )(x)
 
         block_cls = nn.remat(Block, static_argnums=(2, 3, 4, 5)) if self.remat else Block
         drop_rates = np.linspace(0.0, self.drop_path, self.depth)
@@ -284,8 +300,15 @@ class VisionTransformer(nn.Module):
         for layer in range(1, self.depth + 1):
             want_logits, want_cls = layer in attn_layers, layer in cls_attn_layers
             x, extras = block_cls(
-                self.num_heads, self.mlp_dim, self.act, self.qkv_bias, self.norm_eps, float(drop_rates[layer - 1]),
-                self.dtype, self.param_dtype, name=f"block{layer}",
+                self.num_heads,
+                self.mlp_dim,
+                self.act,
+                self.qkv_bias,
+                self.norm_eps,
+                float(drop_rates[layer - 1]),
+                self.dtype,
+                self.param_dtype,
+                name=f"block{layer}",
             )(x, train, want_logits, want_cls, p)
             if want_logits:
                 attn_logits[layer] = extras["logits"]
@@ -295,7 +318,9 @@ class VisionTransformer(nn.Module):
                 x = jnp.concatenate([x[:, :p], gather_tokens(x[:, p:], drop_after[layer])], axis=1)
 
         if self.final_norm:
-            x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
+            x = nn.LayerNorm(
+                epsilon=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm"
+            )(x)
         out: dict[str, Any] = {"tokens": x, "attn_logits": attn_logits, "cls_attn": cls_attn}
         pooled = x[:, 0] if self.pool == "cls" else jnp.mean(x[:, p:], axis=1)
         out["pooled"] = pooled
@@ -305,15 +330,19 @@ class VisionTransformer(nn.Module):
             )(x[:, 0])
         if self.num_classes:
             out["logits"] = nn.Dense(
-                self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                kernel_init=nn.initializers.zeros, name="head",
+                self.num_classes,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                kernel_init=nn.initializers.zeros,
+                name="head",
             )(pooled).astype(jnp.float32)
         return out
 
 
 # Fields of ``VisionTransformer`` that describe the architecture (saved beside exported weights).
 ARCH_FIELDS = tuple(
-    f.name for f in dataclasses.fields(VisionTransformer)
+    f.name
+    for f in dataclasses.fields(VisionTransformer)
     if f.name not in ("parent", "name", "dtype", "param_dtype", "drop_path", "remat")
 )
 

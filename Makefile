@@ -1,0 +1,38 @@
+# The two commands a new user needs:   make demo   and   make test
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/demo
+export TFDS_DATA_DIR ?= $(CURDIR)/.cache/tfds
+export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
+
+.PHONY: install install-dev demo test lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(PY) setup.cfg pyproject.toml
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[dev]"
+	PYTHON=$(PY) bash scripts/install_torch_cpu.sh
+	touch $@
+
+install: $(VENV)/.installed
+
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(PY) -m hybrid_distill_jax.main --config configs/demo.py --workdir $(WORKDIR)
+
+test: install-dev
+	$(PY) -m pytest -q tests
+
+lint: install-dev
+	$(VENV)/bin/ruff check hybrid_distill_jax configs tests scripts
+
+clean:
+	rm -rf $(VENV) .cache runs

@@ -1,0 +1,124 @@
+"""Every bad input the core checks up front, each with a one-line error naming the field."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hybrid_distill_jax.config_lib import base_config, validate
+from hybrid_distill_jax.errors import ConfigError
+from tests.helpers import make_teacher, tiny_distill_config
+
+
+@pytest.fixture
+def cfg(tmp_path, tfds_dir):
+    return tiny_distill_config(tmp_path, tfds_dir)
+
+
+def _set(c, dotted, value):
+    *parents, leaf = dotted.split(".")
+    node = c
+    for p in parents:
+        node = node[p]
+    with c.unlocked():
+        node[leaf] = value
+
+
+@pytest.mark.parametrize(
+    "field,value,expected",
+    [
+        ("masking.stage_ratios", (0.0, 0.5, 1.0), "masking.stage_ratios"),
+        ("masking.stage_ratios", (-0.1, 0.2, 0.5), "masking.stage_ratios"),
+        ("masking.drop_ratios", (0.2, 1.2, 0.5), "masking.drop_ratios"),
+        ("masking.stage_starts", (0.1, 0.3, 0.6), "masking.stage_starts"),
+        ("masking.selection", "argmax", "masking.selection"),
+        ("masking.mode", "sideways", "masking.mode"),
+        ("loss.relation_layers", (0,), "loss.relation_layers"),
+        ("loss.relation_layers", (2,), "loss.relation_layers"),  # pico has depth 2: the last block
+        ("loss.relation_layers", (7,), "loss.relation_layers"),
+        ("loss.feature_loss", "l3", "loss.feature_loss"),
+        ("loss.alpha", 0.0, None),  # valid: relation-only
+        ("image_size", 30, "image_size"),
+        ("batch_size", 12, "batch_size"),  # 8 devices
+        ("data.name", "no_such_dataset_xyz", "data.name"),
+        ("data.crop_scale", (0.5, 0.2), "data.crop_scale"),
+        ("teachers.feature.checkpoint", "/nonexistent/teacher", "teachers.feature.checkpoint"),
+        ("student.variant", "Q/8", "variant"),
+        ("optim.b2", 1.5, "optim.b1 and optim.b2"),
+        ("mesh.data", 3, "mesh.data"),
+        ("eval.pool", "max", "eval.pool"),
+    ],
+)
+def test_bad_values_name_their_field(cfg, field, value, expected):
+    _set(cfg, field, value)
+    if expected is None:
+        validate(cfg)
+        return
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    message = str(err.value)
+    assert expected in message and "\n" not in message, message
+
+
+def test_folder_dataset_without_data_dir(cfg):
+    _set(cfg, "data.name", "folder")
+    _set(cfg, "data.data_dir", None)
+    with pytest.raises(ConfigError, match="data_dir"):
+        validate(cfg)
+    _set(cfg, "data.data_dir", "/nonexistent/images")
+    with pytest.raises(ConfigError, match="data_dir"):
+        validate(cfg)
+
+
+def test_teacher_grid_and_head_mismatches(cfg, tmp_path):
+    other_grid = make_teacher(tmp_path / "grid", patch_size=4)
+    _set(cfg, "teachers.feature.checkpoint", other_grid)
+    with pytest.raises(ConfigError, match="teachers.feature: patch grid 8x8 differs .* 4x4"):
+        validate(cfg)
+    _set(cfg, "teachers.feature.image_size", 16)  # the fix the message suggests: 16px / patch 4 = 4x4
+    validate(cfg)
+
+    heads = make_teacher(tmp_path / "heads", num_heads=4)
+    _set(cfg, "teachers.relation.checkpoint", heads)
+    with pytest.raises(ConfigError, match="head counts must match"):
+        validate(cfg)
+    _set(cfg, "loss.beta", 0.0)  # FD-only needs no relation teacher at all
+    validate(cfg)
+
+
+def test_teacher_modes_validate_their_model(tfds_dir):
+    c = base_config("mae")
+    c.data.name, c.data.data_dir, c.data.eval_split = "embedded_fashion_mnist", tfds_dir, "test"
+    c.batch_size = 8
+    c.image_size = 32
+    c.model.variant = "pico/8"
+    c.mae.mask_ratio = 1.0
+    with pytest.raises(ConfigError, match="mae.mask_ratio"):
+        validate(c)
+    c.mae.mask_ratio = 0.75
+    c.model.variant = "pico/5"
+    with pytest.raises(ConfigError, match="image_size=32 is not divisible by model patch size 5"):
+        validate(c)
+
+
+def test_cli_prints_one_line_error_and_exits_2(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hybrid_distill_jax.main",
+            "--config",
+            "configs/demo.py",
+            f"--workdir={tmp_path}",
+            "--config.teacher_mae.mae.mask_ratio=1.5",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=os.path.join(os.path.dirname(__file__), ".."),
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: mae.mask_ratio must lie in (0, 1)" in proc.stderr
