@@ -31,17 +31,32 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        self._manager.reload()
+        return list(self._manager.all_steps())
+
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
 
     def save(self, step: int, state: Any, meta: dict) -> None:
+        """Writes step ``step``; a failed write (disk full, permissions) raises CheckpointError naming it.
+
+        Earlier checkpoints are untouched by a failed write: orbax only renames a finished temporary
+        directory into place.
+        """
         if step in self._manager.all_steps():
             return
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-            force=True,
-        )
+        try:
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                force=True,
+            )
+        except OSError as e:
+            raise CheckpointError(
+                f"could not write checkpoint {step} to {self.directory}: {e.strerror or e}; earlier "
+                "checkpoints are intact"
+            ) from None
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """Restores into the shapes, dtypes and shardings of ``abstract_state``."""
@@ -52,10 +67,11 @@ class Checkpointer:
                     state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
                 ),
             )
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            first_line = (str(e).splitlines() or [type(e).__name__])[0][:500]
             raise CheckpointError(
-                f"checkpoint {self.directory}/{step} does not fit this run's model/optimizer "
-                f"(was the config changed?): {str(e).splitlines()[0][:500]}"
+                f"checkpoint {self.directory}/{step} is incomplete or does not fit this run's model and "
+                f"optimizer (was the config changed?): {first_line}"
             ) from None
         return restored["state"], dict(restored["meta"])
 

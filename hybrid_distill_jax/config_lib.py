@@ -12,13 +12,13 @@ import os
 import jax
 import ml_collections
 
-from hybrid_distill_jax import masking
+from hybrid_distill_jax import masking, sharding
 from hybrid_distill_jax.errors import ConfigError
 from hybrid_distill_jax.losses import FEATURE_LOSSES, RELATION_LOSSES
 from hybrid_distill_jax.models import io as model_io
-from hybrid_distill_jax.models.vit import decode_variant
+from hybrid_distill_jax.models.vit import REMAT_POLICIES, decode_variant
 
-MODES = ("distill", "supervised", "mae")
+MODES = ("distill", "supervised", "mae", "finetune", "evaluate")
 
 
 def base_config(mode: str = "distill") -> ml_collections.ConfigDict:
@@ -34,7 +34,7 @@ def base_config(mode: str = "distill") -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(
         dict(
             name="imagenet2012",
-            data_dir=None,
+            data_dir=ml_collections.FieldReference(None, field_type=str),
             train_split="train",
             eval_split="validation",
             crop_scale=(0.2, 1.0),
@@ -57,7 +57,16 @@ def base_config(mode: str = "distill") -> ml_collections.ConfigDict:
             warmup_epochs=20.0,
         )
     )
-    c.mesh = ml_collections.ConfigDict(dict(data=-1))
+    # Device mesh (docs/SCALING.md): sizes of the 'data', 'fsdp' and 'model' axes, one of them -1 (all
+    # remaining devices); num_devices > 0 uses only the first N devices (single process, tests/benchmarks).
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1, num_devices=0))
+    # Which arrays are split over the mesh: the trained parameters and their optimizer state ('student',
+    # also for the supervised/mae modes' model) and the frozen teachers: 'replicated' or 'fsdp'. Rules
+    # 'REGEX=SPEC' on paths like params/student/block1/mlp/fc1/kernel override (first match wins).
+    c.sharding = ml_collections.ConfigDict(
+        dict(student="replicated", teachers="replicated", rules=(), fsdp_min_size=2**14)
+    )
+    c.grad_accum_steps = 1  # micro-batches per step (jax.lax.scan); batch_size stays the global batch
 
     c.log_every = 50
     c.checkpoint_every = 1000
@@ -75,9 +84,13 @@ def base_config(mode: str = "distill") -> ml_collections.ConfigDict:
             knn_k=20,
             knn_temperature=0.07,
             linear_epochs=30,
+            diagnostics_every=0,  # steps between attention diagnostics (diag/... scalars); 0 = off
+            diagnostics_examples=256,  # the fixed eval-split images they are computed on
         )
     )
     c.export_dir = ""  # default: WORKDIR/export
+    c.nonfinite_policy = "skip"  # a NaN/Inf loss or gradient: 'skip' the update (counted) or 'stop' the run
+    c.faults = ml_collections.ConfigDict(dict(nan_at_step=-1))  # fault injection, for tests of the guards
 
     if mode == "distill":
         c.student = ml_collections.ConfigDict(
@@ -87,6 +100,7 @@ def base_config(mode: str = "distill") -> ml_collections.ConfigDict:
                 dtype="float32",
                 param_dtype="float32",
                 remat=False,
+                remat_policy="none",  # or 'full', 'dots_saveable', ... (models.vit.REMAT_POLICIES)
                 mean=model_io.IMAGENET_MEAN,
                 std=model_io.IMAGENET_STD,
             )
@@ -130,6 +144,7 @@ def base_config(mode: str = "distill") -> ml_collections.ConfigDict:
                 dtype="float32",
                 param_dtype="float32",
                 remat=False,
+                remat_policy="none",  # or 'full', 'dots_saveable', ... (models.vit.REMAT_POLICIES)
                 mean=model_io.IMAGENET_MEAN,
                 std=model_io.IMAGENET_STD,
                 pool="cls",
@@ -148,6 +163,20 @@ def base_config(mode: str = "distill") -> ml_collections.ConfigDict:
         if mode == "mae":
             c.model.posemb = "sincos2d"
             c.eval.pool = "gap"
+    if mode == "finetune":  # MAE's fine-tuning protocol (ViT-B: 100 epochs, blr 5e-4, layer decay 0.65)
+        c.init_from = ""  # an exported/converted model directory; "" = train config.model from scratch
+        c.model.pool = "gap"
+        c.eval.pool = "gap"
+        c.eval.knn = c.eval.linear = False  # the fine-tuned classifier's top-1 is always reported
+        c.total_epochs = 100.0
+        c.optim.update(dict(base_lr=5e-4, b2=0.999, min_lr=1e-6, warmup_epochs=5.0, grad_clip=0.0))
+        c.finetune = ml_collections.ConfigDict(
+            dict(layer_decay=0.65, mixup=0.8, cutmix=1.0, mix_prob=1.0, switch_prob=0.5)
+        )
+    elif mode == "evaluate":  # k-NN + linear probe (+ attention diagnostics) of config.model_dir
+        c.model_dir = ""
+        c.image_size = 0  # 0 = the model's own input resolution
+        c.eval.diagnostics = True
     return c
 
 
@@ -168,6 +197,7 @@ def _check_model(mcfg, image_size: int, field: str) -> dict:
         image_size % patch == 0, f"image_size={image_size} is not divisible by {field} patch size {patch}"
     )
     _require(0.0 <= mcfg.get("drop_path", 0.0) < 1.0, f"{field}.drop_path must lie in [0, 1)")
+    _in(mcfg.get("remat_policy", "none"), REMAT_POLICIES, f"{field}.remat_policy")
     width = mcfg.get("width", arch.get("width"))
     heads = mcfg.get("num_heads", arch.get("num_heads"))
     _require(width % heads == 0, f"{field}: width {width} is not divisible by num_heads {heads}")
@@ -182,19 +212,40 @@ def validate(config, num_devices: int | None = None, check_teachers: bool = True
     from hybrid_distill_jax.data import validate_data_config
 
     _in(config.mode, MODES, "config.mode")
-    _require(config.image_size > 0, "image_size must be positive")
+    _require(config.image_size > 0 or config.mode == "evaluate", "image_size must be positive")
     _require(config.batch_size > 0, "batch_size must be positive")
     _require(config.total_steps > 0 or config.total_epochs > 0, "set total_steps or total_epochs (> 0)")
-    num_devices = num_devices or jax.device_count()
+    subset = config.mesh.get("num_devices", 0)
     _require(
-        config.batch_size % num_devices == 0,
-        f"batch_size={config.batch_size} is not divisible by the {num_devices} devices; use a multiple "
-        f"of {num_devices}",
+        isinstance(subset, int) and 0 <= subset <= jax.device_count(),
+        f"mesh.num_devices={subset!r}: expected 0 (all devices) or at most the {jax.device_count()} visible",
     )
     _require(
-        config.mesh.data in (-1, num_devices),
-        f"mesh.data={config.mesh.data} does not match the {num_devices} devices (use -1 for all)",
+        not subset or jax.process_count() == 1,
+        f"mesh.num_devices={subset}: a mesh over some of the devices is for single-process runs; set it to 0",
     )
+    num_devices = num_devices or subset or jax.device_count()
+    mesh = sharding.resolve_mesh_shape(config.mesh, num_devices)
+    accum = config.get("grad_accum_steps", 1)
+    _require(
+        isinstance(accum, int) and not isinstance(accum, bool) and accum >= 1,
+        f"grad_accum_steps={accum!r}: expected an int >= 1",
+    )
+    dp = mesh["data"] * mesh["fsdp"]
+    _require(
+        config.batch_size % (dp * accum) == 0,
+        f"batch_size={config.batch_size} is not divisible by the data-parallel size {dp} (mesh.data x "
+        f"mesh.fsdp) x grad_accum_steps={accum}; use a multiple of {dp * accum}",
+    )
+    _require(
+        config.batch_size % jax.process_count() == 0,
+        f"batch_size={config.batch_size} is not divisible by the {jax.process_count()} processes",
+    )
+    sh = config.get("sharding") or {}
+    _in(sh.get("student", "replicated"), sharding.STRATEGIES, "sharding.student")
+    _in(sh.get("teachers", "replicated"), sharding.STRATEGIES, "sharding.teachers")
+    _require(sh.get("fsdp_min_size", 0) >= 0, "sharding.fsdp_min_size must be >= 0 (elements)")
+    sharding.parse_rules(sh.get("rules", ()))
     _require(config.log_every > 0, "log_every must be positive")
     _require(config.checkpoint_every >= 0, "checkpoint_every must be >= 0 (0 = only at the end)")
     _require(config.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
@@ -203,6 +254,8 @@ def validate(config, num_devices: int | None = None, check_teachers: bool = True
     _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1 and optim.b2 must lie in [0, 1)")
     _require(o.weight_decay >= 0 and o.grad_clip >= 0, "optim.weight_decay and optim.grad_clip must be >= 0")
     _in(config.eval.pool, ("cls", "gap"), "eval.pool")
+    _validate_diagnostics(config)
+    _in(config.nonfinite_policy, ("skip", "stop"), "nonfinite_policy")
     validate_data_config(config.data)
 
     if config.mode == "distill":
@@ -265,12 +318,61 @@ def validate(config, num_devices: int | None = None, check_teachers: bool = True
                         f"loss.relation_layers: layer {layer} exceeds the relation teacher's depth {depth}",
                     )
     else:
-        _check_model(config.model, config.image_size, "model")
+        if config.mode == "evaluate":
+            return _validate_evaluate(config)
+        if config.mode == "finetune":
+            _validate_finetune(config)
+        else:
+            _check_model(config.model, config.image_size, "model")
         if config.mode == "mae":
             _require(0.0 < config.mae.mask_ratio < 1.0, "mae.mask_ratio must lie in (0, 1)")
         _require(
             0.0 <= config.loss.get("label_smoothing", 0.0) < 1.0, "loss.label_smoothing must lie in [0, 1)"
         )
+
+
+def _validate_diagnostics(config) -> None:
+    every = config.eval.get("diagnostics_every", 0)
+    _require(
+        isinstance(every, int) and every >= 0,
+        f"eval.diagnostics_every={every!r}: expected an int >= 0 (0 = off)",
+    )
+    if every:
+        _require(
+            every % config.log_every == 0,
+            f"eval.diagnostics_every={every} must be a multiple of log_every={config.log_every}",
+        )
+        _require(config.eval.diagnostics_examples > 0, "eval.diagnostics_examples must be positive")
+
+
+def _validate_finetune(config) -> None:
+    f = config.finetune
+    _in(config.model.pool, ("cls", "gap"), "model.pool")
+    if config.init_from:
+        meta = model_io.read_model_json(config.init_from, "init_from")
+        patch = meta["arch"]["patch_size"]
+        _require(
+            config.image_size % patch == 0,
+            f"image_size={config.image_size} is not divisible by init_from's patch size {patch}",
+        )
+        _require(0.0 <= config.model.drop_path < 1.0, "model.drop_path must lie in [0, 1)")
+    else:
+        _check_model(config.model, config.image_size, "model")
+    _require(0.0 < f.layer_decay <= 1.0, f"finetune.layer_decay={f.layer_decay}: must lie in (0, 1]")
+    _require(f.mixup >= 0, f"finetune.mixup={f.mixup}: the Beta parameter must be >= 0 (0 = off)")
+    _require(f.cutmix >= 0, f"finetune.cutmix={f.cutmix}: the Beta parameter must be >= 0 (0 = off)")
+    _require(0.0 <= f.mix_prob <= 1.0, f"finetune.mix_prob={f.mix_prob}: must lie in [0, 1]")
+    _require(0.0 <= f.switch_prob <= 1.0, f"finetune.switch_prob={f.switch_prob}: must lie in [0, 1]")
+
+
+def _validate_evaluate(config) -> None:
+    meta = model_io.read_model_json(config.model_dir, "model_dir")
+    _require(config.image_size >= 0, "image_size must be >= 0 (0 = the model's own)")
+    size = config.image_size or meta["input"]["image_size"]
+    patch = meta["arch"]["patch_size"]
+    _require(size % patch == 0, f"image_size={size} is not divisible by model_dir's patch size {patch}")
+    _require(config.eval.knn or config.eval.linear or config.eval.get("diagnostics", False),
+             "eval.knn, eval.linear and eval.diagnostics are all off: nothing to evaluate")
 
 
 def resolve_steps(config, num_train_examples: int) -> tuple[int, int, int]:

@@ -2,6 +2,10 @@
 
 Any field can be overridden on the command line: ``--config.batch_size=256 --config.loss.beta=0``.
 A config whose ``mode`` is ``demo`` runs the whole embedded-data chain (see ``configs/demo.py``).
+
+Multi-host runs start one process per host (or per GPU under SLURM) with the same command; see
+``docs/SCALING.md`` and ``launch/``. ``--coordinator_address/--num_processes/--process_id`` (or the
+``JAX_*`` environment, or SLURM/TPU-pod auto-detection) join them before any device is touched.
 """
 
 from __future__ import annotations
@@ -14,11 +18,19 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from hybrid_distill_jax.errors import CheckpointError, ConfigError, DataError
+from hybrid_distill_jax.train import NonFiniteError, Preempted
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, exports and summaries.")
 flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"], "Multi-process start-up (hybrid_distill_jax.distributed)."
+)
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process runs).")
+flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
+flags.DEFINE_string("local_device_ids", None, "Comma-separated local device ids for this process.")
 
 
 def _setup_jax(workdir: str) -> None:
@@ -38,11 +50,28 @@ def main(argv) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)
     config = FLAGS.config
     try:
+        from hybrid_distill_jax import distributed
+
+        distributed.initialize(  # before anything touches a device
+            FLAGS.coordinator_address,
+            FLAGS.num_processes,
+            FLAGS.process_id,
+            FLAGS.local_device_ids,
+            mode=FLAGS.distributed,
+        )
         _setup_jax(FLAGS.workdir)
         if config.get("mode") == "demo":
             from hybrid_distill_jax.demo import run_demo
 
             run_demo(config, FLAGS.workdir)
+        elif config.get("mode") == "study":
+            from hybrid_distill_jax.study import run_study
+
+            run_study(config, FLAGS.workdir)
+        elif config.get("mode") == "evaluate":
+            from hybrid_distill_jax.analyze import run_evaluate
+
+            run_evaluate(config, FLAGS.workdir)
         else:
             from hybrid_distill_jax.train import train
 
@@ -53,6 +82,9 @@ def main(argv) -> int:
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (Preempted, NonFiniteError) as e:
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        return e.exit_code
     return 0
 
 

@@ -29,6 +29,16 @@ class MetricWriter:
             except ImportError:  # TensorBoard is optional: JSONL still gets everything.
                 log.warning("tensorboard/tensorflow not importable: TensorBoard summaries are off")
 
+    def truncate_after(self, step: int) -> None:
+        """Drops lines logged after ``step``: a resumed run logs those steps again, identically."""
+        if not self.active or not os.path.exists(self._path):
+            return
+        kept = [line for line in read_metrics(os.path.dirname(self._path)) if line["step"] <= step]
+        tmp = self._path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(line) + "\n" for line in kept)
+        os.replace(tmp, self._path)
+
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.active:
             return
@@ -51,8 +61,14 @@ def read_metrics(workdir: str) -> list[dict]:
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a kill: the resumed run rewrites it
+                continue
+    return rows
 
 
 def _duration(seconds: float) -> str:

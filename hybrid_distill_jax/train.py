@@ -11,6 +11,8 @@ import dataclasses
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -21,10 +23,11 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hybrid_distill_jax import config_lib, evaluate
+from hybrid_distill_jax import config_lib, diagnostics, evaluate, sharding
 from hybrid_distill_jax.checkpoint import Checkpointer, abstract_like
 from hybrid_distill_jax.data import dataset_info, eval_iterator, train_iterator
-from hybrid_distill_jax.errors import ConfigError
+from hybrid_distill_jax.data.pipeline import unreadable_files
+from hybrid_distill_jax.errors import CheckpointError
 from hybrid_distill_jax.metrics import MetricWriter, Progress
 from hybrid_distill_jax.optim import make_optimizer
 
@@ -36,18 +39,18 @@ def build_task(config, num_classes: int):
         from hybrid_distill_jax.distill import DistillTask
 
         return DistillTask(config)
+    if config.mode == "finetune":
+        from hybrid_distill_jax.finetune import FinetuneTask
+
+        return FinetuneTask(config, num_classes)
     from hybrid_distill_jax.teachers import MAETask, SupervisedTask
 
     return {"supervised": SupervisedTask, "mae": MAETask}[config.mode](config, num_classes)
 
 
 def make_mesh(config) -> jax.sharding.Mesh:
-    devices = jax.device_count()
-    if config.mesh.data not in (-1, devices):
-        raise ConfigError(
-            f"mesh.data={config.mesh.data} does not match the {devices} devices (use -1 for all)"
-        )
-    return jax.make_mesh((devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    """The ('data', 'fsdp', 'model') mesh of ``config.mesh`` (see hybrid_distill_jax.sharding)."""
+    return sharding.make_mesh(config.mesh)
 
 
 @dataclasses.dataclass
@@ -71,7 +74,7 @@ class Trainer:
         # ---- mesh --------------------------------------------------------------------------------
         self.mesh = make_mesh(config)
         self.replicated = NamedSharding(self.mesh, P())
-        self.batch_sharding = NamedSharding(self.mesh, P("data"))
+        self.batch_sharding = sharding.batch_sharding(self.mesh)  # split over ('data', 'fsdp')
 
         # ---- data --------------------------------------------------------------------------------
         self.info = dataset_info(config.data)
@@ -81,8 +84,10 @@ class Trainer:
 
         # ---- task and optimizer -------------------------------------------------------------------
         self.task = build_task(config, self.info.num_classes)
-        self.frozen = jax.device_put(self.task.frozen, self.replicated)
-        self.tx, self.lr_schedule = make_optimizer(
+        self.frozen_shardings = sharding.teacher_shardings(self.task.frozen, self.mesh, config.sharding)
+        self.frozen = jax.device_put(self.task.frozen, self.frozen_shardings)
+        # A task may bring its own optimizer (fine-tuning: layer-wise lr decay).
+        self.tx, self.lr_schedule = getattr(self.task, "make_optimizer", make_optimizer)(
             config.optim, config.batch_size, self.total_steps, self.warmup_steps
         )
 
@@ -94,10 +99,14 @@ class Trainer:
                 "params": params,
                 "opt_state": self.tx.init(params),
                 "rng": jax.random.key_data(jax.random.fold_in(rng, 1)),
+                "nonfinite": jnp.zeros((), jnp.int32),  # steps skipped for a NaN/Inf loss or gradient
+                "first_nonfinite": jnp.full((), -1, jnp.int32),
             }
 
         abstract = jax.eval_shape(init_state, jax.random.key(config.seed))
-        shardings = jax.tree.map(lambda _: self.replicated, abstract)
+        shardings = sharding.state_shardings(abstract, self.mesh, config.sharding)
+        split = sharding.describe(shardings["params"])
+        log.info("[%s] mesh %s, params: %s", self.name, dict(self.mesh.shape), split)
         self._init_state = jax.jit(init_state, out_shardings=shardings)
         self.state_shardings = shardings
         self.checkpointer = Checkpointer(
@@ -113,11 +122,42 @@ class Trainer:
         self.compiles += 1  # runs once per trace, i.e. once per compilation
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         grad_fn = jax.value_and_grad(self.task.loss_fn, has_aux=True)
-        (_, metrics), grads = grad_fn(state["params"], frozen, batch, rng, static)
+        (loss, metrics), grads = sharding.accumulate_gradients(
+            lambda params, b, r: grad_fn(params, frozen, b, r, static),
+            state["params"],
+            batch,
+            rng,
+            self.config.grad_accum_steps,
+            self.mesh,
+        )
+        nan_at = self.config.faults.nan_at_step
+        if nan_at >= 0:  # fault injection for tests of the guard: poison this step's gradients
+            poison = jnp.where(state["step"] == nan_at, jnp.nan, 0.0)
+            grads = jax.tree.map(lambda g: g + poison.astype(g.dtype), grads)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=self.lr_schedule(state["step"]))
-        new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
+        # A non-finite step leaves params and optimizer state as they were (both policies skip it on
+        # device; 'stop' then ends the run on the host at the next report).
+        keep_old = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = dict(
+            state,
+            step=state["step"] + 1,
+            params=keep_old(params, state["params"]),
+            opt_state=keep_old(opt_state, state["opt_state"]),
+            nonfinite=state["nonfinite"] + (~finite).astype(jnp.int32),
+            first_nonfinite=jnp.where(
+                (state["first_nonfinite"] < 0) & ~finite, state["step"] + 1, state["first_nonfinite"]
+            ),
+        )
+        metrics = dict(
+            metrics,
+            grad_norm=grad_norm,
+            lr=self.lr_schedule(state["step"]),
+            nonfinite_steps=new_state["nonfinite"],
+            first_nonfinite=new_state["first_nonfinite"],
+        )
         return new_state, metrics
 
     def step_fn(self, static):
@@ -125,7 +165,7 @@ class Trainer:
         if static not in self._steps:
             self._steps[static] = jax.jit(
                 lambda state, frozen, batch: self._train_step(state, frozen, batch, static),
-                in_shardings=(self.state_shardings, self.replicated, self.batch_sharding),
+                in_shardings=(self.state_shardings, self.frozen_shardings, self.batch_sharding),
                 out_shardings=(self.state_shardings, self.replicated),
                 donate_argnums=(0,),
             )
@@ -136,29 +176,67 @@ class Trainer:
 
     # ---- restore or init ---------------------------------------------------------------------------
     def initial_state(self):
+        """The latest complete checkpoint's state, or a fresh one. Unreadable checkpoints are skipped."""
         state = self._init_state(jax.random.key(self.config.seed))
-        latest = self.checkpointer.latest_step()
-        if latest is None:
-            return state, 0
-        state, meta = self.checkpointer.restore(latest, abstract_like(state))
-        log.info(
-            "[%s] resumed from %s/%d (%s)", self.name, self.checkpointer.directory, latest, json.dumps(meta)
-        )
-        return state, int(latest)
+        first_error = None
+        for step in sorted(self.checkpointer.all_steps(), reverse=True):
+            try:
+                restored, meta = self.checkpointer.restore(step, abstract_like(state))
+            except CheckpointError as e:  # a truncated step, or a config that does not fit: try older ones
+                log.warning("[%s] cannot restore checkpoint %d, trying an older one: %s", self.name, step, e)
+                first_error = first_error or e
+                continue
+            if first_error is not None:
+                log.warning("[%s] resuming from step %d, the last complete checkpoint", self.name, step)
+            log.info(
+                "[%s] resumed from %s/%d (%s)", self.name, self.checkpointer.directory, step, json.dumps(meta)
+            )
+            return restored, int(step)
+        if first_error is not None:
+            raise first_error
+        if hasattr(self.task, "pretrained_params"):  # a fresh fine-tuning run starts from loaded weights
+            params = self.task.pretrained_params(state["params"])
+            state["params"] = jax.device_put(params, self.state_shardings["params"])
+        return state, 0
 
     def _save(self, step, state):
         self.checkpointer.save(
             step, state, {"step": step, "name": self.name, "total_steps": self.total_steps}
         )
 
+    def _preemption_requested(self, step: int) -> bool:
+        if jax.process_count() > 1:  # every process must agree on the step to checkpoint at
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step) or self._sigterm
+        return self._sigterm
+
+    def _check_finite(self, state) -> None:
+        """On policy 'stop', ends the run if any step so far had a non-finite loss or gradient."""
+        if self.config.nonfinite_policy == "stop":
+            first = int(jax.device_get(state["first_nonfinite"]))
+            if first >= 0:
+                raise NonFiniteError(
+                    f"non-finite loss or gradient at step {first}; stopped (nonfinite_policy='stop'). "
+                    f"The last checkpoint before it is intact in {self.checkpointer.directory}"
+                )
+
     # ---- loop --------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg = self.config
         state, start = self.initial_state()
         writer = MetricWriter(self.workdir, cfg.tensorboard)
+        writer.truncate_after(start)  # a resumed run rewrites the metrics logged after its checkpoint
         progress = Progress(self.total_steps, cfg.batch_size, start)
-        batches = train_iterator(
-            cfg.data, image_size=cfg.image_size, global_batch=cfg.batch_size, seed=cfg.seed, start_step=start
+        batches = sharding.prefetch_to_device(
+            train_iterator(
+                cfg.data,
+                image_size=cfg.image_size,
+                global_batch=cfg.batch_size,
+                seed=cfg.seed,
+                start_step=start,
+            ),
+            self._device_batch,
         )
         log.info(
             "[%s] %d steps (%d/epoch), batch %d on %d device(s), starting at %d",
@@ -169,28 +247,48 @@ class Trainer:
             jax.device_count(),
             start,
         )
+        self._sigterm = False
+        previous_handler = _install_sigterm_handler(self)
         pending = None
-        for step in range(start, self.total_steps):
-            static = self.task.static_args(step, self.total_steps)
-            batch = self._device_batch(next(batches))
-            state, metrics = self.step_fn(static)(state, self.frozen, batch)
-            done = step + 1
-            if pending is not None:  # read the previous report's metrics now: no host sync inside the loop
+        try:
+            for step in range(start, self.total_steps):
+                static = self.task.static_args(step, self.total_steps)
+                batch = next(batches)  # already on the devices (prefetched)
+                state, metrics = self.step_fn(static)(state, self.frozen, batch)
+                done = step + 1
+                if pending is not None:  # read the previous report now: no host sync inside the loop
+                    self._report(writer, progress, *pending)
+                    pending = None
+                if done % cfg.log_every == 0 or done == self.total_steps:
+                    extra = (
+                        {"keep": static if isinstance(static, int) else -1} if cfg.mode == "distill" else {}
+                    )
+                    pending = (done, metrics, extra)
+                    every = cfg.eval.get("diagnostics_every", 0)
+                    if every and (done % every == 0 or done == self.total_steps):
+                        progress.pause()  # attention diagnostics on the fixed eval set: not training time
+                        writer.write(done, diagnostics.training_scalars(self, state["params"]))
+                        progress.resume()
+                preempted = self._preemption_requested(done)
+                if self.checkpointer.due(done) or done == self.total_steps or preempted:
+                    progress.pause()
+                    self._check_finite(state)  # never checkpoint past a non-finite step under 'stop'
+                    self._save(done, state)
+                    progress.resume()
+                if preempted:
+                    if pending is not None:
+                        self._report(writer, progress, *pending)
+                    self.checkpointer.close()
+                    writer.flush()
+                    raise Preempted(done, self.checkpointer.directory)
+            if pending is not None:
                 self._report(writer, progress, *pending)
-                pending = None
-            if done % cfg.log_every == 0 or done == self.total_steps:
-                extra = {"keep": static if isinstance(static, int) else -1} if cfg.mode == "distill" else {}
-                pending = (done, metrics, extra)
-            if self.checkpointer.due(done) or done == self.total_steps:
-                progress.pause()
-                self._save(done, state)
-                progress.resume()
-        if pending is not None:
-            self._report(writer, progress, *pending)
+        finally:
+            _restore_sigterm_handler(previous_handler)
         self.checkpointer.close()
         writer.flush()
 
-        params = jax.device_get(state["params"])
+        params = sharding.to_host(state["params"])  # gathers FSDP shards held by other processes
         export_dir = cfg.export_dir or os.path.join(self.workdir, "export")
         if jax.process_index() == 0:
             self.task.export(params, export_dir)
@@ -206,8 +304,12 @@ class Trainer:
     def _report(self, writer, progress, step, metrics, extra):
         scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
         scalars.update(extra)
+        first_nonfinite = int(scalars.pop("first_nonfinite"))
+        scalars["unreadable_files"] = len(unreadable_files())
         if not np.isfinite(scalars["loss"]):
-            log.warning("[%s] non-finite loss at step %d", self.name, step)
+            log.warning("[%s] non-finite loss at step %d: update skipped", self.name, step)
+        if first_nonfinite >= 0:
+            self._check_finite({"first_nonfinite": first_nonfinite})
         rate = progress.report(step)
         writer.write(step, {**scalars, "img_per_s": rate["img_per_s"]})
         if jax.process_index() == 0:
@@ -215,7 +317,9 @@ class Trainer:
 
     # ---- evaluation --------------------------------------------------------------------------------
     def evaluate(self, params) -> dict[str, float]:
-        return evaluate_features(self.config, self.task.feature_fn, params, self.info.num_classes)
+        out = evaluate_features(self.config, self.task.feature_fn, params, self.info.num_classes)
+        task_eval = getattr(self.task, "evaluate", None)  # e.g. a fine-tuned classifier's own top-1
+        return {**out, **task_eval(params)} if task_eval else out
 
 
 def evaluate_features(config, feature_fn, params, num_classes: int) -> dict[str, float]:
@@ -252,6 +356,38 @@ def evaluate_features(config, feature_fn, params, num_classes: int) -> dict[str,
         out["linear_top1"] = lin["top1"]
     out["eval_seconds"] = time.perf_counter() - start
     return out
+
+
+class Preempted(Exception):
+    """SIGTERM (or a multi-host preemption notice) arrived; a checkpoint was written at ``step``."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again later (rerun the same command to resume)
+
+    def __init__(self, step: int, directory: str):
+        super().__init__(f"preempted: checkpoint written at step {step} in {directory}; rerun to resume")
+        self.step = step
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN/Inf loss or gradient under ``nonfinite_policy='stop'``."""
+
+    exit_code = 3
+
+
+def _install_sigterm_handler(trainer):
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        trainer._sigterm = True
+        log.warning("[%s] SIGTERM: checkpointing at the next step boundary, then exiting", trainer.name)
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _restore_sigterm_handler(previous) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def train(config, workdir: str) -> TrainResult:

@@ -47,6 +47,10 @@ def _hide_accelerators_from_tensorflow() -> None:
 
 
 _hide_accelerators_from_tensorflow()
+# The pipeline's functions are plain tensor code: AutoGraph has nothing to convert, and its
+# "could not transform <lambda>" warnings would bury the progress lines.
+tf.autograph.set_verbosity(0)
+tf.get_logger().setLevel(logging.ERROR)
 
 FOLDER = "folder"
 EMBEDDED = embedded.NAME
@@ -72,7 +76,38 @@ DEFAULTS: dict[str, Any] = {
     "flip": True,
     "shuffle_buffer": 10_000,
     "prefetch": 2,
+    "on_corrupt": "skip",
 }
+ON_CORRUPT = ("skip", "fail")
+
+# Unreadable files met by the pipelines of this process, in the order met (logged by the trainer).
+_UNREADABLE: list[str] = []
+
+
+def unreadable_files() -> list[str]:
+    """Paths of the unreadable images skipped so far in this process."""
+    return list(_UNREADABLE)
+
+
+def _note_unreadable(path, fail) -> np.int64:
+    path = path.numpy().decode("utf-8", "replace") if hasattr(path, "numpy") else str(path)
+    if bool(fail.numpy() if hasattr(fail, "numpy") else fail):
+        raise DataError(f"unreadable image {path} (config.data.on_corrupt='fail'; use 'skip' to skip it)")
+    if path not in _UNREADABLE:
+        _UNREADABLE.append(path)
+        print(f"hybrid_distill_jax.data: skipping unreadable image {path}", file=sys.stderr, flush=True)
+    return np.int64(0)
+
+
+def _translate_errors(batches: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+    """Re-raises a DataError raised inside tf.data (wrapped by TensorFlow) as itself, one line."""
+    try:
+        yield from batches
+    except tf.errors.OpError as e:
+        match = re.search(r"DataError: (.*)", e.message or "")
+        if match:
+            raise DataError(match.group(1).strip()) from None
+        raise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +201,9 @@ def validate_data_config(data_cfg: Any) -> None:
     prefetch = _field(data_cfg, "prefetch")
     if not _is_int(prefetch) or prefetch < 0:
         raise ConfigError(f"config.data.prefetch: expected an int >= 0 (batches), got {prefetch!r}")
+    on_corrupt = _field(data_cfg, "on_corrupt")
+    if on_corrupt not in ON_CORRUPT:
+        raise ConfigError(f"config.data.on_corrupt: expected one of {list(ON_CORRUPT)}, got {on_corrupt!r}")
 
 
 def _data_dir(data_cfg: Any) -> str | None:
@@ -393,6 +431,7 @@ class _Source:
     chunks: list[tf.data.Dataset] | None = None  # streamed: (encoded, label) pairs, each in a fixed order
     chunk_sizes: list[int] | None = None
     fallible: bool = False  # decoding may fail (files on disk): guard it
+    on_corrupt: str = "skip"  # what a failed decode does: 'skip' (logged, counted) or 'fail' (DataError)
 
 
 def _load_encoded(ds: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
@@ -436,6 +475,7 @@ def _train_source(
             items=tf.constant(np.asarray(paths, dtype=object), tf.string),
             labels=tf.constant(labels, tf.int64),
             fallible=True,
+            on_corrupt=_field(data_cfg, "on_corrupt"),
         )
 
     builder = _tfds_builder(data_cfg)
@@ -566,14 +606,11 @@ def _guarded_load(source: _Source, index: tf.Tensor, position: tf.Tensor, tries:
 
 def _report_unreadable(source: _Source, ds: tf.data.Dataset) -> tf.data.Dataset:
     items = source.items
+    fail = tf.constant(source.on_corrupt == "fail")
 
     def report(index, position, k, image, label):
         if k != 0:
-            tf.print(
-                "hybrid_distill_jax.data: skipping unreadable image",
-                tf.gather(items, position),
-                output_stream=sys.stderr,
-            )
+            tf.py_function(_note_unreadable, [tf.gather(items, position), fail], tf.int64)
         return index, k, image, label
 
     return (
@@ -708,7 +745,7 @@ def train_iterator(
     if prefetch:
         ds = ds.prefetch(prefetch)
     ds = ds.with_options(_options())
-    return iter(tfds.as_numpy(ds))
+    return _translate_errors(iter(tfds.as_numpy(ds)))
 
 
 # ------------------------------------------------------------------------------------------------- eval
@@ -763,6 +800,7 @@ def eval_iterator(
             items=tf.constant(np.asarray(paths, dtype=object), tf.string),
             labels=tf.constant(labels, tf.int64),
             fallible=True,
+            on_corrupt=_field(data_cfg, "on_corrupt"),
         )
         positions = tf.data.Dataset.from_tensor_slices(tf.constant(order, tf.int64))
         ds = _decode_positions(source, positions.enumerate(), tries=1)
@@ -782,4 +820,4 @@ def eval_iterator(
     )
     ds = ds.batch(batch_size).prefetch(max(1, int(_field(data_cfg, "prefetch"))))
     ds = ds.with_options(_options())
-    return _pad_batches(tfds.as_numpy(ds), batch_size)
+    return _translate_errors(_pad_batches(tfds.as_numpy(ds), batch_size))

@@ -41,6 +41,32 @@ VARIANTS: dict[str, tuple[int, int, int, int]] = {
 }
 
 
+# Rematerialisation of each transformer block in the backward pass: 'none' keeps every activation,
+# 'full' recomputes the whole block (saves only its input), the others are ``jax.checkpoint_policies``
+# (e.g. 'dots_saveable' keeps matmul outputs and recomputes norms, activations and softmax).
+REMAT_POLICIES = (
+    "none",
+    "full",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "checkpoint_dots",
+    "checkpoint_dots_with_no_batch_dims",
+    "nothing_saveable",
+    "everything_saveable",
+)
+
+
+def remat_policy(name: str, remat: bool = False):
+    """False (no remat), None (full remat) or a ``jax.checkpoint_policies`` function."""
+    if name not in REMAT_POLICIES:
+        raise ConfigError(f"remat_policy={name!r}: expected one of {list(REMAT_POLICIES)}")
+    if name == "none":
+        return None if remat else False
+    if name == "full":
+        return None
+    return getattr(jax.checkpoint_policies, name)
+
+
 def decode_variant(variant: str) -> dict[str, int]:
     """'B/16' -> dict(width=768, depth=12, num_heads=12, mlp_dim=3072, patch_size=16)."""
     name, _, patch = variant.partition("/")
@@ -226,7 +252,8 @@ class VisionTransformer(nn.Module):
     pool: str = "cls"  # or "gap" (mean of patch tokens) for ``pooled``/``logits``
     proj_dim: int | None = None
     drop_path: float = 0.0
-    remat: bool = False
+    remat: bool = False  # True: same as remat_policy='full' (kept for older configs)
+    remat_policy: str = "none"  # see REMAT_POLICIES: what each block saves for the backward pass
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -294,7 +321,8 @@ class VisionTransformer(nn.Module):
                 epsilon=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm_pre"
             )(x)
 
-        block_cls = nn.remat(Block, static_argnums=(2, 3, 4, 5)) if self.remat else Block
+        policy = remat_policy(self.remat_policy, self.remat)
+        block_cls = Block if policy is False else nn.remat(Block, static_argnums=(2, 3, 4, 5), policy=policy)
         drop_rates = np.linspace(0.0, self.drop_path, self.depth)
         attn_logits, cls_attn = {}, {}
         for layer in range(1, self.depth + 1):
@@ -343,7 +371,7 @@ class VisionTransformer(nn.Module):
 ARCH_FIELDS = tuple(
     f.name
     for f in dataclasses.fields(VisionTransformer)
-    if f.name not in ("parent", "name", "dtype", "param_dtype", "drop_path", "remat")
+    if f.name not in ("parent", "name", "dtype", "param_dtype", "drop_path", "remat", "remat_policy")
 )
 
 

@@ -1,0 +1,407 @@
+"""The small-scale reproduction (``mode='study'``, ``configs/study.py``): teachers, five students, three
+evaluations each, attention diagnostics, and a generated ``RESULTS.md``.
+
+Stages reuse the demo's caching (``demo._stage``): a stage whose export and eval.json exist is not rerun.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+from hybrid_distill_jax import config_lib, diagnostics, evaluate, plots
+from hybrid_distill_jax.data import dataset_info
+from hybrid_distill_jax.demo import _stage
+from hybrid_distill_jax.errors import ConfigError
+from hybrid_distill_jax.metrics import read_metrics
+from hybrid_distill_jax.models.vit import decode_variant
+from hybrid_distill_jax.train import build_task, evaluate_features
+
+TEACHERS = ("teacher_supervised", "teacher_mae")
+LABELS = {
+    "teacher_supervised": "supervised teacher",
+    "teacher_mae": "MAE teacher",
+    "fd_only": "FD-only student",
+    "relation_only": "relation-only student",
+    "hybrid_nomask": "Hybrid, no masking",
+    "hybrid_random": "Hybrid, progressive random masking",
+    "hybrid_progressive": "Hybrid, progressive redundant masking",
+    "random_init": "untrained student",
+}
+
+
+# ------------------------------------------------------------------------------------------- stages
+
+
+def _shared(config, sub):
+    """A stage's config with the study-wide data, resolution and architecture applied."""
+    sub = sub.copy_and_resolve_references()
+    with sub.unlocked():
+        sub.data = config.data.copy_and_resolve_references()
+        sub.image_size = config.image_size
+        arch = sub.student if sub.mode == "distill" else sub.model
+        arch.variant = config.variant
+    return sub
+
+
+def _random_init_stage(config, workdir: str) -> dict:
+    """The untrained student architecture, exported (for diagnostics and fine-tuning) and evaluated."""
+    marker, export = os.path.join(workdir, "eval.json"), os.path.join(workdir, "export")
+    if os.path.exists(marker) and os.path.exists(os.path.join(export, "model.json")):
+        print(f"[random_init] reusing {workdir}", flush=True)
+        with open(marker) as f:
+            return json.load(f)
+    os.makedirs(workdir, exist_ok=True)
+    info = dataset_info(config.data)
+    task = build_task(config, info.num_classes)
+    params = task.init_params(jax.random.key(config.seed))
+    task.export(params, export)
+    summary = dict(evaluate_features(config, task.feature_fn, params, info.num_classes), train_seconds=0.0)
+    with open(marker, "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def _throughput(workdir: str) -> float | None:
+    """Median training images/s over the run's reports, the first (compilation) excluded."""
+    rates = [r["img_per_s"] for r in read_metrics(workdir) if "img_per_s" in r]
+    return statistics.median(rates[1:] or rates) if rates else None
+
+
+def _diagnostics(config, workdir: str, exports: dict[str, str]) -> dict:
+    path = os.path.join(workdir, "diagnostics.json")
+    cached = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            cached = json.load(f)
+    dcfg = config.diagnostics
+    results = {}
+    for name, directory in exports.items():
+        if name in cached and cached[name].get("num_images") == dcfg.num_images:
+            results[name] = cached[name]
+            continue
+        start = time.perf_counter()
+        results[name] = diagnostics.diagnose_model_dir(
+            directory,
+            config.data,
+            num_images=dcfg.num_images,
+            batch_size=dcfg.batch_size,
+            image_size=config.image_size,
+        )
+        print(f"[diagnostics] {name}: {time.perf_counter() - start:.1f} s", flush=True)
+    diagnostics.save(results, path)
+    return results
+
+
+def run_study(config, workdir: str) -> dict:
+    workdir = config_lib.check_workdir(workdir)
+    start = time.perf_counter()
+    stages = {key: _shared(config, config[key]) for key in (*TEACHERS, *config.students)}
+    for sub in stages.values():
+        config_lib.validate(sub, check_teachers=False)
+    unknown = set(config.finetune_models) - set(stages) - {"random_init"}
+    if unknown:
+        raise ConfigError(f"finetune_models: unknown model(s) {sorted(unknown)}")
+
+    results, exports, dirs = {}, {}, {}
+    for key in (*TEACHERS, *config.students):
+        sub = stages[key]
+        if sub.mode == "distill":
+            with sub.unlocked():
+                sub.teachers.feature.checkpoint = exports["teacher_supervised"]
+                sub.teachers.relation.checkpoint = exports["teacher_mae"]
+        dirs[key] = os.path.join(workdir, key)
+        results[key] = dict(_stage(sub, dirs[key]))
+        exports[key] = os.path.join(dirs[key], "export")
+    baseline = stages[config.students[0]]
+    dirs["random_init"] = os.path.join(workdir, "random_init")
+    results["random_init"] = _random_init_stage(baseline, dirs["random_init"])
+    exports["random_init"] = os.path.join(dirs["random_init"], "export")
+
+    for key in config.finetune_models:
+        ft = _shared(config, config.finetune)
+        with ft.unlocked():
+            ft.name = f"finetune_{key}"
+            ft.init_from = exports[key]
+        r = _stage(ft, os.path.join(workdir, ft.name))
+        results[key]["finetune_top1"] = r["finetune_top1"]
+        results[key]["finetune_seconds"] = r["train_seconds"]
+
+    diag = _diagnostics(config, workdir, exports)
+    total = time.perf_counter() - start
+    for key, r in results.items():
+        r["pretrain_seconds"] = max(r.get("train_seconds", 0.0) - r.get("eval_seconds", 0.0), 0.0)
+        r["img_per_s"] = _throughput(dirs[key]) if key != "random_init" else None
+        s = diagnostics.summary_scalars(diag[key])
+        layers = diag[key]["layers"]
+        r["distance_mean"] = s["distance/mean"]
+        r["nmi_mean"] = s["nmi/mean"]
+        r["nmi_last"] = s[f"nmi/layer{layers[-1]}"]
+        r["distance_last"] = s[f"distance/layer{layers[-1]}"]
+        r["distance_head_std"] = float(np.mean([s[f"distance_head_std/layer{la}"] for la in layers]))
+    summary = {"models": results, "wall_seconds": total, "machine": machine_info()}
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+
+    report_dir = config.report_dir or workdir
+    figures = make_figures(results, diag, os.path.join(report_dir, "results"), list(config.students))
+    report = write_report(config, stages, results, figures, total, os.path.join(report_dir, "RESULTS.md"))
+    table = {
+        LABELS.get(k, k): {
+            m: r.get(m) for m in ("knn_top1", "linear_top1", "finetune_top1", "pretrain_seconds")
+        }
+        for k, r in results.items()
+    }
+    print("\n" + evaluate.format_table(table))
+    print(f"\nstudy finished in {total:.0f} s; {report} and {os.path.join(workdir, 'summary.json')} written")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------- reporting
+
+
+def machine_info() -> dict:
+    devices = jax.devices()
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "devices": f"{len(devices)} x {devices[0].device_kind}" if devices else "none",
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def make_figures(results, diag, out_dir: str, students: list[str]) -> dict[str, str]:
+    order = [k for k in (*TEACHERS, *students, "random_init") if k in diag]
+    focus = [k for k in ("teacher_supervised", "teacher_mae", "fd_only", "hybrid_progressive") if k in diag]
+    named = lambda keys: {LABELS.get(k, k): diag[k] for k in keys}  # noqa: E731
+    figs = {
+        "distance_focus": plots.plot_distance(
+            named(focus),
+            os.path.join(out_dir, "attention_distance_teachers_vs_students.png"),
+            "Average attention distance: teachers (left) vs FD-only and Hybrid students",
+        ),
+        "distance_all": plots.plot_distance(
+            named(order), os.path.join(out_dir, "attention_distance_all.png")
+        ),
+        "nmi_focus": plots.plot_nmi(named(focus), os.path.join(out_dir, "nmi_teachers_vs_students.png")),
+        "nmi_all": plots.plot_nmi(named(order), os.path.join(out_dir, "nmi_all.png")),
+    }
+    table = {
+        LABELS.get(k, k): {m: results[k].get(m) for m in ("knn_top1", "linear_top1", "finetune_top1")}
+        for k in order
+    }
+    table = {n: {m: v for m, v in row.items() if v is not None} for n, row in table.items()}
+    figs["accuracy"] = plots.plot_bars(
+        table, ("knn_top1", "linear_top1", "finetune_top1"), os.path.join(out_dir, "accuracy.png")
+    )
+    return figs
+
+
+def _f(value, digits=1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _verdict(ok: bool) -> str:
+    return "**holds**" if ok else "**does not hold**"
+
+
+def claims(results: dict) -> list[str]:
+    """The paper's claims, each checked against this run's numbers (one line each)."""
+    r = results
+    out = []
+
+    def has(*keys):
+        return all(k in r for k in keys)
+
+    if has("teacher_supervised", "teacher_mae"):
+        sup, mae = r["teacher_supervised"], r["teacher_mae"]
+        out.append(
+            "MIM attention is more diverse than supervised "
+            f"attention (late-layer NMI MAE {_f(mae['nmi_last'], 3)} "
+            f"vs supervised {_f(sup['nmi_last'], 3)}; head spread "
+            f"of the distance {_f(mae['distance_head_std'], 2)} "
+            f"vs {_f(sup['distance_head_std'], 2)} px): {_verdict(mae['nmi_last'] > sup['nmi_last'])}."
+        )
+        out.append(
+            f"The supervised teacher discriminates better than MAE on frozen features (k-NN "
+            f"{_f(sup['knn_top1'])} vs {_f(mae['knn_top1'])}, linear {_f(sup['linear_top1'])} vs "
+            f"{_f(mae['linear_top1'])}): {_verdict(sup['knn_top1'] > mae['knn_top1'])}."
+        )
+    hyb = "hybrid_progressive" if "hybrid_progressive" in r else "hybrid_nomask"
+    if has("fd_only", hyb):
+        fd, hy = r["fd_only"], r[hyb]
+        out.append(
+            "The relation term keeps attention diverse: "
+            f"{LABELS[hyb]} late-layer NMI {_f(hy['nmi_last'], 3)} vs "
+            f"FD-only {_f(fd['nmi_last'], 3)}: {_verdict(hy['nmi_last'] > fd['nmi_last'])}."
+        )
+        out.append(
+            f"Hybrid beats FD-only after fine-tuning ({_f(hy.get('finetune_top1'))} vs "
+            f"{_f(fd.get('finetune_top1'))}): "
+            f"{_verdict((hy.get('finetune_top1') or 0) > (fd.get('finetune_top1') or 0))}; on k-NN "
+            f"({_f(hy['knn_top1'])} vs {_f(fd['knn_top1'])}): {_verdict(hy['knn_top1'] > fd['knn_top1'])}."
+        )
+    if has("relation_only", hyb):
+        ro, hy = r["relation_only"], r[hyb]
+        out.append(
+            f"Hybrid discriminates better than relation-only distillation (k-NN {_f(hy['knn_top1'])} vs "
+            f"{_f(ro['knn_top1'])}): {_verdict(hy['knn_top1'] > ro['knn_top1'])}."
+        )
+    if has("hybrid_nomask", "hybrid_progressive"):
+        nm, pr = r["hybrid_nomask"], r["hybrid_progressive"]
+        speed = (pr["img_per_s"] or 0) / max(nm["img_per_s"] or 1e-9, 1e-9)
+        out.append(
+            "Progressive redundant masking cuts the distillation "
+            f"cost ({speed:.2f}x the images/s of no masking; "
+            f"{_f(pr['pretrain_seconds'], 0)} s vs "
+            f"{_f(nm['pretrain_seconds'], 0)} s): {_verdict(speed > 1.0)}; "
+            "without losing accuracy (fine-tune "
+            f"{_f(pr.get('finetune_top1'))} vs {_f(nm.get('finetune_top1'))}, "
+            f"k-NN {_f(pr['knn_top1'])} vs {_f(nm['knn_top1'])}): "
+            f"{_verdict(pr['knn_top1'] >= nm['knn_top1'] - 0.5)} (within 0.5 points on k-NN)."
+        )
+    if has("hybrid_random", "hybrid_progressive"):
+        ra, pr = r["hybrid_random"], r["hybrid_progressive"]
+        out.append(
+            "Redundancy-guided masking beats random masking at "
+            f"the same ratios (k-NN {_f(pr['knn_top1'])} vs "
+            f"{_f(ra['knn_top1'])}, fine-tune {_f(pr.get('finetune_top1'))} "
+            f"vs {_f(ra.get('finetune_top1'))}): "
+            f"{_verdict(pr['knn_top1'] > ra['knn_top1'])}."
+        )
+    return out
+
+
+def write_report(config, stages, results, figures, total: float, path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    rel = lambda p: os.path.relpath(p, os.path.dirname(os.path.abspath(path)))  # noqa: E731
+    m = machine_info()
+    command = "python -m hybrid_distill_jax.main " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if "--config" not in command:
+        command = "python -m hybrid_distill_jax.main --config configs/study.py --workdir runs/study"
+    any_stage = next(iter(stages.values()))
+    test_n = min(
+        any_stage.eval.max_test, dataset_info(config.data).num_examples.get(config.data.eval_split, 0)
+    )
+    lines = [
+        "# Results: a small-scale reproduction of Hybrid Distill's evidence",
+        "",
+        "Generated by `hybrid_distill_jax/study.py` from one run; every number below comes from that run.",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        f"Machine: {m['cpu_count']} CPU cores ({m['processor']}), {m['devices']}, {m['platform']}, "
+        f"Python {m['python']}, JAX {m['jax']}; {m['date_utc']} UTC. Wall time of the whole study: "
+        f"**{total / 60:.1f} min** (stages reused from an earlier run count as 0).",
+        "",
+        f"Data: `{config.data.name}` ({config.data.train_split} / {config.data.eval_split}, evaluation on "
+        f"{test_n} images), {config.image_size} px, ViT `{config.variant}` for every model.",
+        "",
+        "## Models",
+        "",
+        "| model | objective | steps x batch | masking |",
+        "| --- | --- | --- | --- |",
+    ]
+    for key, sub in stages.items():
+        if sub.mode == "distill":
+            objective = f"alpha={sub.loss.alpha:g} (feature), beta={sub.loss.beta:g} (relation)"
+            ratios = tuple(sub.masking.stage_ratios)
+            masking = (
+                "none"
+                if max(ratios) == 0
+                else f"ratios {list(ratios)} from {list(sub.masking.stage_starts)} of training, "
+                f"{sub.masking.selection} on {sub.masking.score_source}"
+            )
+        else:
+            objective = {"supervised": "cross-entropy on labels", "mae": "MAE pixel reconstruction (75%)"}[
+                sub.mode
+            ]
+            masking = "–"
+        lines.append(
+            f"| {LABELS.get(key, key)} | {objective} | {sub.total_steps} x {sub.batch_size} | {masking} |"
+        )
+    ft = config.finetune
+    lines += [
+        "| untrained student | random initialisation | – | – |",
+        "",
+        f"Fine-tuning (every model, same recipe): {ft.total_steps} steps x {ft.batch_size}, AdamW lr "
+        f"{ft.optim.lr:g}, layer decay {ft.finetune.layer_decay:g}, drop path {ft.model.drop_path:g}, mixup "
+        f"{ft.finetune.mixup:g}, cutmix {ft.finetune.cutmix:g}, label smoothing {ft.loss.label_smoothing:g}, "
+        f"{ft.model.pool} pooling. k-NN: cosine, "
+        f"k={any_stage.eval.knn_k}, T={any_stage.eval.knn_temperature:g}; "
+        f"linear probe: MAE protocol (BatchNorm w/o affine + linear), {any_stage.eval.linear_epochs} epochs; "
+        f"both on {any_stage.eval.pool} features of up to {any_stage.eval.max_train} train images.",
+        "",
+        "## Results",
+        "",
+        "| model | k-NN top-1 | linear top-1 | fine-tune top-1 | pre-train s | img/s | fine-tune s "
+        "| mean dist (px) | last-layer dist | head spread (px) | mean NMI | last-layer NMI |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for key, r in results.items():
+        lines.append(
+            f"| {LABELS.get(key, key)} | {_f(r.get('knn_top1'))} | {_f(r.get('linear_top1'))} | "
+            f"{_f(r.get('finetune_top1'))} | {_f(r.get('pretrain_seconds'), 0)} "
+            f"| {_f(r.get('img_per_s'), 0)} | "
+            f"{_f(r.get('finetune_seconds'), 0)} | "
+            f"{_f(r['distance_mean'], 2)} | {_f(r['distance_last'], 2)} | "
+            f"{_f(r['distance_head_std'], 2)} | {_f(r['nmi_mean'], 3)} | {_f(r['nmi_last'], 3)} |"
+        )
+    se = 100 * np.sqrt(0.85 * 0.15 / max(test_n, 1))
+    lines += [
+        "",
+        f"Pre-train seconds exclude the frozen-feature evaluation and include compilation. img/s is the "
+        f"median training throughput. Distances are in pixels of the {config.image_size} px input "
+        f"(adjacent patches are {decode_variant(config.variant)['patch_size']} px "
+        f"apart); head spread = standard deviation over heads, averaged over layers. One seed: with "
+        f"{test_n} test images a top-1 near 85% has a standard error of about {se:.1f} points, so "
+        f"differences below ~{2 * se:.1f} points are noise.",
+        "",
+        "## The paper's claims at this scale",
+        "",
+        *[f"- {c}" for c in claims(results)],
+        "",
+        "## Plots",
+        "",
+        f"![accuracy]({rel(figures['accuracy'])})",
+        "",
+        f"![attention distance, teachers vs students]({rel(figures['distance_focus'])})",
+        "",
+        f"![NMI, teachers vs students]({rel(figures['nmi_focus'])})",
+        "",
+        f"All models: [attention distance]({rel(figures['distance_all'])}), "
+        f"[NMI]({rel(figures['nmi_all'])}).",
+        "",
+        "## Reproducing and extending",
+        "",
+        "- The whole study: the command above (finished stages are reused; delete a stage's directory to "
+        "redo it). Per-stage metrics: `WORKDIR/<stage>/metrics.jsonl` "
+        "(students also log `diag/...` attention "
+        "diagnostics during training); all numbers: `WORKDIR/summary.json`; diagnostics: "
+        "`WORKDIR/diagnostics.json`.",
+        "- One model: `python -m hybrid_distill_jax.main --config configs/eval.py --workdir DIR "
+        "--config.model_dir=WORKDIR/hybrid_progressive/export` (k-NN, linear probe, diagnostics) and "
+        "`--config configs/finetune.py --config.init_from=...` (fine-tuning).",
+        "- Diagnostics plots of any exported or converted models: `python -m hybrid_distill_jax.analyze "
+        "--model WORKDIR/teacher_mae/export --model WORKDIR/hybrid_progressive/export --out OUTDIR`.",
+        "- Definitions: attention distance and NMI per `/spec/METHOD.md`, per image then averaged "
+        "(`hybrid_distill_jax/diagnostics.py`).",
+        "",
+    ]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path

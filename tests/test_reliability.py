@@ -1,0 +1,217 @@
+"""Faults: SIGKILL and resume, SIGTERM, truncated checkpoints, NaN steps, corrupt images, workdir faults."""
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import flax.serialization
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from hybrid_distill_jax import checkpoint as checkpoint_lib
+from hybrid_distill_jax import metrics
+from hybrid_distill_jax.config_lib import base_config
+from hybrid_distill_jax.data import pipeline
+from hybrid_distill_jax.errors import CheckpointError, ConfigError, DataError
+from hybrid_distill_jax.train import NonFiniteError, Preempted, Trainer, train
+from tests.helpers import make_teacher, tiny_distill_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOSS_KEYS = ("loss", "feature_loss", "relation_loss", "grad_norm", "lr", "keep", "nonfinite_steps")
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("teachers")
+    return make_teacher(root / "feature", seed=1), make_teacher(root / "relation", seed=2)
+
+
+def _command(workdir, tfds_dir, teachers):
+    return [
+        sys.executable,
+        "-m",
+        "hybrid_distill_jax.main",
+        "--config",
+        os.path.join(REPO, "tests", "tiny_config.py"),
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={tfds_dir}",
+        f"--config.teachers.feature.checkpoint={teachers[0]}",
+        f"--config.teachers.relation.checkpoint={teachers[1]}",
+    ]
+
+
+def _env():
+    return dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu", PYTHONPATH=REPO
+    )
+
+
+def _last_logged_step(workdir):
+    rows = metrics.read_metrics(str(workdir))
+    return rows[-1]["step"] if rows else 0
+
+
+def _run_until(cmd, workdir, step, sig):
+    """Starts training, sends ``sig`` once the run has logged ``step``; returns the exit code."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while proc.poll() is None and _last_logged_step(workdir) < step and time.time() < deadline:
+        time.sleep(0.05)
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    _, err = proc.communicate(timeout=240)
+    return proc.returncode, err.decode()
+
+
+def _final_params(workdir):
+    with open(os.path.join(workdir, "export", "params.msgpack"), "rb") as f:
+        return jax.tree.leaves(flax.serialization.msgpack_restore(f.read()))
+
+
+def _loss_rows(workdir):
+    return [
+        {k: r[k] for k in LOSS_KEYS if k in r} | {"step": r["step"]}
+        for r in metrics.read_metrics(str(workdir))
+    ]
+
+
+def test_sigkill_at_random_steps_then_resume_is_bit_identical(tmp_path, tfds_dir, teachers):
+    reference = tmp_path / "reference"
+    done = subprocess.run(
+        _command(reference, tfds_dir, teachers), cwd=REPO, env=_env(), capture_output=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+
+    killed = tmp_path / "killed"
+    kill_steps = sorted(np.random.default_rng(0).choice(np.arange(2, 11), size=3, replace=False))
+    for step in kill_steps:
+        code, err = _run_until(_command(killed, tfds_dir, teachers), killed, int(step), signal.SIGKILL)
+        assert code == -signal.SIGKILL, err[-3000:]
+    final = subprocess.run(
+        _command(killed, tfds_dir, teachers), cwd=REPO, env=_env(), capture_output=True, timeout=300
+    )
+    assert final.returncode == 0, final.stderr.decode()[-3000:]
+    assert "resumed from" in final.stderr.decode()
+
+    for a, b in zip(_final_params(reference), _final_params(killed)):
+        np.testing.assert_array_equal(a, b)
+    assert _loss_rows(reference) == _loss_rows(killed)
+
+
+def test_sigterm_checkpoints_and_exits_with_documented_code(tmp_path, tfds_dir, teachers):
+    workdir = tmp_path / "run"
+    code, err = _run_until(_command(workdir, tfds_dir, teachers), workdir, 3, signal.SIGTERM)
+    assert code == Preempted.exit_code == 75, err[-3000:]
+    assert "Preempted: preempted: checkpoint written at step" in err
+    steps = checkpoint_lib.Checkpointer(str(workdir / "checkpoints"), every=2).all_steps()
+    stopped_at = int(err.split("checkpoint written at step ")[1].split()[0])
+    assert stopped_at in steps and 3 <= stopped_at < 12
+    done = subprocess.run(
+        _command(workdir, tfds_dir, teachers), cwd=REPO, env=_env(), capture_output=True, timeout=300
+    )
+    assert done.returncode == 0 and f"resumed from {workdir}/checkpoints/{stopped_at}" in done.stderr.decode()
+
+
+def test_truncated_latest_checkpoint_is_skipped(tmp_path, tfds_dir):
+    c = tiny_distill_config(tmp_path, tfds_dir, steps=6, batch=8)
+    c.checkpoint_every = 2
+    train(c, str(tmp_path / "run"))
+    state_dir = tmp_path / "run" / "checkpoints" / "6" / "state"
+    for entry in os.listdir(state_dir):  # a write cut short: the state's data is gone
+        path = state_dir / entry
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    trainer = Trainer(c, str(tmp_path / "run"))
+    _, start = trainer.initial_state()
+    assert start == 4
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_injected_nan_is_skipped_or_stops_the_run(tmp_path, tfds_dir, policy):
+    c = tiny_distill_config(tmp_path, tfds_dir, steps=6, batch=8)
+    c.nonfinite_policy = policy
+    c.faults.nan_at_step = 3  # the 4th step
+    c.checkpoint_every = 2
+    c.log_every = 1
+    if policy == "skip":
+        result = train(c, str(tmp_path / "run"))
+        rows = metrics.read_metrics(str(tmp_path / "run"))
+        assert [r["nonfinite_steps"] for r in rows] == [0, 0, 0, 1, 1, 1]
+        assert all(np.isfinite(x).all() for x in jax.tree.leaves(result.params))
+    else:
+        with pytest.raises(NonFiniteError, match="step 4"):
+            train(c, str(tmp_path / "run"))
+        steps = checkpoint_lib.Checkpointer(str(tmp_path / "run" / "checkpoints"), every=2).all_steps()
+        assert steps == [2]  # the last good checkpoint; nothing written after the bad step
+
+
+def _folder_dataset(root, corrupt):
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            os.makedirs(root / split / cls)
+            for i in range(12):
+                Image.fromarray(rng.integers(0, 255, (20, 20, 3), np.uint8)).save(
+                    root / split / cls / f"{i}.png"
+                )
+    for name in corrupt:
+        (root / "train" / "a" / name).write_bytes(b"\xff\xd8 not really a jpeg")
+
+
+@pytest.mark.parametrize("policy", ["skip", "fail"])
+def test_corrupt_images_are_skipped_and_counted_or_fail_fast(tmp_path, tfds_dir, policy):
+    _folder_dataset(tmp_path / "images", ["bad1.jpg", "bad2.png"])
+    c = base_config("supervised")
+    c.data.update(
+        dict(
+            name="folder",
+            data_dir=str(tmp_path / "images"),
+            eval_split="test",
+            on_corrupt=policy,
+            shuffle_buffer=16,
+        )
+    )
+    c.update(dict(image_size=16, batch_size=8, total_steps=8, log_every=1, tensorboard=False))
+    c.model.variant = "pico/8"
+    c.eval.at_end = False
+    c.checkpoint_every = 0
+    if policy == "skip":
+        train(c, str(tmp_path / "run"))
+        assert {os.path.basename(p) for p in pipeline.unreadable_files()} >= {"bad1.jpg", "bad2.png"}
+        assert metrics.read_metrics(str(tmp_path / "run"))[-1]["unreadable_files"] >= 2
+    else:
+        with pytest.raises(DataError, match=r"unreadable image .*bad[12]\.(jpg|png)"):
+            train(c, str(tmp_path / "run"))
+
+
+def test_unwritable_workdir_fails_before_training(tmp_path, tfds_dir):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    c = tiny_distill_config(tmp_path, tfds_dir)
+    with pytest.raises(ConfigError, match="--workdir=.*not writable"):
+        Trainer(c, str(blocker / "run"))
+
+
+def test_failed_checkpoint_write_names_it_and_keeps_earlier_ones(tmp_path, tfds_dir, monkeypatch):
+    c = tiny_distill_config(tmp_path, tfds_dir, steps=6, batch=8)
+    c.checkpoint_every = 2
+    trainer = Trainer(c, str(tmp_path / "run"))
+    real_save = trainer.checkpointer._manager.save
+
+    def disk_full_at_4(step, *args, **kwargs):
+        if step == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(step, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.checkpointer._manager, "save", disk_full_at_4)
+    with pytest.raises(CheckpointError, match="could not write checkpoint 4 .*No space left on device"):
+        trainer.run()
+    trainer.checkpointer.wait()
+    resumed = Trainer(c, str(tmp_path / "run"))
+    _, start = resumed.initial_state()
+    assert start == 2
