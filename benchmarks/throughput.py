@@ -263,6 +263,10 @@ def make_step(task, tx, mesh, static, accum):
     return step
 
 
+def sig(x: float, digits: int = 4) -> float:
+    return float(f"{x:.{digits}g}")
+
+
 def xla_flops(compiled) -> float | None:
     try:
         cost = compiled.cost_analysis()
@@ -302,7 +306,7 @@ def run_jax(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         task = build_task(args, tmp)
     print(f"# teachers exported and loaded in {time.perf_counter() - t0:.1f} s", flush=True)
-    mesh = sharding.make_mesh({"data": -1, "fsdp": args.fsdp, "model": 1})
+    mesh = sharding.make_mesh({"data": 1 if args.fsdp == -1 else -1, "fsdp": args.fsdp, "model": 1})
     strategy = "fsdp" if mesh.shape["fsdp"] > 1 else "replicated"
     shard_cfg = {"student": strategy, "teachers": strategy, "rules": (), "fsdp_min_size": 2**14}
     global_batch = args.batch * chips
@@ -353,7 +357,7 @@ def run_jax(args) -> dict:
         loss = float(metrics["loss"])  # waits for the last step
         dt = (time.perf_counter() - t0) / args.steps
         analytic = step_flops_per_image(task, k, args.relation_on_kept)
-        xla = xla_flops(compiled)
+        xla = xla_flops(compiled) if args.accum == 1 else None  # XLA counts a scan body once
         img_s = global_batch / dt
         results.append(
             dict(
@@ -366,9 +370,9 @@ def run_jax(args) -> dict:
                 step_s=round(dt, 4),
                 img_s=round(img_s, 1),
                 img_s_per_chip=round(img_s / chips, 1),
-                gflop_per_img=round(analytic["total"] / 1e9, 1),
-                gflop_per_img_parts={k2: round(v / 1e9, 1) for k2, v in analytic.items() if k2 != "total"},
-                xla_gflop_per_img=round(xla / (global_batch / chips) / 1e9, 1) if xla else None,
+                gflop_per_img=sig(analytic["total"] / 1e9),
+                gflop_per_img_parts={k2: sig(v / 1e9) for k2, v in analytic.items() if k2 != "total"},
+                xla_gflop_per_img=sig(xla / (global_batch / chips) / 1e9) if xla else None,
                 mfu=round(analytic["total"] * img_s / (peak * chips), 4),
                 peak_gb=peak_memory_gb(),
                 compile_s=round(compile_s, 1),

@@ -146,6 +146,10 @@ class DistillTask:
                         f"loss.relation_layers: layer {layer} exceeds the relation teacher's "
                         f"depth {rel.depth}"
                     )
+            if self.config.loss.relation_teacher_on_kept and rel.num_prefix != 1:
+                raise ConfigError(
+                    "loss.relation_teacher_on_kept=True needs a relation teacher with one prefix (CLS) token"
+                )
             if rel.num_heads != self.student.num_heads:
                 raise ConfigError(
                     f"loss.relation_layers: the relation teacher has {rel.num_heads} heads per layer, the "
@@ -190,7 +194,7 @@ class DistillTask:
             return [0]
         return [self.schedule.stage_start_step(i, total_steps) for i in range(len(self.schedule.starts))]
 
-    def _scores(self, teacher_out: dict, layer: int, rng, shape) -> jax.Array:
+    def _scores(self, teacher_out: dict, layer: int, shape) -> jax.Array:
         if self.score_source == "uniform":
             return jnp.ones(shape, jnp.float32)
         return masking.redundancy_scores(teacher_out[self.score_source.split("_")[0]]["cls_attn"][layer])
@@ -225,7 +229,7 @@ class DistillTask:
         # Kept tokens: one set at the input (over_training) or nested sets inside the student (over_depth).
         n = self.num_patches
         if over_depth:
-            scores = [self._scores(tout, layer, rng_mask, (b, n)) for layer in drop_layers]
+            scores = [self._scores(tout, layer, (b, n)) for layer in drop_layers]
             relative, absolute = masking.nested_selection(
                 rng_mask, scores, static, mcfg.selection, mcfg.temperature
             )
@@ -243,7 +247,7 @@ class DistillTask:
                     else 0
                 )
                 keep_input = masking.select_tokens(
-                    rng_mask, self._scores(tout, layer, rng_mask, (b, n)), k, mcfg.selection, mcfg.temperature
+                    rng_mask, self._scores(tout, layer, (b, n)), k, mcfg.selection, mcfg.temperature
                 )
             drop_after, final_idx = None, keep_input
 
@@ -264,7 +268,7 @@ class DistillTask:
                 tout_kept = rel_teacher(
                     frozen["relation"], images, keep_indices=keep_input, attn_layers=self.relation_layers
                 )
-                relation_targets = {n: tout_kept["attn_logits"][n] for n in self.relation_layers}
+                relation_targets = {layer: tout_kept["attn_logits"][layer] for layer in self.relation_layers}
             else:
                 p = rel_teacher.model.num_prefix
                 for layer in self.relation_layers:
@@ -317,7 +321,6 @@ class DistillTask:
             metrics["relation_loss"] = rel
             total = total + self.beta * rel
         metrics["loss"] = total
-        return total, metrics
         return total, metrics
 
     def feature_fn(self, params, images):

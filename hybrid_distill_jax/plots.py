@@ -36,6 +36,8 @@ def plot_distance(results: Mapping[str, Mapping[str, Any]], path: str, title: st
     rows = int(np.ceil(len(names) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), sharey=True, squeeze=False)
     top = max(float(np.max(r["distance"])) for r in results.values())
+    bottom = min(float(np.min(r["distance"])) for r in results.values())
+    bottom = max(0.0, bottom - 0.08 * (top - bottom))
     for ax, name in zip(axes.flat, names):
         r = results[name]
         dist = np.asarray(r["distance"])  # [L, H]
@@ -46,7 +48,7 @@ def plot_distance(results: Mapping[str, Mapping[str, Any]], path: str, title: st
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("layer")
         ax.set_xticks(layers)
-        ax.set_ylim(0, top * 1.08 + 1e-6)
+        ax.set_ylim(bottom, top + 0.08 * (top - bottom) + 1e-6)
         ax.grid(alpha=0.3)
     for ax in axes[:, 0]:
         ax.set_ylabel("avg attention distance (px)")

@@ -127,8 +127,10 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 # ---- rules -----------------------------------------------------------------------------------------
 def parse_spec(text: str, field: str = "sharding.rules") -> P:
-    """'replicated' -> P(); 'fsdp,None' -> P('fsdp', None);
-    'data+fsdp,model' -> P(('data','fsdp'),'model')."""
+    """A SPEC string as a PartitionSpec.
+
+    'replicated' -> P(); 'fsdp,None' -> P('fsdp', None); 'data+fsdp,model' -> P(('data', 'fsdp'), 'model').
+    """
     text = text.strip()
     if text in ("replicated", ""):
         return P()

@@ -132,6 +132,7 @@ def run_study(config, workdir: str) -> dict:
         with ft.unlocked():
             ft.name = f"finetune_{key}"
             ft.init_from = exports[key]
+            ft.data.crop_scale = tuple(config.get("finetune_crop_scale", ft.data.crop_scale))
         r = _stage(ft, os.path.join(workdir, ft.name))
         results[key]["finetune_top1"] = r["finetune_top1"]
         results[key]["finetune_seconds"] = r["train_seconds"]
@@ -236,8 +237,8 @@ def claims(results: dict) -> list[str]:
         )
         out.append(
             f"The supervised teacher discriminates better than MAE on frozen features (k-NN "
-            f"{_f(sup['knn_top1'])} vs {_f(mae['knn_top1'])}, linear {_f(sup['linear_top1'])} vs "
-            f"{_f(mae['linear_top1'])}): {_verdict(sup['knn_top1'] > mae['knn_top1'])}."
+            f"{_f(sup['knn_top1'])} vs {_f(mae['knn_top1'])}, linear {_f(sup.get('linear_top1'))} vs "
+            f"{_f(mae.get('linear_top1'))}): {_verdict(sup['knn_top1'] > mae['knn_top1'])}."
         )
     hyb = "hybrid_progressive" if "hybrid_progressive" in r else "hybrid_nomask"
     if has("fd_only", hyb):
@@ -335,16 +336,18 @@ def write_report(config, stages, results, figures, total: float, path: str) -> s
             f"| {LABELS.get(key, key)} | {objective} | {sub.total_steps} x {sub.batch_size} | {masking} |"
         )
     ft = config.finetune
+    pools = ", ".join(f"{LABELS.get(k, k)}: {sub.eval.pool}" for k, sub in stages.items())
     lines += [
         "| untrained student | random initialisation | – | – |",
         "",
         f"Fine-tuning (every model, same recipe): {ft.total_steps} steps x {ft.batch_size}, AdamW lr "
         f"{ft.optim.lr:g}, layer decay {ft.finetune.layer_decay:g}, drop path {ft.model.drop_path:g}, mixup "
         f"{ft.finetune.mixup:g}, cutmix {ft.finetune.cutmix:g}, label smoothing {ft.loss.label_smoothing:g}, "
-        f"{ft.model.pool} pooling. k-NN: cosine, "
+        f"{ft.model.pool} pooling, crops of {list(config.get('finetune_crop_scale', []))} of the area. "
+        "k-NN: cosine, "
         f"k={any_stage.eval.knn_k}, T={any_stage.eval.knn_temperature:g}; "
         f"linear probe: MAE protocol (BatchNorm w/o affine + linear), {any_stage.eval.linear_epochs} epochs; "
-        f"both on {any_stage.eval.pool} features of up to {any_stage.eval.max_train} train images.",
+        f"both on frozen features ({pools}) of up to {any_stage.eval.max_train} train images.",
         "",
         "## Results",
         "",

@@ -147,12 +147,13 @@ def test_bad_values_name_the_field(field, value, message):
 def test_finetuning_beats_the_frozen_linear_probe(tmp_path, tfds_dir):
     """A random-init pico ViT: its frozen-feature linear probe vs a short full fine-tuning of it."""
     src = make_teacher(tmp_path / "init", seed=0, image_size=24, variant="pico/4")
-    c = _ft_config(tfds_dir, src, steps=150)
+    c = _ft_config(tfds_dir, src, steps=200)
     c.image_size = 24
     c.batch_size = 64
-    c.optim.lr = 2e-3
-    c.optim.warmup_steps = 15
-    c.log_every = 50
+    c.data.crop_scale = (0.9, 1.0)  # close to the eval view: 200 steps leave no time to bridge a zoom gap
+    c.optim.lr = 5e-3
+    c.optim.warmup_steps = 20
+    c.log_every = 100
     c.finetune.update(dict(layer_decay=0.75, mixup=0.0, cutmix=0.0))
     c.model.drop_path = 0.0
     c.eval.update(dict(knn=False, linear=False, max_test=1000, batch_size=500))
@@ -172,4 +173,4 @@ def test_finetuning_beats_the_frozen_linear_probe(tmp_path, tfds_dir):
     with open(tmp_path / "ft" / "eval.json") as f:
         assert json.load(f)["finetune_top1"] == pytest.approx(result.summary["finetune_top1"])
     tuned = result.summary["finetune_top1"]
-    assert tuned > frozen + 2.0, (tuned, frozen)
+    assert tuned > frozen + 5.0, (tuned, frozen)  # measured: ~57 vs ~46 (1000 test images, SE ~1.6)

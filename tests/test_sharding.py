@@ -22,6 +22,19 @@ from hybrid_distill_jax.models.vit import make_vit
 from tests.helpers import tiny_distill_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def subprocess_env(devices: int) -> dict:
+    """Environment of a test subprocess: its own CPU device count, the suite's compilation cache."""
+    return dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        PYTHONPATH=REPO,
+        JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+    )
+
+
 BATCH = 32
 
 
@@ -269,7 +282,7 @@ def test_checkpoint_from_8_devices_restores_on_1_and_back(tmp_path, tfds_dir, la
     trainer.checkpointer.close()
     saved = gathered_params(state)
 
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=REPO)
+    env = subprocess_env(1)
     out = str(tmp_path / "one")
     proc = subprocess.run(
         [sys.executable, "-c", RESTORE_ON_ONE_DEVICE, str(tmp_path), tfds_dir, workdir, out],
