@@ -65,7 +65,8 @@ def student(name: str, steps: int, *, alpha=1.0, beta=1.0, masking=NO_MASK, sele
     # Patches are scored by the feature teacher's CLS attention only when the selection uses them.
     needs_scores = selection != "random" and masking["stage_ratios"] != (0.0,)
     c.masking.score_source = "feature_teacher" if needs_scores else "uniform"
-    c.eval.diagnostics_every = steps // 4 if steps >= 200 else 0  # diag/... curves in metrics.jsonl
+    # diag/... attention-diagnostics curves in the stage's metrics.jsonl
+    c.eval.diagnostics_every = 50 * max(steps // 200, 1) if steps >= 100 else 0
     return c
 
 
@@ -84,7 +85,7 @@ def finetune(steps):
 
 def get_config(arg=None):
     smoke = arg == "smoke"
-    t_steps, s_steps, f_steps = (4, 6, 4) if smoke else (500, 400, 200)
+    t_steps, s_steps, f_steps = (4, 6, 4) if smoke else (400, 300, 150)
     c = ml_collections.ConfigDict()
     c.mode = "study"
     c.name = "study"

@@ -107,8 +107,8 @@ def base_config(mode: str = "distill") -> ml_collections.ConfigDict:
         )
         c.teachers = ml_collections.ConfigDict(
             dict(
-                feature=dict(checkpoint="", dtype="bfloat16", image_size=0),
-                relation=dict(checkpoint="", dtype="bfloat16", image_size=0),
+                feature=dict(checkpoint="", dtype="bfloat16", image_size=0, attn_impl=""),
+                relation=dict(checkpoint="", dtype="bfloat16", image_size=0, attn_impl=""),
             )
         )
         c.loss = ml_collections.ConfigDict(
@@ -292,6 +292,10 @@ def validate(config, num_devices: int | None = None, check_teachers: bool = True
         if (lc.beta > 0 and (layers is None or len(layers))) or mc.score_source == "relation_teacher":
             roles.append("relation")
         student_grid = config.image_size // s["patch_size"]
+        for role in ("feature", "relation"):
+            _in(
+                config.teachers[role].get("attn_impl", ""), ("", "xla", "cudnn"), f"teachers.{role}.attn_impl"
+            )
         for role in roles if check_teachers else ():
             tcfg = config.teachers[role]
             meta = model_io.read_model_json(tcfg.checkpoint, f"teachers.{role}.checkpoint")
@@ -371,8 +375,10 @@ def _validate_evaluate(config) -> None:
     size = config.image_size or meta["input"]["image_size"]
     patch = meta["arch"]["patch_size"]
     _require(size % patch == 0, f"image_size={size} is not divisible by model_dir's patch size {patch}")
-    _require(config.eval.knn or config.eval.linear or config.eval.get("diagnostics", False),
-             "eval.knn, eval.linear and eval.diagnostics are all off: nothing to evaluate")
+    _require(
+        config.eval.knn or config.eval.linear or config.eval.get("diagnostics", False),
+        "eval.knn, eval.linear and eval.diagnostics are all off: nothing to evaluate",
+    )
 
 
 def resolve_steps(config, num_train_examples: int) -> tuple[int, int, int]:

@@ -17,7 +17,7 @@ from hybrid_distill_jax.data import dataset_info
 from hybrid_distill_jax.train import build_task, evaluate_features, train
 
 
-def _stage(config, workdir: str) -> dict:
+def run_stage(config, workdir: str) -> dict:
     """Trains (or reuses) one stage; returns its evaluation plus its wall time."""
     done_marker = os.path.join(workdir, "eval.json")
     export = os.path.join(workdir, "export", "model.json")
@@ -33,13 +33,22 @@ def _stage(config, workdir: str) -> dict:
     return summary
 
 
-def _random_init(config, workdir: str) -> dict:
-    """The student architecture at initialisation: the floor any distillation must beat."""
-    config_lib.validate(config)
+def run_random_init_stage(config, workdir: str) -> dict:
+    """The untrained student architecture, exported (for diagnostics and fine-tuning) and evaluated."""
+    marker, export = os.path.join(workdir, "eval.json"), os.path.join(workdir, "export")
+    if os.path.exists(marker) and os.path.exists(os.path.join(export, "model.json")):
+        print(f"[random_init] reusing {workdir}", flush=True)
+        with open(marker) as f:
+            return json.load(f)
+    os.makedirs(workdir, exist_ok=True)
     info = dataset_info(config.data)
     task = build_task(config, info.num_classes)
     params = task.init_params(jax.random.key(config.seed))
-    return evaluate_features(config, task.feature_fn, params, info.num_classes)
+    task.export(params, export)
+    summary = dict(evaluate_features(config, task.feature_fn, params, info.num_classes), train_seconds=0.0)
+    with open(marker, "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
 
 
 def run_demo(config, workdir: str) -> dict:
@@ -52,16 +61,16 @@ def run_demo(config, workdir: str) -> dict:
     for key in ("teacher_supervised", "teacher_mae"):
         sub = config[key]
         stage_dir = os.path.join(workdir, sub.name)
-        results[sub.name] = _stage(sub, stage_dir)
+        results[sub.name] = run_stage(sub, stage_dir)
         teachers[key] = os.path.join(stage_dir, "export")
     for key in config.students:
         sub = config[key]
         with sub.unlocked():
             sub.teachers.feature.checkpoint = teachers["teacher_supervised"]
             sub.teachers.relation.checkpoint = teachers["teacher_mae"]
-        results[sub.name] = _stage(sub, os.path.join(workdir, sub.name))
+        results[sub.name] = run_stage(sub, os.path.join(workdir, sub.name))
     baseline = config[config.students[0]]
-    results["random_init_student"] = _random_init(baseline, os.path.join(workdir, "random_init"))
+    results["random_init_student"] = run_random_init_stage(baseline, os.path.join(workdir, "random_init"))
 
     summary = {name: {k: round(float(v), 3) for k, v in r.items()} for name, r in results.items()}
     total = time.perf_counter() - start

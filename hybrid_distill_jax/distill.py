@@ -49,7 +49,11 @@ class Teacher:
     def load(cls, cfg, field: str) -> tuple[Teacher, Any]:
         dtype = dtype_of(cfg.get("dtype", "bfloat16"), f"{field}.dtype")
         model, params, meta = model_io.load_model(
-            cfg.checkpoint, field=f"{field}.checkpoint", dtype=dtype, drop_path=0.0
+            cfg.checkpoint,
+            field=f"{field}.checkpoint",
+            dtype=dtype,
+            drop_path=0.0,
+            attn_impl=cfg.get("attn_impl") or None,
         )
         size = cfg.get("image_size") or meta["input"]["image_size"]
         params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)

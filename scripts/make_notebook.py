@@ -148,7 +148,7 @@ images/s and the ETA.""",
     ),
     (
         "code",
-        """from hybrid_distill_jax.demo import _stage  # trains one stage or reuses it  # noqa: E402
+        """from hybrid_distill_jax.demo import run_stage  # trains one stage or reuses it  # noqa: E402
 
 results = {}
 for key, given in (("teacher_supervised", FEATURE_TEACHER_DIR), ("teacher_mae", RELATION_TEACHER_DIR)):
@@ -157,7 +157,7 @@ for key, given in (("teacher_supervised", FEATURE_TEACHER_DIR), ("teacher_mae", 
         continue
     cfg = demo[key]
     cfg.total_steps = TEACHER_STEPS
-    results[cfg.name] = _stage(cfg, os.path.join(WORKDIR, cfg.name))
+    results[cfg.name] = run_stage(cfg, os.path.join(WORKDIR, cfg.name))
 feature_dir = FEATURE_TEACHER_DIR or os.path.join(WORKDIR, "teacher_supervised", "export")
 relation_dir = RELATION_TEACHER_DIR or os.path.join(WORKDIR, "teacher_mae", "export")
 results""",
@@ -170,7 +170,7 @@ student_cfg.total_steps = STUDENT_STEPS
 student_cfg.teachers.feature.checkpoint = feature_dir
 student_cfg.teachers.relation.checkpoint = relation_dir
 student_dir = os.path.join(WORKDIR, student_cfg.name)
-results[student_cfg.name] = _stage(student_cfg, student_dir)
+results[student_cfg.name] = run_stage(student_cfg, student_dir)
 results[student_cfg.name]""",
     ),
     (

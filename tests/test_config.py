@@ -48,6 +48,8 @@ def _set(c, dotted, value):
         ("optim.b2", 1.5, "optim.b1 and optim.b2"),
         ("mesh.data", 3, "mesh.data"),
         ("eval.pool", "max", "eval.pool"),
+        ("teachers.feature.attn_impl", "flash", "teachers.feature.attn_impl"),
+        ("teachers.relation.attn_impl", "cudnn", None),  # valid (used on NVIDIA GPUs)
     ],
 )
 def test_bad_values_name_their_field(cfg, field, value, expected):

@@ -76,8 +76,17 @@ def _randomize(module, seed: int):
         for name, p in module.named_parameters():
             r = torch.randn(p.shape, generator=g)
             leaf = name.rsplit(".", 1)[-1]
-            if any(t in name for t in ("cls_token", "dist_token", "pos_embed", "class_embedding",
-                                       "positional_embedding", "mask_token")):
+            if any(
+                t in name
+                for t in (
+                    "cls_token",
+                    "dist_token",
+                    "pos_embed",
+                    "class_embedding",
+                    "positional_embedding",
+                    "mask_token",
+                )
+            ):
                 p.copy_(0.5 * r)
             elif p.ndim >= 2:
                 p.copy_(r / np.sqrt(np.prod(p.shape[1:])) * 1.5)
@@ -93,8 +102,9 @@ def _images(seed=0, n=2, size=SIZE):
 
 
 def _ours(model, params, x):
-    out = model.apply({"params": params}, np.asarray(x.permute(0, 2, 3, 1)),
-                      attn_layers=tuple(range(1, model.depth + 1)))
+    out = model.apply(
+        {"params": params}, np.asarray(x.permute(0, 2, 3, 1)), attn_layers=tuple(range(1, model.depth + 1))
+    )
     probs = {k: np.asarray(jax_softmax(v)) for k, v in out["attn_logits"].items()}
     return out, probs
 
@@ -109,8 +119,10 @@ def _timm_reference(m, x):
     """(tokens after the final norm, {layer: attention probs}) from a timm ViT; probs recomputed from the
     attention module's own qkv layer on the input it received."""
     inputs = {}
-    hooks = [blk.attn.register_forward_pre_hook(lambda mod, args, i=i: inputs.__setitem__(i, args[0]))
-             for i, blk in enumerate(m.blocks)]
+    hooks = [
+        blk.attn.register_forward_pre_hook(lambda mod, args, i=i: inputs.__setitem__(i, args[0]))
+        for i, blk in enumerate(m.blocks)
+    ]
     with torch.no_grad():
         tokens = m.forward_features(x)
         probs = {}
@@ -128,9 +140,12 @@ def _timm_reference(m, x):
 def _clip_reference(visual, x):
     """(all tokens after ln_post, {layer: probs} from nn.MultiheadAttention(need_weights=True), embedding)."""
     inputs, post = {}, {}
-    hooks = [blk.attn.register_forward_pre_hook(lambda mod, args, kw, i=i: inputs.__setitem__(i, args[0]),
-                                                with_kwargs=True)
-             for i, blk in enumerate(visual.transformer.resblocks)]
+    hooks = [
+        blk.attn.register_forward_pre_hook(
+            lambda mod, args, kw, i=i: inputs.__setitem__(i, args[0]), with_kwargs=True
+        )
+        for i, blk in enumerate(visual.transformer.resblocks)
+    ]
     hooks.append(visual.ln_post.register_forward_hook(lambda mod, args, out: post.__setitem__("x", out)))
     with torch.no_grad():
         embedding = visual(x)
@@ -162,23 +177,41 @@ def _compare(name, model, params, x, ref_tokens, ref_probs):
 
 
 def _timm_vit(seed=0, num_classes=10, **kw):
-    kw = dict(img_size=SIZE, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS,
-              num_classes=num_classes, **kw)
+    kw = dict(
+        img_size=SIZE,
+        patch_size=PATCH,
+        embed_dim=WIDTH,
+        depth=DEPTH,
+        num_heads=HEADS,
+        num_classes=num_classes,
+        **kw,
+    )
     return _randomize(TimmViT(**kw), seed)
 
 
 def _clip_visual(seed=0, quick_gelu=False):
-    v = ClipVisionTransformer(image_size=SIZE, patch_size=PATCH, width=WIDTH, layers=DEPTH, heads=HEADS,
-                              mlp_ratio=4.0, output_dim=16,
-                              act_layer=QuickGELU if quick_gelu else torch.nn.GELU)
+    v = ClipVisionTransformer(
+        image_size=SIZE,
+        patch_size=PATCH,
+        width=WIDTH,
+        layers=DEPTH,
+        heads=HEADS,
+        mlp_ratio=4.0,
+        output_dim=16,
+        act_layer=QuickGELU if quick_gelu else torch.nn.GELU,
+    )
     return _randomize(v, seed)
 
 
 def _text_keys(seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {"token_embedding.weight": torch.randn(50, 32, generator=g), "logit_scale": torch.ones([]),
-            "transformer.resblocks.0.attn.in_proj_weight": torch.randn(96, 32, generator=g),
-            "ln_final.weight": torch.ones(32), "text_projection": torch.randn(32, 16, generator=g)}
+    return {
+        "token_embedding.weight": torch.randn(50, 32, generator=g),
+        "logit_scale": torch.ones([]),
+        "transformer.resblocks.0.attn.in_proj_weight": torch.randn(96, 32, generator=g),
+        "ln_final.weight": torch.ones(32),
+        "text_projection": torch.randn(32, 16, generator=g),
+    }
 
 
 def _save(sd: dict, path: str):
@@ -195,8 +228,9 @@ def _save(sd: dict, path: str):
 
 def _convert(tmp_path, family, path, log=None, **kw):
     lines = []
-    model, params, report = convert.import_checkpoint(family, path, str(tmp_path / f"out_{family}"),
-                                                      heads=HEADS, log=lines.append, **kw)
+    model, params, report = convert.import_checkpoint(
+        family, path, str(tmp_path / f"out_{family}"), heads=HEADS, log=lines.append, **kw
+    )
     # What was written is what load_model (the distillation teacher loader) reads back, strictly.
     model2, params2, meta = model_io.load_model(str(tmp_path / f"out_{family}"))
     assert model2 == model
@@ -211,8 +245,11 @@ def test_timm_vit_parity(tmp_path, fmt):
     m = _timm_vit(seed=1)
     path = _save(m.state_dict(), str(tmp_path / f"vit.{fmt}"))
     model, params, meta, _ = _convert(tmp_path, "timm", path)
-    assert meta["input"] == {"image_size": SIZE, "mean": list(model_io.IMAGENET_MEAN),
-                             "std": list(model_io.IMAGENET_STD)}
+    assert meta["input"] == {
+        "image_size": SIZE,
+        "mean": list(model_io.IMAGENET_MEAN),
+        "std": list(model_io.IMAGENET_STD),
+    }
     x = _images(0)
     ref_tokens, ref_probs = _timm_reference(m, x)
     out = _compare(f"timm ({fmt})", model, params, x, ref_tokens, ref_probs)
@@ -222,8 +259,12 @@ def test_timm_vit_parity(tmp_path, fmt):
 
 
 def test_deit_distilled_parity_drops_head_dist(tmp_path):
-    m = _randomize(VisionTransformerDistilled(img_size=SIZE, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH,
-                                              num_heads=HEADS, num_classes=10), seed=2)
+    m = _randomize(
+        VisionTransformerDistilled(
+            img_size=SIZE, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS, num_classes=10
+        ),
+        seed=2,
+    )
     path = _save({"model": m.state_dict()}, str(tmp_path / "deit.pth"))
     model, params, meta, log = _convert(tmp_path, "deit", path)
     assert model.dist_token and model.num_prefix == 2
@@ -277,8 +318,9 @@ def test_dino_parity(tmp_path, layout):
         obj = m.state_dict()
     else:  # DINO's *_full_checkpoint.pth: teacher = MultiCropWrapper(backbone, DINOHead)
         teacher = {f"backbone.{k}": v for k, v in m.state_dict().items()}
-        teacher.update({"head.mlp.0.weight": torch.randn(128, WIDTH),
-                        "head.last_layer.weight_g": torch.ones(256, 1)})
+        teacher.update(
+            {"head.mlp.0.weight": torch.randn(128, WIDTH), "head.last_layer.weight_g": torch.ones(256, 1)}
+        )
         obj = {"teacher": teacher, "student": {f"module.{k}": v for k, v in teacher.items()}, "epoch": 100}
     path = _save(obj, str(tmp_path / "dino.pth"))
     model, params, _, log = _convert(tmp_path, "dino", path)
@@ -346,9 +388,17 @@ def test_openai_clip_parity(tmp_path, fmt):
 def test_code_free_reader_matches_torch_load(tmp_path):
     """Our zip reader against torch.load: dtypes (fp16/bf16/fp64), shared storages, views, offsets."""
     base = torch.randn(6, 10)
-    obj = {"f32": torch.randn(3, 4), "f16": torch.randn(5).half(), "bf16": torch.randn(2, 3).bfloat16(),
-           "f64": torch.randn(3).double(), "view": base[1:4, 2:7], "transposed": base.t(), "shared": base,
-           "scalar": torch.tensor(3.5), "int": torch.arange(4)}
+    obj = {
+        "f32": torch.randn(3, 4),
+        "f16": torch.randn(5).half(),
+        "bf16": torch.randn(2, 3).bfloat16(),
+        "f64": torch.randn(3).double(),
+        "view": base[1:4, 2:7],
+        "transposed": base.t(),
+        "shared": base,
+        "scalar": torch.tensor(3.5),
+        "int": torch.arange(4),
+    }
     path = str(tmp_path / "mixed.pth")
     torch.save(obj, path)
     ours = torch_io.read_torch_zip(path)
@@ -391,17 +441,43 @@ def test_image_size_resamples_position_embedding(tmp_path):
     expect = resample_posemb(m.pos_embed.detach().numpy(), 1, 6)
     np.testing.assert_allclose(params["pos_embed"], np.asarray(expect), atol=1e-6)
     with pytest.raises(ConfigError, match="multiple of the patch size"):
-        convert.import_checkpoint("timm", path, str(tmp_path / "bad"), heads=HEADS, image_size=50,
-                                  log=lambda s: None)
+        convert.import_checkpoint(
+            "timm", path, str(tmp_path / "bad"), heads=HEADS, image_size=50, log=lambda s: None
+        )
 
 
 def test_cli_import_options_are_recorded(tmp_path, capsys):
     m = _timm_vit(seed=18, num_classes=0)
     path = _save(m.state_dict(), str(tmp_path / "vit.safetensors"))
     out = str(tmp_path / "cli_out")
-    assert cli_main(["import", "--family", "timm", "--input", path, "--output", out, "--heads", "4",
-                     "--act", "quick_gelu", "--norm-eps", "1e-5", "--mean", "0.5", "0.5", "0.5",
-                     "--std", "0.25", "0.25", "0.25"]) == 0
+    assert (
+        cli_main(
+            [
+                "import",
+                "--family",
+                "timm",
+                "--input",
+                path,
+                "--output",
+                out,
+                "--heads",
+                "4",
+                "--act",
+                "quick_gelu",
+                "--norm-eps",
+                "1e-5",
+                "--mean",
+                "0.5",
+                "0.5",
+                "0.5",
+                "--std",
+                "0.25",
+                "0.25",
+                "0.25",
+            ]
+        )
+        == 0
+    )
     assert "wrote " in capsys.readouterr().out
     model, _, meta = model_io.load_model(out)
     assert model.act == "quick_gelu" and model.norm_eps == 1e-5 and model.num_heads == 4
@@ -459,26 +535,64 @@ def test_mismatched_checkpoints_list_the_problems(tmp_path):
 
 def test_cli_errors_are_one_line_and_fast(tmp_path, capsys):
     t0 = time.time()
-    assert cli_main(["import", "--family", "timm", "--input", str(tmp_path / "nope.pth"),
-                     "--output", str(tmp_path / "o")]) == 2
+    assert (
+        cli_main(
+            [
+                "import",
+                "--family",
+                "timm",
+                "--input",
+                str(tmp_path / "nope.pth"),
+                "--output",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no such file" in err
     url = "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth"
     assert cli_main(["import", "--family", "mae", "--input", url, "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert "never downloads" in err and "mae_pretrain_vit_base.pth" in err and err.count("\n") == 0
-    assert cli_main(["import", "--family", "timm", "--input", "timm/vit_base_patch16_224.augreg_in21k",
-                     "--output", str(tmp_path / "o")]) == 2
+    assert (
+        cli_main(
+            [
+                "import",
+                "--family",
+                "timm",
+                "--input",
+                "timm/vit_base_patch16_224.augreg_in21k",
+                "--output",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "hub name" in capsys.readouterr().err
     assert time.time() - t0 < 5
 
 
 def test_cli_subprocess_missing_file_is_quick(tmp_path):
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", "hybrid_distill_jax.convert", "import", "--family", "clip",
-                        "--input", "https://openaipublic.azureedge.net/clip/models/x/ViT-B-16.pt",
-                        "--output", str(tmp_path / "o")], capture_output=True, text=True, timeout=60,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hybrid_distill_jax.convert",
+            "import",
+            "--family",
+            "clip",
+            "--input",
+            "https://openaipublic.azureedge.net/clip/models/x/ViT-B-16.pt",
+            "--output",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert r.returncode == 2 and "ViT-B-16.pt" in r.stderr and "Traceback" not in r.stderr
     assert time.time() - t0 < 30
 

@@ -145,3 +145,11 @@ def test_bad_variant_and_layer_requests():
     params = model.init(jax.random.key(0), x)
     with pytest.raises(ConfigError, match="layer 5"):
         model.apply(params, x, attn_layers=(5,))
+
+
+def test_attention_implementation_switch_keeps_outputs():
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    params = _tiny().init(jax.random.key(0), x)
+    default = _tiny().apply(params, x)["tokens"]
+    xla = _tiny(attn_impl="xla").apply(params, x)["tokens"]
+    np.testing.assert_allclose(np.asarray(default), np.asarray(xla), atol=1e-6)

@@ -52,21 +52,56 @@ _CLIP = dict(mean=model_io.CLIP_MEAN, std=model_io.CLIP_STD)
 _DIST_HEAD = (r"^head_dist\.", "DeiT distillation head (our ViT keeps one head)")
 
 FAMILIES: dict[str, Family] = {
-    "timm": Family("timm", "timm", "gelu", 1e-6, **_IMNET, drop=(_DIST_HEAD,),
-                   help="timm VisionTransformer state dict"),
-    "deit": Family("deit", "timm", "gelu", 1e-6, **_IMNET, drop=(_DIST_HEAD,),
-                   help="DeiT / DeiT-distilled ({'model': sd} as released, or a plain state dict)"),
-    "mae": Family("mae", "timm", "gelu", 1e-6, **_IMNET, posemb="sincos2d",
-                  drop=((r"^decoder_", "MAE decoder"), (r"^mask_token$", "MAE mask token")),
-                  help="official MAE pre-training checkpoint ({'model': sd}); the encoder is kept"),
-    "dino": Family("dino", "timm", "gelu", 1e-6, **_IMNET,
-                   drop=((r"^head\.", "DINO projection head"),),
-                   help="DINO ViT backbone (plain, or a full checkpoint's 'teacher' with backbone./head.)"),
-    "clip": Family("clip", "clip", "quick_gelu", 1e-5, **_CLIP, prefix="visual.",
-                   help="OpenAI CLIP (TorchScript .pt or state dict); the visual tower is kept"),
-    "open_clip": Family("open_clip", "clip", "gelu", 1e-5, **_CLIP, prefix="visual.",
-                        help="open_clip checkpoint (.bin/.pt/.safetensors); pass --act quick_gelu for "
-                             "'-quickgelu' models and OpenAI-pretrained weights"),
+    "timm": Family(
+        "timm", "timm", "gelu", 1e-6, **_IMNET, drop=(_DIST_HEAD,), help="timm VisionTransformer state dict"
+    ),
+    "deit": Family(
+        "deit",
+        "timm",
+        "gelu",
+        1e-6,
+        **_IMNET,
+        drop=(_DIST_HEAD,),
+        help="DeiT / DeiT-distilled ({'model': sd} as released, or a plain state dict)",
+    ),
+    "mae": Family(
+        "mae",
+        "timm",
+        "gelu",
+        1e-6,
+        **_IMNET,
+        posemb="sincos2d",
+        drop=((r"^decoder_", "MAE decoder"), (r"^mask_token$", "MAE mask token")),
+        help="official MAE pre-training checkpoint ({'model': sd}); the encoder is kept",
+    ),
+    "dino": Family(
+        "dino",
+        "timm",
+        "gelu",
+        1e-6,
+        **_IMNET,
+        drop=((r"^head\.", "DINO projection head"),),
+        help="DINO ViT backbone (plain, or a full checkpoint's 'teacher' with backbone./head.)",
+    ),
+    "clip": Family(
+        "clip",
+        "clip",
+        "quick_gelu",
+        1e-5,
+        **_CLIP,
+        prefix="visual.",
+        help="OpenAI CLIP (TorchScript .pt or state dict); the visual tower is kept",
+    ),
+    "open_clip": Family(
+        "open_clip",
+        "clip",
+        "gelu",
+        1e-5,
+        **_CLIP,
+        prefix="visual.",
+        help="open_clip checkpoint (.bin/.pt/.safetensors); pass --act quick_gelu for "
+        "'-quickgelu' models and OpenAI-pretrained weights",
+    ),
 }
 
 
@@ -91,15 +126,22 @@ class Kind:
 KINDS = {
     "same": Kind(lambda x, s: x, lambda y: y, lambda s: s),
     "dense": Kind(lambda x, s: x.T, lambda y: y.T, lambda s: s[::-1]),
-    "conv": Kind(lambda x, s: x.transpose(2, 3, 1, 0), lambda y: y.transpose(3, 2, 0, 1),
-                 lambda s: (s[3], s[2], s[0], s[1])),
+    "conv": Kind(
+        lambda x, s: x.transpose(2, 3, 1, 0),
+        lambda y: y.transpose(3, 2, 0, 1),
+        lambda s: (s[3], s[2], s[0], s[1]),
+    ),
     # qkv: torch [3*H*Dh, D] (output index = which*D + head*Dh + d) <-> flax [D, 3, H, Dh]
-    "qkv": Kind(lambda x, s: x.T.reshape(s), lambda y: y.reshape(y.shape[0], -1).T,
-                lambda s: (s[1] * s[2] * s[3], s[0])),
+    "qkv": Kind(
+        lambda x, s: x.T.reshape(s),
+        lambda y: y.reshape(y.shape[0], -1).T,
+        lambda s: (s[1] * s[2] * s[3], s[0]),
+    ),
     "qkv_bias": Kind(lambda x, s: x.reshape(s), lambda y: y.reshape(-1), lambda s: (math.prod(s),)),
     # out proj: torch [D, H*Dh] <-> flax [H, Dh, D]
-    "out": Kind(lambda x, s: x.T.reshape(s), lambda y: y.reshape(-1, y.shape[-1]).T,
-                lambda s: (s[2], s[0] * s[1])),
+    "out": Kind(
+        lambda x, s: x.T.reshape(s), lambda y: y.reshape(-1, y.shape[-1]).T, lambda s: (s[2], s[0] * s[1])
+    ),
     # CLIP's class_embedding [D] and positional_embedding [N, D] have no leading batch axis
     "vec_token": Kind(lambda x, s: x.reshape(s), lambda y: y.reshape(-1), lambda s: (s[-1],)),
     "unbatch": Kind(lambda x, s: x.reshape(s), lambda y: y[0], lambda s: tuple(s[1:])),
@@ -119,8 +161,11 @@ def entries(layout: str, model: VisionTransformer) -> list[tuple[str, str, str]]
     """[(torch key, flax path 'a/b/c', kind)] for every parameter of ``model``."""
     m = model
     if layout == "timm":
-        e = [("cls_token", "cls_token", "same"), ("pos_embed", "pos_embed", "same"),
-             ("patch_embed.proj.weight", "patch_embed/kernel", "conv")]
+        e = [
+            ("cls_token", "cls_token", "same"),
+            ("pos_embed", "pos_embed", "same"),
+            ("patch_embed.proj.weight", "patch_embed/kernel", "conv"),
+        ]
         if m.patch_bias:
             e.append(("patch_embed.proj.bias", "patch_embed/bias", "same"))
         if m.dist_token:
@@ -133,8 +178,10 @@ def entries(layout: str, model: VisionTransformer) -> list[tuple[str, str, str]]
             e.append((f"{s}.attn.qkv.weight", f"{d}/attn/qkv/kernel", "qkv"))
             if m.qkv_bias:
                 e.append((f"{s}.attn.qkv.bias", f"{d}/attn/qkv/bias", "qkv_bias"))
-            e += [(f"{s}.attn.proj.weight", f"{d}/attn/proj/kernel", "out"),
-                  (f"{s}.attn.proj.bias", f"{d}/attn/proj/bias", "same")]
+            e += [
+                (f"{s}.attn.proj.weight", f"{d}/attn/proj/kernel", "out"),
+                (f"{s}.attn.proj.bias", f"{d}/attn/proj/bias", "same"),
+            ]
             e += _dense(f"{s}.mlp.fc1", f"{d}/mlp/fc1") + _dense(f"{s}.mlp.fc2", f"{d}/mlp/fc2")
         if m.final_norm:
             e += _ln("norm", "norm")
@@ -144,8 +191,11 @@ def entries(layout: str, model: VisionTransformer) -> list[tuple[str, str, str]]
             e += _dense("head", "head")
         return e
     if layout == "clip":
-        e = [("class_embedding", "cls_token", "vec_token"), ("positional_embedding", "pos_embed", "unbatch"),
-             ("conv1.weight", "patch_embed/kernel", "conv")]
+        e = [
+            ("class_embedding", "cls_token", "vec_token"),
+            ("positional_embedding", "pos_embed", "unbatch"),
+            ("conv1.weight", "patch_embed/kernel", "conv"),
+        ]
         if m.patch_bias:
             e.append(("conv1.bias", "patch_embed/bias", "same"))
         if m.dist_token:
@@ -158,8 +208,10 @@ def entries(layout: str, model: VisionTransformer) -> list[tuple[str, str, str]]
             e.append((f"{s}.attn.in_proj_weight", f"{d}/attn/qkv/kernel", "qkv"))
             if m.qkv_bias:
                 e.append((f"{s}.attn.in_proj_bias", f"{d}/attn/qkv/bias", "qkv_bias"))
-            e += [(f"{s}.attn.out_proj.weight", f"{d}/attn/proj/kernel", "out"),
-                  (f"{s}.attn.out_proj.bias", f"{d}/attn/proj/bias", "same")]
+            e += [
+                (f"{s}.attn.out_proj.weight", f"{d}/attn/proj/kernel", "out"),
+                (f"{s}.attn.out_proj.bias", f"{d}/attn/proj/bias", "same"),
+            ]
             e += _dense(f"{s}.mlp.c_fc", f"{d}/mlp/fc1") + _dense(f"{s}.mlp.c_proj", f"{d}/mlp/fc2")
         if m.final_norm:
             e += _ln("ln_post", "norm")
@@ -174,8 +226,10 @@ def entries(layout: str, model: VisionTransformer) -> list[tuple[str, str, str]]
 def param_shapes(model: VisionTransformer) -> dict[str, tuple]:
     size = model.image_size
     tree = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, size, size, 3), np.float32)))
-    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(v.shape)
-            for path, v in jax.tree_util.tree_leaves_with_path(tree["params"])}
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path): tuple(v.shape)
+        for path, v in jax.tree_util.tree_leaves_with_path(tree["params"])
+    }
 
 
 def _set(tree: dict, path: str, value) -> None:
@@ -199,12 +253,12 @@ def split_keys(family: Family, sd: dict[str, np.ndarray]) -> tuple[dict, list[tu
     """Strips the family's prefix and applies its drop rules; returns (kept, [(key, reason)])."""
     dropped: list[tuple[str, str]] = []
     if family.name == "dino" and any(k.startswith("backbone.") for k in sd):
-        sd = {(k[len("backbone."):] if k.startswith("backbone.") else k): v for k, v in sd.items()}
+        sd = {(k[len("backbone.") :] if k.startswith("backbone.") else k): v for k, v in sd.items()}
     if family.prefix and any(k.startswith(family.prefix) for k in sd):
         kept = {}
         for k, v in sd.items():
             if k.startswith(family.prefix):
-                kept[k[len(family.prefix):]] = v
+                kept[k[len(family.prefix) :]] = v
             else:
                 dropped.append((k, f"outside the {family.prefix[:-1]} tower"))
         sd = kept
@@ -226,8 +280,10 @@ def summarize_dropped(dropped: list[tuple[str, str]]) -> list[str]:
     lines = []
     for why, keys in by_reason.items():
         heads = sorted({re.sub(r"\.\d+\..*$", ".*", k) for k in keys})
-        lines.append(f"{why}: {len(keys)} tensor{'s' if len(keys) != 1 else ''} ({', '.join(heads[:8])}"
-                     f"{', ...' if len(heads) > 8 else ''})")
+        lines.append(
+            f"{why}: {len(keys)} tensor{'s' if len(keys) != 1 else ''} ({', '.join(heads[:8])}"
+            f"{', ...' if len(heads) > 8 else ''})"
+        )
     return lines
 
 
@@ -247,8 +303,14 @@ def _count_blocks(sd: dict, pattern: str) -> int:
     return max(idx) + 1 if idx else 0
 
 
-def infer_arch(family: Family, sd: dict[str, np.ndarray], *, heads: int | None = None,
-               act: str | None = None, norm_eps: float | None = None) -> dict[str, Any]:
+def infer_arch(
+    family: Family,
+    sd: dict[str, np.ndarray],
+    *,
+    heads: int | None = None,
+    act: str | None = None,
+    norm_eps: float | None = None,
+) -> dict[str, Any]:
     """The ``make_vit`` arguments that fit ``sd`` (already split by :func:`split_keys`)."""
     timm = family.layout == "timm"
     conv = _require_key(sd, "patch_embed.proj.weight" if timm else "conv1.weight", family)
@@ -263,8 +325,9 @@ def infer_arch(family: Family, sd: dict[str, np.ndarray], *, heads: int | None =
     mlp_dim = int(fc1.shape[0]) if fc1 is not None else 4 * width
     if heads is None:
         if width not in DEFAULT_HEADS:
-            raise ConfigError(f"width {width}: no default head count for it; pass --heads "
-                              f"(defaults: {DEFAULT_HEADS})")
+            raise ConfigError(
+                f"width {width}: no default head count for it; pass --heads (defaults: {DEFAULT_HEADS})"
+            )
         heads = DEFAULT_HEADS[width]
     if width % heads:
         raise ConfigError(f"--heads={heads} does not divide the width {width}")
@@ -279,8 +342,14 @@ def infer_arch(family: Family, sd: dict[str, np.ndarray], *, heads: int | None =
             f"width {width} (timm models with no_embed_class / register tokens are not supported)"
         )
     arch: dict[str, Any] = dict(
-        patch_size=patch, width=width, depth=depth, num_heads=int(heads), mlp_dim=mlp_dim,
-        image_size=grid * patch, dist_token=dist, act=act or family.act,
+        patch_size=patch,
+        width=width,
+        depth=depth,
+        num_heads=int(heads),
+        mlp_dim=mlp_dim,
+        image_size=grid * patch,
+        dist_token=dist,
+        act=act or family.act,
         norm_eps=float(norm_eps) if norm_eps else family.norm_eps,
         posemb=family.posemb,
         patch_bias=("patch_embed.proj.bias" if timm else "conv1.bias") in sd,
@@ -298,16 +367,22 @@ def infer_arch(family: Family, sd: dict[str, np.ndarray], *, heads: int | None =
 def check_state_dict(family: Family, model: VisionTransformer, sd: dict[str, np.ndarray], where: str) -> None:
     """CheckpointError listing missing / unexpected / mis-shaped keys, in the checkpoint's own names."""
     shapes = param_shapes(model)
-    expected = {src: tuple(KINDS[kind].shape(shapes[dst]))
-                for src, dst, kind in entries(family.layout, model)}
+    expected = {
+        src: tuple(KINDS[kind].shape(shapes[dst])) for src, dst, kind in entries(family.layout, model)
+    }
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
-    wrong = sorted(f"{k}: expected {expected[k]}, got {tuple(sd[k].shape)}"
-                   for k in set(expected) & set(sd) if tuple(sd[k].shape) != expected[k])
+    wrong = sorted(
+        f"{k}: expected {expected[k]}, got {tuple(sd[k].shape)}"
+        for k in set(expected) & set(sd)
+        if tuple(sd[k].shape) != expected[k]
+    )
     if missing or unexpected or wrong:
         p = family.prefix if family.layout == "clip" else ""
-        lines = [f"{where} does not fit a --family={family.name} ViT (width {model.width}, "
-                 f"depth {model.depth}, heads {model.num_heads}, patch {model.patch_size}):"]
+        lines = [
+            f"{where} does not fit a --family={family.name} ViT (width {model.width}, "
+            f"depth {model.depth}, heads {model.num_heads}, patch {model.patch_size}):"
+        ]
         if missing:
             lines.append(f"  missing ({len(missing)}): {', '.join(p + k for k in missing[:20])}")
         if unexpected:
@@ -328,13 +403,23 @@ def to_flax(family: Family, model: VisionTransformer, sd: dict[str, np.ndarray])
 def from_flax(family: Family, model: VisionTransformer, params: dict, *, prefix: bool = False) -> dict:
     """Our params -> the family's torch state dict (numpy). ``prefix`` adds 'visual.' for CLIP."""
     p = family.prefix if prefix else ""
-    return {p + src: np.ascontiguousarray(KINDS[kind].bwd(np.asarray(_get(params, dst), np.float32)))
-            for src, dst, kind in entries(family.layout, model)}
+    return {
+        p + src: np.ascontiguousarray(KINDS[kind].bwd(np.asarray(_get(params, dst), np.float32)))
+        for src, dst, kind in entries(family.layout, model)
+    }
 
 
-def import_state_dict(family_name: str, sd: dict[str, np.ndarray], *, heads: int | None = None,
-                      act: str | None = None, norm_eps: float | None = None, image_size: int | None = None,
-                      where: str = "checkpoint", log=print):
+def import_state_dict(
+    family_name: str,
+    sd: dict[str, np.ndarray],
+    *,
+    heads: int | None = None,
+    act: str | None = None,
+    norm_eps: float | None = None,
+    image_size: int | None = None,
+    where: str = "checkpoint",
+    log=print,
+):
     """Returns (model, params, report) for a loaded state dict."""
     family = get_family(family_name)
     kept, dropped = split_keys(family, sd)
@@ -342,19 +427,25 @@ def import_state_dict(family_name: str, sd: dict[str, np.ndarray], *, heads: int
     model = make_vit(arch)
     check_state_dict(family, model, kept, where)
     params = to_flax(family, model, kept)
-    report: dict[str, Any] = {"family": family.name, "dropped": summarize_dropped(dropped),
-                              "num_dropped": len(dropped)}
+    report: dict[str, Any] = {
+        "family": family.name,
+        "dropped": summarize_dropped(dropped),
+        "num_dropped": len(dropped),
+    }
     if image_size and image_size != model.image_size:
         from hybrid_distill_jax.models.vit import resample_posemb
 
         if image_size % model.patch_size:
-            raise ConfigError(f"--image-size={image_size} is not a multiple of the patch size "
-                              f"{model.patch_size}")
+            raise ConfigError(
+                f"--image-size={image_size} is not a multiple of the patch size {model.patch_size}"
+            )
         new_grid = image_size // model.patch_size
-        params["pos_embed"] = np.asarray(resample_posemb(params["pos_embed"], model.num_prefix, new_grid),
-                                         np.float32)
-        report["resampled"] = (f"position embedding {model.grid}x{model.grid} -> {new_grid}x{new_grid} "
-                               "(bicubic)")
+        params["pos_embed"] = np.asarray(
+            resample_posemb(params["pos_embed"], model.num_prefix, new_grid), np.float32
+        )
+        report["resampled"] = (
+            f"position embedding {model.grid}x{model.grid} -> {new_grid}x{new_grid} (bicubic)"
+        )
         report["original_image_size"] = model.image_size
         model = make_vit(dict(arch, image_size=image_size))
     return model, params, report

@@ -29,13 +29,27 @@ import numpy as np
 from hybrid_distill_jax.errors import CheckpointError, ConfigError
 
 _STORAGE_DTYPES = {
-    "DoubleStorage": np.float64, "FloatStorage": np.float32, "HalfStorage": np.float16,
-    "BFloat16Storage": "bfloat16", "LongStorage": np.int64, "IntStorage": np.int32,
-    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
+    "DoubleStorage": np.float64,
+    "FloatStorage": np.float32,
+    "HalfStorage": np.float16,
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_,
 }
 _TORCH_DTYPES = {
-    "float64": np.float64, "float32": np.float32, "float16": np.float16, "bfloat16": "bfloat16",
-    "int64": np.int64, "int32": np.int32, "int16": np.int16, "int8": np.int8, "uint8": np.uint8,
+    "float64": np.float64,
+    "float32": np.float32,
+    "float16": np.float16,
+    "bfloat16": "bfloat16",
+    "int64": np.int64,
+    "int32": np.int32,
+    "int16": np.int16,
+    "int8": np.int8,
+    "uint8": np.uint8,
     "bool": np.bool_,
 }
 _REMOTE = re.compile(r"^(https?|s3|gs|hf|hf-hub|ftp)://|^hf-hub:|^timm/", re.IGNORECASE)
@@ -51,17 +65,24 @@ def _np_dtype(name):
 
 def check_local(path: str, what: str = "--input") -> str:
     """Refuses URLs and hub names (no download happens here) and paths that do not exist."""
-    hub_like = (not os.path.exists(path) and re.match(r"^[\w-][\w.-]*/[\w.-]+$", path)
-                and not path.endswith((".pth", ".pt", ".bin", ".safetensors", ".ckpt")))
+    hub_like = (
+        not os.path.exists(path)
+        and re.match(r"^[\w-][\w.-]*/[\w.-]+$", path)
+        and not path.endswith((".pth", ".pt", ".bin", ".safetensors", ".ckpt"))
+    )
     if _REMOTE.match(path) and "://" in path:
         name = path.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
-        raise ConfigError(f"{what}={path!r} is a URL: this tool never downloads. Fetch {name!r} yourself "
-                          f"(e.g. curl -LO {path}) and pass the local file")
+        raise ConfigError(
+            f"{what}={path!r} is a URL: this tool never downloads. Fetch {name!r} yourself "
+            f"(e.g. curl -LO {path}) and pass the local file"
+        )
     if _REMOTE.match(path) or hub_like:
         repo = re.sub(r"^(hf-hub:|hf://)", "", path)
-        raise ConfigError(f"{what}={path!r} looks like a hub name, not a local file: this tool never "
-                          f"downloads. Fetch the weights file of {repo!r} yourself (model.safetensors, "
-                          "pytorch_model.bin or open_clip_pytorch_model.bin) and pass its local path")
+        raise ConfigError(
+            f"{what}={path!r} looks like a hub name, not a local file: this tool never "
+            f"downloads. Fetch the weights file of {repo!r} yourself (model.safetensors, "
+            "pytorch_model.bin or open_clip_pytorch_model.bin) and pass its local path"
+        )
     if not os.path.exists(path):
         raise ConfigError(f"{what}={path!r}: no such file")
     if os.path.isdir(path):
@@ -126,8 +147,9 @@ class _TorchZipUnpickler(pickle.Unpickler):
         if not size:
             return np.array(flat[offset])
         item = flat.dtype.itemsize
-        view = np.lib.stride_tricks.as_strided(flat[offset:], shape=tuple(size),
-                                               strides=tuple(s * item for s in stride), writeable=False)
+        view = np.lib.stride_tricks.as_strided(
+            flat[offset:], shape=tuple(size), strides=tuple(s * item for s in stride), writeable=False
+        )
         return np.ascontiguousarray(view).astype(view.dtype.newbyteorder("="))
 
     def find_class(self, module: str, name: str):
@@ -247,8 +269,9 @@ def load_raw(path: str, log=print) -> Any:
         try:
             from safetensors.numpy import load_file
         except ImportError:
-            raise ConfigError("reading .safetensors needs the safetensors package: "
-                              "pip install safetensors") from None
+            raise ConfigError(
+                "reading .safetensors needs the safetensors package: pip install safetensors"
+            ) from None
         try:
             return load_file(path)
         except Exception as e:
@@ -263,18 +286,22 @@ def load_raw(path: str, log=print) -> Any:
     if torch is None:
         if zipfile.is_zipfile(path):
             return read_torch_zip(path)
-        raise ConfigError(f"{path}: a legacy (pre-1.6) torch file needs torch to read: "
-                          "bash scripts/install_torch_cpu.sh")
+        raise ConfigError(
+            f"{path}: a legacy (pre-1.6) torch file needs torch to read: bash scripts/install_torch_cpu.sh"
+        )
     try:
         obj = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
         if not zipfile.is_zipfile(path):
-            raise CheckpointError(f"{path}: torch.load(weights_only=True) refused it: "
-                                  f"{str(e).splitlines()[0]}") from None
+            raise CheckpointError(
+                f"{path}: torch.load(weights_only=True) refused it: {str(e).splitlines()[0]}"
+            ) from None
         # weights_only rejects non-tensor globals such as argparse.Namespace in training checkpoints; our
         # reader turns those into inert stubs instead, still without running any code.
-        log(f"{path}: torch.load(weights_only=True) refused a non-tensor object "
-            f"({str(e).splitlines()[0][:120]}); reading the tensors with the code-free reader instead")
+        log(
+            f"{path}: torch.load(weights_only=True) refused a non-tensor object "
+            f"({str(e).splitlines()[0][:120]}); reading the tensors with the code-free reader instead"
+        )
         return read_torch_zip(path)
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0]})") from None
@@ -315,10 +342,12 @@ def extract_state_dict(obj: Any, path: str, log=print) -> dict[str, np.ndarray]:
         else:
             skipped.append(str(k))
     if skipped:
-        log(f"skipping {len(skipped)} non-float entr{'y' if len(skipped) == 1 else 'ies'}: "
-            f"{', '.join(skipped[:10])}")
+        log(
+            f"skipping {len(skipped)} non-float entr{'y' if len(skipped) == 1 else 'ies'}: "
+            f"{', '.join(skipped[:10])}"
+        )
     if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
     if not sd:
         raise CheckpointError(f"{path}: the state dict holds no floating-point tensors")
     return sd
@@ -336,15 +365,18 @@ def save_state_dict(sd: dict[str, np.ndarray], path: str) -> str:
         try:
             from safetensors.numpy import save_file
         except ImportError:
-            raise ConfigError("writing .safetensors needs the safetensors package: "
-                              "pip install safetensors") from None
+            raise ConfigError(
+                "writing .safetensors needs the safetensors package: pip install safetensors"
+            ) from None
         save_file(sd, path)
     elif path.endswith((".pth", ".pt", ".bin")):
         try:
             import torch
         except ImportError:
-            raise ConfigError(f"writing {path} needs torch (bash scripts/install_torch_cpu.sh); "
-                              "or write .safetensors, which needs no torch") from None
+            raise ConfigError(
+                f"writing {path} needs torch (bash scripts/install_torch_cpu.sh); "
+                "or write .safetensors, which needs no torch"
+            ) from None
         torch.save({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, path)
     else:
         raise ConfigError(f"--output={path!r}: use a .safetensors or .pth file name")

@@ -143,6 +143,7 @@ class Attention(nn.Module):
     qkv_bias: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attn_impl: str | None = None  # fused attention kernel: None (XLA picks), 'xla' or 'cudnn'
 
     @nn.compact
     def __call__(self, x, *, want_logits: bool = False, want_cls: bool = False, num_prefix: int = 1):
@@ -168,7 +169,7 @@ class Attention(nn.Module):
             if want_cls:
                 extras["cls"] = probs[:, :, 0, num_prefix:]
         else:
-            out = jax.nn.dot_product_attention(q, k, v, scale=scale)
+            out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=self.attn_impl)
             if want_cls:
                 cls_logits = jnp.einsum(
                     "bhd,bkhd->bhk", q[:, 0] * scale, k, preferred_element_type=jnp.float32
@@ -205,13 +206,16 @@ class Block(nn.Module):
     drop_path: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attn_impl: str | None = None
 
     @nn.compact
     def __call__(
         self, x, train: bool = False, want_logits: bool = False, want_cls: bool = False, num_prefix: int = 1
     ):
         norm = dict(epsilon=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
-        y, extras = Attention(self.num_heads, self.qkv_bias, self.dtype, self.param_dtype, name="attn")(
+        y, extras = Attention(
+            self.num_heads, self.qkv_bias, self.dtype, self.param_dtype, self.attn_impl, name="attn"
+        )(
             nn.LayerNorm(name="norm1", **norm)(x),
             want_logits=want_logits,
             want_cls=want_cls,
@@ -254,6 +258,9 @@ class VisionTransformer(nn.Module):
     drop_path: float = 0.0
     remat: bool = False  # True: same as remat_policy='full' (kept for older configs)
     remat_policy: str = "none"  # see REMAT_POLICIES: what each block saves for the backward pass
+    # Kernel for attention whose probabilities nobody asked for: None lets XLA choose; 'cudnn' is the
+    # fast fused kernel on NVIDIA GPUs (frozen teachers at any length; training needs a length % 16 == 0).
+    attn_impl: str | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -336,6 +343,7 @@ class VisionTransformer(nn.Module):
                 float(drop_rates[layer - 1]),
                 self.dtype,
                 self.param_dtype,
+                self.attn_impl,
                 name=f"block{layer}",
             )(x, train, want_logits, want_cls, p)
             if want_logits:
@@ -371,7 +379,8 @@ class VisionTransformer(nn.Module):
 ARCH_FIELDS = tuple(
     f.name
     for f in dataclasses.fields(VisionTransformer)
-    if f.name not in ("parent", "name", "dtype", "param_dtype", "drop_path", "remat", "remat_policy")
+    if f.name
+    not in ("parent", "name", "dtype", "param_dtype", "drop_path", "remat", "remat_policy", "attn_impl")
 )
 
 
