@@ -28,7 +28,7 @@ from hybrid_distill_jax.distill import dtype_of, normalize, pooled_features
 from hybrid_distill_jax.errors import CheckpointError
 from hybrid_distill_jax.models import io as model_io
 from hybrid_distill_jax.models.vit import make_vit, resample_posemb
-from hybrid_distill_jax.optim import decay_mask, schedule
+from hybrid_distill_jax.optim import make_optimizer
 
 # Top-level parameter names that sit below block 1 (layer id 0) for layer-wise lr decay.
 EMBEDDING_NAMES = ("patch_embed", "pos_embed", "cls_token", "dist_token", "norm_pre")
@@ -172,22 +172,9 @@ class FinetuneTask:
 
     def make_optimizer(self, optim_cfg, batch_size: int, total_steps: int, warmup_steps: int):
         """AdamW as in ``optim.make_optimizer``, followed by the layer-wise learning-rate decay."""
-        sched = schedule(optim_cfg, batch_size, total_steps, warmup_steps)
-        parts = [optax.clip_by_global_norm(optim_cfg.grad_clip)] if optim_cfg.grad_clip else []
-        parts.append(
-            optax.adamw(
-                sched,
-                b1=optim_cfg.b1,
-                b2=optim_cfg.b2,
-                eps=1e-8,
-                weight_decay=optim_cfg.weight_decay,
-                mask=decay_mask,
-            )
-        )
         decay = float(self.config.finetune.layer_decay)
-        if decay != 1.0:
-            parts.append(scale_by_layer_decay(self.model.depth, decay))
-        return optax.chain(*parts), sched
+        extra = (scale_by_layer_decay(self.model.depth, decay),) if decay != 1.0 else ()
+        return make_optimizer(optim_cfg, batch_size, total_steps, warmup_steps, extra=extra)
 
     def static_args(self, step, total_steps):
         return None

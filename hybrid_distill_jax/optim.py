@@ -36,8 +36,8 @@ def schedule(optim_cfg, batch_size: int, total_steps: int, warmup_steps: int) ->
     )
 
 
-def make_optimizer(optim_cfg, batch_size: int, total_steps: int, warmup_steps: int):
-    """Returns (optax transformation, schedule)."""
+def make_optimizer(optim_cfg, batch_size: int, total_steps: int, warmup_steps: int, extra=()):
+    """Returns (optax transformation, schedule); ``extra`` transformations run after AdamW."""
     sched = schedule(optim_cfg, batch_size, total_steps, warmup_steps)
     parts = []
     if optim_cfg.grad_clip:
@@ -52,4 +52,5 @@ def make_optimizer(optim_cfg, batch_size: int, total_steps: int, warmup_steps: i
             mask=decay_mask,
         )
     )
+    parts.extend(extra)
     return optax.chain(*parts), sched
