@@ -85,6 +85,12 @@ def parse_args(argv=None):
     )
     ap.add_argument("--student_dtype", default="bfloat16", help="student compute dtype (params stay fp32)")
     ap.add_argument("--teacher_dtype", default="bfloat16")
+    ap.add_argument(
+        "--teacher_attn_impl",
+        default="",
+        choices=("", "xla", "cudnn"),
+        help="fused attention kernel of the frozen teachers (teachers.*.attn_impl); cudnn on NVIDIA GPUs",
+    )
     ap.add_argument("--relation_on_kept", action="store_true", help="loss.relation_teacher_on_kept=True")
     ap.add_argument("--drop_path", type=float, default=0.0, help="student drop-path (the peer has none)")
     ap.add_argument("--peer", default=PEER_DEFAULT, help="path of torch_peer.py")
@@ -190,6 +196,7 @@ def build_task(args, tmp: str):
             checkpoint=model_io.save_model(os.path.join(tmp, role), model, params),
             dtype=args.teacher_dtype,
             image_size=size,
+            attn_impl=args.teacher_attn_impl,
         )
         del params
     config = as_attr(
