@@ -21,6 +21,20 @@ from hybrid_distill_jax.models.vit import REMAT_POLICIES, decode_variant
 MODES = ("distill", "supervised", "mae", "finetune", "evaluate")
 
 
+def _model_defaults() -> dict:
+    """The architecture and numerics fields shared by ``student`` (distill) and ``model`` (other modes)."""
+    return dict(
+        variant="B/16",
+        drop_path=0.1,
+        dtype="float32",
+        param_dtype="float32",
+        remat=False,
+        remat_policy="none",  # or 'full', 'dots_saveable', ... (models.vit.REMAT_POLICIES)
+        mean=model_io.IMAGENET_MEAN,
+        std=model_io.IMAGENET_STD,
+    )
+
+
 def base_config(mode: str = "distill") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.mode = mode
@@ -93,18 +107,7 @@ def base_config(mode: str = "distill") -> ml_collections.ConfigDict:
     c.faults = ml_collections.ConfigDict(dict(nan_at_step=-1))  # fault injection, for tests of the guards
 
     if mode == "distill":
-        c.student = ml_collections.ConfigDict(
-            dict(
-                variant="B/16",
-                drop_path=0.1,
-                dtype="float32",
-                param_dtype="float32",
-                remat=False,
-                remat_policy="none",  # or 'full', 'dots_saveable', ... (models.vit.REMAT_POLICIES)
-                mean=model_io.IMAGENET_MEAN,
-                std=model_io.IMAGENET_STD,
-            )
-        )
+        c.student = ml_collections.ConfigDict(_model_defaults())
         c.teachers = ml_collections.ConfigDict(
             dict(
                 feature=dict(checkpoint="", dtype="bfloat16", image_size=0, attn_impl=""),
@@ -139,14 +142,7 @@ def base_config(mode: str = "distill") -> ml_collections.ConfigDict:
     else:
         c.model = ml_collections.ConfigDict(
             dict(
-                variant="B/16",
-                drop_path=0.1,
-                dtype="float32",
-                param_dtype="float32",
-                remat=False,
-                remat_policy="none",  # or 'full', 'dots_saveable', ... (models.vit.REMAT_POLICIES)
-                mean=model_io.IMAGENET_MEAN,
-                std=model_io.IMAGENET_STD,
+                _model_defaults(),
                 pool="cls",
             )
         )

@@ -28,6 +28,17 @@ def dtype_of(name: str, field: str):
     return DTYPES[name]
 
 
+def vit_from_config(mcfg, field: str, **overrides) -> VisionTransformer:
+    """The ViT a config section describes (``variant`` + fields), its dtypes, and ``overrides``."""
+    non_arch = ("mean", "std", "dtype", "param_dtype")
+    return make_vit(
+        {k: v for k, v in mcfg.items() if k not in non_arch},
+        dtype=dtype_of(mcfg.get("dtype", "float32"), f"{field}.dtype"),
+        param_dtype=dtype_of(mcfg.get("param_dtype", "float32"), f"{field}.param_dtype"),
+        **overrides,
+    )
+
+
 def normalize(images: jax.Array, mean, std, image_size: int) -> jax.Array:
     """[0, 1] images -> a model's own resolution and normalisation (the same crop for every model)."""
     if images.shape[1] != image_size:
@@ -79,13 +90,7 @@ class DistillTask:
         self.config = config
         scfg, lcfg, mcfg = config.student, config.loss, config.masking
         self.image_size = config.image_size
-        self.student = make_vit(
-            {k: v for k, v in scfg.items() if k not in ("mean", "std")},
-            image_size=config.image_size,
-            num_classes=0,
-            dtype=dtype_of(scfg.get("dtype", "float32"), "student.dtype"),
-            param_dtype=dtype_of(scfg.get("param_dtype", "float32"), "student.param_dtype"),
-        )
+        self.student = vit_from_config(scfg, "student", image_size=config.image_size, num_classes=0)
         self.mean, self.std = tuple(scfg.mean), tuple(scfg.std)
         self.alpha, self.beta = float(lcfg.alpha), float(lcfg.beta)
         self.depth = self.student.depth

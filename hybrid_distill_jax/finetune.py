@@ -24,10 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hybrid_distill_jax.distill import dtype_of, normalize, pooled_features
+from hybrid_distill_jax.distill import normalize, pooled_features, vit_from_config
 from hybrid_distill_jax.errors import CheckpointError
 from hybrid_distill_jax.models import io as model_io
-from hybrid_distill_jax.models.vit import make_vit, resample_posemb
+from hybrid_distill_jax.models.vit import resample_posemb
 from hybrid_distill_jax.optim import make_optimizer
 
 # Top-level parameter names that sit below block 1 (layer id 0) for layer-wise lr decay.
@@ -126,20 +126,19 @@ class FinetuneTask:
         self.config = config
         self.num_classes = num_classes
         mcfg = config.model
-        dtypes = dict(
-            dtype=dtype_of(mcfg.get("dtype", "float32"), "model.dtype"),
-            param_dtype=dtype_of(mcfg.get("param_dtype", "float32"), "model.param_dtype"),
-        )
         head = dict(num_classes=num_classes, pool=mcfg.pool, drop_path=mcfg.drop_path)
         if config.init_from:
             meta = model_io.read_model_json(config.init_from, "init_from")
-            arch = dict(meta["arch"], image_size=config.image_size, **head)
+            # The pre-trained architecture, with this config's head, resolution and dtypes.
+            mcfg = dict(
+                meta["arch"],
+                dtype=mcfg.get("dtype", "float32"),
+                param_dtype=mcfg.get("param_dtype", "float32"),
+            )
             self.mean, self.std = tuple(meta["input"]["mean"]), tuple(meta["input"]["std"])
         else:
-            arch = {k: v for k, v in mcfg.items() if k not in ("mean", "std", "dtype", "param_dtype")}
-            arch.update(image_size=config.image_size, **head)
             self.mean, self.std = tuple(mcfg.mean), tuple(mcfg.std)
-        self.model = make_vit(arch, **dtypes)
+        self.model = vit_from_config(mcfg, "model", image_size=config.image_size, **head)
 
     # -- task interface ------------------------------------------------------------------------------
     def init_params(self, rng):

@@ -10,21 +10,13 @@ import jax
 import jax.numpy as jnp
 
 from hybrid_distill_jax import losses, masking
-from hybrid_distill_jax.distill import dtype_of, normalize, pooled_features
+from hybrid_distill_jax.distill import normalize, pooled_features, vit_from_config
 from hybrid_distill_jax.models import io as model_io
 from hybrid_distill_jax.models.mae import MAE, mae_loss
-from hybrid_distill_jax.models.vit import make_vit
 
 
 def _model_from(config, num_classes: int):
-    mcfg = config.model
-    return make_vit(
-        {k: v for k, v in mcfg.items() if k not in ("mean", "std", "dtype", "param_dtype")},
-        image_size=config.image_size,
-        num_classes=num_classes,
-        dtype=dtype_of(mcfg.get("dtype", "float32"), "model.dtype"),
-        param_dtype=dtype_of(mcfg.get("param_dtype", "float32"), "model.param_dtype"),
-    )
+    return vit_from_config(config.model, "model", image_size=config.image_size, num_classes=num_classes)
 
 
 class SupervisedTask:

@@ -11,10 +11,10 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import make_teacher, tiny_distill_config
 
 from hybrid_distill_jax import analyze, config_lib, diagnostics, plots
 from hybrid_distill_jax.errors import ConfigError
+from tests.helpers import make_teacher, tiny_distill_config
 
 # ------------------------------------------------------------------------ brute-force references
 

@@ -8,12 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import make_teacher
 
 from hybrid_distill_jax import config_lib, finetune
 from hybrid_distill_jax.errors import ConfigError
 from hybrid_distill_jax.models import io as model_io
 from hybrid_distill_jax.train import Trainer, train
+from tests.helpers import make_teacher, tiny_common
 
 
 def _params(depth=3):
@@ -84,22 +84,11 @@ def test_mix_prob_zero_never_mixes():
 
 
 def _ft_config(data_dir, init_from="", steps=4):
-    c = config_lib.base_config("finetune")
+    c = tiny_common(config_lib.base_config("finetune"), data_dir, steps=steps)
     c.name = "ft"
     c.init_from = init_from
-    c.image_size = 32
-    c.batch_size = 16
-    c.total_steps = steps
     c.model.variant = "pico/8"
-    c.data.name = "embedded_fashion_mnist"
-    c.data.data_dir = data_dir
-    c.data.train_split, c.data.eval_split = "train", "test"
-    c.data.shuffle_buffer = 256
-    c.optim.lr = 1e-3
-    c.optim.warmup_steps = 1
-    c.log_every = 2
-    c.checkpoint_every = 0
-    c.tensorboard = False
+    c.eval.at_end = True
     c.eval.max_test = 100
     c.eval.batch_size = 100
     return c
