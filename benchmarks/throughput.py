@@ -180,9 +180,9 @@ def build_task(args, tmp: str):
     import jax
     import jax.numpy as jnp
 
-    from hybrid_distill_jax.distill import DistillTask
     from hybrid_distill_jax.models import io as model_io
     from hybrid_distill_jax.models.vit import make_vit
+    from hybrid_distill_jax.tasks.distill import DistillTask
 
     student, feature, feature_size, relation, image_size = PRESETS[args.preset]
     teachers = {}
@@ -246,7 +246,7 @@ def make_step(task, tx, mesh, static, accum):
     import jax.numpy as jnp
     import optax
 
-    from hybrid_distill_jax import sharding
+    from hybrid_distill_jax.parallel import sharding
 
     def step(state, frozen, batch):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
@@ -300,7 +300,7 @@ def run_jax(args) -> dict:
     from jax.sharding import PartitionSpec as P
 
     from hybrid_distill_jax import masking, sharding
-    from hybrid_distill_jax.optim import make_optimizer
+    from hybrid_distill_jax.train.optim import make_optimizer
 
     chips = jax.device_count()
     kind = jax.devices()[0].device_kind

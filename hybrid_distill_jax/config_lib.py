@@ -12,13 +12,28 @@ import os
 import jax
 import ml_collections
 
-from hybrid_distill_jax import masking, sharding
+from hybrid_distill_jax import masking
 from hybrid_distill_jax.errors import ConfigError
 from hybrid_distill_jax.losses import FEATURE_LOSSES, RELATION_LOSSES
 from hybrid_distill_jax.models import io as model_io
 from hybrid_distill_jax.models.vit import REMAT_POLICIES, decode_variant
+from hybrid_distill_jax.parallel import sharding
 
 MODES = ("distill", "supervised", "mae", "finetune", "evaluate")
+
+
+# config.data: the one home of the data defaults (the pipelines read missing fields from here too).
+DATA_DEFAULTS = dict(
+    data_dir=None,  # TFDS data_dir, or the root of a folder dataset
+    train_split="train",
+    eval_split="validation",
+    crop_scale=(0.2, 1.0),  # RandomResizedCrop area range
+    crop_ratio=(3 / 4, 4 / 3),  # ... and aspect-ratio range
+    flip=True,
+    shuffle_buffer=50_000,
+    prefetch=2,  # batches prepared ahead on the host
+    on_corrupt="skip",  # an unreadable image: 'skip' it (logged, counted) or 'fail' the run
+)
 
 
 def _model_defaults() -> dict:
@@ -46,17 +61,7 @@ def base_config(mode: str = "distill") -> ml_collections.ConfigDict:
     c.total_epochs = 300.0
 
     c.data = ml_collections.ConfigDict(
-        dict(
-            name="imagenet2012",
-            data_dir=ml_collections.FieldReference(None, field_type=str),
-            train_split="train",
-            eval_split="validation",
-            crop_scale=(0.2, 1.0),
-            crop_ratio=(3 / 4, 4 / 3),
-            flip=True,
-            shuffle_buffer=50_000,
-            prefetch=2,
-        )
+        dict(DATA_DEFAULTS, name="imagenet2012", data_dir=ml_collections.FieldReference(None, field_type=str))
     )
     c.optim = ml_collections.ConfigDict(
         dict(

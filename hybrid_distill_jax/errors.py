@@ -1,4 +1,8 @@
-"""Errors that carry a one-line, user-facing message."""
+"""Every exception the program turns into an exit status, each with a one-line, user-facing message.
+
+``main`` maps them to exit statuses: ConfigError, DataError and CheckpointError -> 2,
+NonFiniteError -> 3, Preempted -> 75 (docs/ERRORS.md).
+"""
 
 
 class ConfigError(ValueError):
@@ -11,3 +15,19 @@ class DataError(ValueError):
 
 class CheckpointError(ValueError):
     """A checkpoint does not fit the model it is loaded into; the message lists the mismatches."""
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN/Inf loss or gradient under ``nonfinite_policy='stop'``."""
+
+    exit_code = 3
+
+
+class Preempted(Exception):
+    """SIGTERM (or a multi-host preemption notice) arrived; a checkpoint was written at ``step``."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again later (rerun the same command to resume)
+
+    def __init__(self, step: int, directory: str):
+        super().__init__(f"preempted: checkpoint written at step {step} in {directory}; rerun to resume")
+        self.step = step

@@ -17,15 +17,17 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from hybrid_distill_jax.errors import CheckpointError, ConfigError, DataError
-from hybrid_distill_jax.train import NonFiniteError, Preempted
+from hybrid_distill_jax.errors import CheckpointError, ConfigError, DataError, NonFiniteError, Preempted
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, exports and summaries.")
 flags.mark_flags_as_required(["config", "workdir"])
 flags.DEFINE_enum(
-    "distributed", "auto", ["auto", "on", "off"], "Multi-process start-up (hybrid_distill_jax.distributed)."
+    "distributed",
+    "auto",
+    ["auto", "on", "off"],
+    "Multi-process start-up (hybrid_distill_jax.parallel.distributed).",
 )
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process runs).")
 flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
@@ -44,13 +46,44 @@ def _setup_jax(workdir: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+def _train(config, workdir: str) -> None:
+    from hybrid_distill_jax.train import train
+
+    result = train(config, workdir)
+    if result.summary:
+        print({k: round(v, 2) for k, v in result.summary.items()})
+    print(f"exported to {result.export_dir}")
+
+
+def _demo(config, workdir: str) -> None:
+    from hybrid_distill_jax.experiments.demo import run_demo
+
+    run_demo(config, workdir)
+
+
+def _study(config, workdir: str) -> None:
+    from hybrid_distill_jax.experiments.study import run_study
+
+    run_study(config, workdir)
+
+
+def _evaluate(config, workdir: str) -> None:
+    from hybrid_distill_jax.experiments.analyze import evaluate_model_dir
+
+    evaluate_model_dir(config, workdir)
+
+
+# config.mode -> what runs it; every other mode is a training task (hybrid_distill_jax.tasks).
+RUNNERS = {"demo": _demo, "study": _study, "evaluate": _evaluate}
+
+
 def main(argv) -> int:
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     config = FLAGS.config
     try:
-        from hybrid_distill_jax import distributed
+        from hybrid_distill_jax.parallel import distributed
 
         distributed.initialize(  # before anything touches a device
             FLAGS.coordinator_address,
@@ -60,25 +93,7 @@ def main(argv) -> int:
             mode=FLAGS.distributed,
         )
         _setup_jax(FLAGS.workdir)
-        if config.get("mode") == "demo":
-            from hybrid_distill_jax.demo import run_demo
-
-            run_demo(config, FLAGS.workdir)
-        elif config.get("mode") == "study":
-            from hybrid_distill_jax.study import run_study
-
-            run_study(config, FLAGS.workdir)
-        elif config.get("mode") == "evaluate":
-            from hybrid_distill_jax.analyze import run_evaluate
-
-            run_evaluate(config, FLAGS.workdir)
-        else:
-            from hybrid_distill_jax.train import train
-
-            result = train(config, FLAGS.workdir)
-            if result.summary:
-                print({k: round(v, 2) for k, v in result.summary.items()})
-            print(f"exported to {result.export_dir}")
+        RUNNERS.get(config.get("mode"), _train)(config, FLAGS.workdir)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

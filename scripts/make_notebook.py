@@ -148,7 +148,7 @@ images/s and the ETA.""",
     ),
     (
         "code",
-        """from hybrid_distill_jax.demo import run_stage  # trains one stage or reuses it  # noqa: E402
+        """from hybrid_distill_jax.experiments.stages import run_stage  # trains or reuses  # noqa: E402
 
 results = {}
 for key, given in (("teacher_supervised", FEATURE_TEACHER_DIR), ("teacher_mae", RELATION_TEACHER_DIR)):
@@ -175,7 +175,7 @@ results[student_cfg.name]""",
     ),
     (
         "code",
-        """from hybrid_distill_jax.metrics import read_metrics  # noqa: E402
+        """from hybrid_distill_jax.train.metrics import read_metrics  # noqa: E402
 
 rows = [r for r in read_metrics(student_dir) if "loss" in r]
 steps = [r["step"] for r in rows]
@@ -204,7 +204,7 @@ patch looks. Lighter = more attention.""",
         """import jax.numpy as jnp  # noqa: E402
 
 from hybrid_distill_jax.data import eval_iterator  # noqa: E402
-from hybrid_distill_jax.distill import normalize  # noqa: E402
+from hybrid_distill_jax.models.build import normalize  # noqa: E402
 from hybrid_distill_jax.models.io import load_model  # noqa: E402
 
 models = {
@@ -256,7 +256,8 @@ query and key positions per layer (near 0 = every query attends alike, i.e. atte
         "code",
         """from IPython.display import Image, display  # noqa: E402
 
-from hybrid_distill_jax import diagnostics, plots  # noqa: E402
+from hybrid_distill_jax.eval import diagnostics
+from hybrid_distill_jax.experiments import plots  # noqa: E402
 
 num_images = 32 if SMOKE else 256
 diag = {name: diagnostics.diagnose_model_dir(os.path.dirname(meta_path), student_cfg.data,

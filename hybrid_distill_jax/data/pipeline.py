@@ -32,6 +32,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from hybrid_distill_jax.config_lib import DATA_DEFAULTS
 from hybrid_distill_jax.data import embedded
 from hybrid_distill_jax.errors import ConfigError, DataError
 
@@ -67,17 +68,6 @@ _PERM_DOMAIN = 0x5EED_0001
 _AUG_DOMAIN = 0x5EED_0002
 _ALG = "philox"
 
-DEFAULTS: dict[str, Any] = {
-    "data_dir": None,
-    "train_split": "train",
-    "eval_split": "test",
-    "crop_scale": (0.2, 1.0),
-    "crop_ratio": (3.0 / 4.0, 4.0 / 3.0),
-    "flip": True,
-    "shuffle_buffer": 10_000,
-    "prefetch": 2,
-    "on_corrupt": "skip",
-}
 ON_CORRUPT = ("skip", "fail")
 
 # Unreadable files met by the pipelines of this process, in the order met (logged by the trainer).
@@ -132,8 +122,8 @@ def _field(data_cfg: Any, name: str) -> Any:
             return getattr(data_cfg, name)
         except AttributeError:
             pass
-    if name in DEFAULTS:
-        return DEFAULTS[name]
+    if name in DATA_DEFAULTS:
+        return DATA_DEFAULTS[name]
     raise ConfigError(f"config.data.{name}: missing (required)")
 
 

@@ -7,89 +7,25 @@ this one objective.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from hybrid_distill_jax import losses, masking
 from hybrid_distill_jax.errors import ConfigError
-from hybrid_distill_jax.models import io as model_io
-from hybrid_distill_jax.models.vit import VisionTransformer, make_vit
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+from hybrid_distill_jax.models.build import FrozenTeacher, normalize, vit_from_config
+from hybrid_distill_jax.tasks.base import Task, register
 
 
-def dtype_of(name: str, field: str):
-    if name not in DTYPES:
-        raise ConfigError(f"{field}={name!r}: expected one of {sorted(DTYPES)}")
-    return DTYPES[name]
-
-
-def vit_from_config(mcfg, field: str, **overrides) -> VisionTransformer:
-    """The ViT a config section describes (``variant`` + fields), its dtypes, and ``overrides``."""
-    non_arch = ("mean", "std", "dtype", "param_dtype")
-    return make_vit(
-        {k: v for k, v in mcfg.items() if k not in non_arch},
-        dtype=dtype_of(mcfg.get("dtype", "float32"), f"{field}.dtype"),
-        param_dtype=dtype_of(mcfg.get("param_dtype", "float32"), f"{field}.param_dtype"),
-        **overrides,
-    )
-
-
-def normalize(images: jax.Array, mean, std, image_size: int) -> jax.Array:
-    """[0, 1] images -> a model's own resolution and normalisation (the same crop for every model)."""
-    if images.shape[1] != image_size:
-        b, _, _, c = images.shape
-        images = jax.image.resize(images, (b, image_size, image_size, c), method="bicubic")
-    return (images - jnp.asarray(mean, images.dtype)) / jnp.asarray(std, images.dtype)
-
-
-@dataclasses.dataclass(frozen=True)
-class Teacher:
-    """A frozen, exported ViT with its own input resolution and normalisation."""
-
-    model: VisionTransformer
-    mean: tuple
-    std: tuple
-    image_size: int
-
-    @classmethod
-    def load(cls, cfg, field: str) -> tuple[Teacher, Any]:
-        dtype = dtype_of(cfg.get("dtype", "bfloat16"), f"{field}.dtype")
-        model, params, meta = model_io.load_model(
-            cfg.checkpoint,
-            field=f"{field}.checkpoint",
-            dtype=dtype,
-            drop_path=0.0,
-            attn_impl=cfg.get("attn_impl") or None,
-        )
-        size = cfg.get("image_size") or meta["input"]["image_size"]
-        params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
-        return cls(model, tuple(meta["input"]["mean"]), tuple(meta["input"]["std"]), int(size)), params
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.model.patch_size
-
-    def __call__(self, params, images, **kwargs):
-        out = self.model.apply(
-            {"params": params}, normalize(images, self.mean, self.std, self.image_size), **kwargs
-        )
-        return jax.tree.map(jax.lax.stop_gradient, out)
-
-
-class DistillTask:
+@register
+class DistillTask(Task):
     """Student (+ linear feature head) trained against a feature teacher and a relation teacher."""
 
     name = "distill"
 
-    def __init__(self, config):
-        self.config = config
+    def __init__(self, config, num_classes: int = 0):
+        super().__init__(config, num_classes)
         scfg, lcfg, mcfg = config.student, config.loss, config.masking
-        self.image_size = config.image_size
         self.student = vit_from_config(scfg, "student", image_size=config.image_size, num_classes=0)
         self.mean, self.std = tuple(scfg.mean), tuple(scfg.std)
         self.alpha, self.beta = float(lcfg.alpha), float(lcfg.beta)
@@ -98,15 +34,15 @@ class DistillTask:
             tuple(lcfg.relation_layers) if lcfg.relation_layers is not None else tuple(range(1, self.depth))
         )
         self.score_source = mcfg.score_source
-        self.frozen, self.teachers = {}, {}
+        self.teachers = {}
         needs_feature = self.alpha > 0 or self.score_source == "feature_teacher"
         needs_relation = (self.beta > 0 and self.relation_layers) or self.score_source == "relation_teacher"
         if needs_feature:
-            self.teachers["feature"], self.frozen["feature"] = Teacher.load(
+            self.teachers["feature"], self.frozen["feature"] = FrozenTeacher.load(
                 config.teachers.feature, "teachers.feature"
             )
         if needs_relation:
-            self.teachers["relation"], self.frozen["relation"] = Teacher.load(
+            self.teachers["relation"], self.frozen["relation"] = FrozenTeacher.load(
                 config.teachers.relation, "teachers.relation"
             )
         self._check_compatible()
@@ -185,6 +121,13 @@ class DistillTask:
                 )
 
     # -- task interface ------------------------------------------------------------------------------
+    @property
+    def vit(self):
+        return self.student
+
+    def vit_params(self, params):
+        return params["student"]
+
     def init_params(self, rng):
         x = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
         params = {"student": self.student.init(rng, x)["params"]}
@@ -192,23 +135,21 @@ class DistillTask:
             params["head"] = self.head.init(rng, jnp.zeros((1, 1, self.student.width)))["params"]
         return params
 
-    def static_args(self, step: int, total_steps: int):
+    def stage(self, step: int, total_steps: int):
         """Static token counts: K for `over_training`, the per-drop counts for `over_depth`."""
         if self.mode == "over_training":
             return masking.keep_count(self.num_patches, self.schedule.mask_ratio(step, total_steps))
         return tuple(masking.keep_count(self.num_patches, r) for r in self.config.masking.drop_ratios)
 
-    def stage_boundaries(self, total_steps: int) -> list[int]:
-        if self.mode != "over_training":
-            return [0]
-        return [self.schedule.stage_start_step(i, total_steps) for i in range(len(self.schedule.starts))]
+    def stage_metrics(self, stage) -> dict[str, float]:
+        return {"keep": stage if isinstance(stage, int) else -1}
 
     def _scores(self, teacher_out: dict, layer: int, shape) -> jax.Array:
         if self.score_source == "uniform":
             return jnp.ones(shape, jnp.float32)
         return masking.redundancy_scores(teacher_out[self.score_source.split("_")[0]]["cls_attn"][layer])
 
-    def loss_fn(self, params, frozen, batch, rng, static):
+    def loss_fn(self, params, frozen, batch, rng, stage):
         mcfg, lcfg = self.config.masking, self.config.loss
         images = batch["image"]
         b = images.shape[0]
@@ -240,13 +181,13 @@ class DistillTask:
         if over_depth:
             scores = [self._scores(tout, layer, (b, n)) for layer in drop_layers]
             relative, absolute = masking.nested_selection(
-                rng_mask, scores, static, mcfg.selection, mcfg.temperature
+                rng_mask, scores, stage, mcfg.selection, mcfg.temperature
             )
             keep_input = None
             drop_after = dict(zip(drop_layers, relative))
             final_idx = absolute[-1]
         else:
-            k = static
+            k = stage
             if k == n:
                 keep_input = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
             else:
@@ -331,29 +272,3 @@ class DistillTask:
             total = total + self.beta * rel
         metrics["loss"] = total
         return total, metrics
-
-    def feature_fn(self, params, images):
-        out = self.student.apply(
-            {"params": params["student"]}, normalize(images, self.mean, self.std, self.image_size)
-        )
-        return pooled_features(out, self.config.eval.pool, self.student.num_prefix)
-
-    def export(self, params, directory: str) -> str:
-        return model_io.save_model(
-            directory,
-            self.student,
-            params["student"],
-            mean=self.mean,
-            std=self.std,
-            extra={"trained_by": "hybrid_distill_jax distill"},
-        )
-
-
-def pooled_features(out: dict, pool: str, num_prefix: int = 1) -> jax.Array:
-    """'cls': the final-norm CLS token; 'gap': mean of the final-norm patch tokens."""
-    tokens = out["tokens"].astype(jnp.float32)
-    if pool == "cls":
-        return tokens[:, 0]
-    if pool == "gap":
-        return jnp.mean(tokens[:, num_prefix:], axis=1)
-    raise ConfigError(f"eval.pool={pool!r}: expected 'cls' or 'gap'")

@@ -14,15 +14,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hybrid_distill_jax import checkpoint as checkpoint_lib
-from hybrid_distill_jax import metrics
 from hybrid_distill_jax.config_lib import base_config
 from hybrid_distill_jax.data import pipeline
-from hybrid_distill_jax.errors import CheckpointError, ConfigError, DataError
-from hybrid_distill_jax.train import NonFiniteError, Preempted, Trainer, train
+from hybrid_distill_jax.errors import CheckpointError, ConfigError, DataError, NonFiniteError, Preempted
+from hybrid_distill_jax.train import Trainer, metrics, train
+from hybrid_distill_jax.train import checkpoint as checkpoint_lib
 from tests.helpers import make_teacher, tiny_distill_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LOSS_KEYS = ("loss", "feature_loss", "relation_loss", "grad_norm", "lr", "keep", "nonfinite_steps")
 
 

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from hybrid_distill_jax import sharding
 from hybrid_distill_jax.config_lib import validate
 from hybrid_distill_jax.errors import ConfigError
 from hybrid_distill_jax.models.vit import make_vit
+from hybrid_distill_jax.parallel import sharding
 from tests.helpers import tiny_distill_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def subprocess_env(devices: int) -> dict:
@@ -38,7 +38,7 @@ def subprocess_env(devices: int) -> dict:
 BATCH = 32
 
 
-# ---- shared with tests/test_distributed.py and the subprocesses ---------------------------------------
+# ---- shared with tests/integration/test_distributed.py and the subprocesses ---------------------------------------
 def equivalence_config(tmp_path, tfds_dir, mesh, strategy="replicated", accum=1):
     c = tiny_distill_config(str(tmp_path), tfds_dir, steps=4, batch=BATCH)
     c.masking.selection = "topk"  # deterministic: no random stream differs between layouts
@@ -74,11 +74,11 @@ def process_rows(trainer, global_batch: int) -> slice:
 def run_fixed_steps(trainer, batches, state=None):
     """Runs the trainer's step on each (global, host) batch; each process feeds its own rows."""
     state = trainer._init_state(jax.random.key(trainer.config.seed)) if state is None else state
-    static = trainer.task.static_args(0, trainer.total_steps)
+    stage = trainer.task.stage(0, trainer.total_steps)
     losses = []
     for b in batches:
         rows = process_rows(trainer, len(b["image"]))
-        state, metrics = trainer.step_fn(static)(
+        state, metrics = trainer.step_fn(stage)(
             state, trainer.frozen, trainer._device_batch({k: v[rows] for k, v in b.items()})
         )
         losses.append(float(metrics["loss"]))
@@ -257,7 +257,7 @@ import jax, numpy as np
 jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_threefry_partitionable", True)
 from hybrid_distill_jax.train import Trainer
-from tests.test_sharding import equivalence_config, fixed_batches, gathered_params, run_fixed_steps
+from tests.integration.test_sharding import equivalence_config, fixed_batches, gathered_params, run_fixed_steps
 tmp, tfds_dir, workdir, out = sys.argv[1:5]
 assert jax.device_count() == 1
 trainer = Trainer(equivalence_config(tmp, tfds_dir, dict(data=-1), "replicated"), workdir)

@@ -1,28 +1,20 @@
-"""The small-scale reproduction (``mode='study'``, ``configs/study.py``): teachers, five students, three
-evaluations each, attention diagnostics, and a generated ``RESULTS.md``.
-
-Stages reuse the demo's caching (``demo.run_stage``): a stage whose export and eval.json exist is not rerun.
-"""
+"""Reports of the experiments: the plain-text results table, the study's figures and RESULTS.md."""
 
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import shlex
-import statistics
 import sys
-import time
+from collections.abc import Mapping
 
 import jax
 import numpy as np
 
-from hybrid_distill_jax import config_lib, diagnostics, evaluate, plots
 from hybrid_distill_jax.data import dataset_info
-from hybrid_distill_jax.demo import run_random_init_stage, run_stage
-from hybrid_distill_jax.errors import ConfigError
-from hybrid_distill_jax.metrics import read_metrics
+from hybrid_distill_jax.eval import diagnostics
+from hybrid_distill_jax.experiments import plots
 from hybrid_distill_jax.models.vit import decode_variant
 
 TEACHERS = ("teacher_supervised", "teacher_mae")
@@ -38,127 +30,26 @@ LABELS = {
 }
 
 
-# ------------------------------------------------------------------------------------------- stages
+def format_table(summary: Mapping[str, Mapping[str, float]]) -> str:
+    """Plain-text table: one row per model, one column per metric (first-seen order), '-' if missing."""
+    metrics: list[str] = []
+    for row in summary.values():
+        metrics.extend(m for m in row if m not in metrics)
+    header = ["model", *metrics]
+    rows = [[str(name), *(_fmt(vals.get(m)) for m in metrics)] for name, vals in summary.items()]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = (c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))
+        return "  ".join([first, *rest]).rstrip()
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), sep, *(line(r) for r in rows)])
 
 
-def _shared(config, sub):
-    """A stage's config with the study-wide data, resolution and architecture applied."""
-    sub = sub.copy_and_resolve_references()
-    with sub.unlocked():
-        sub.data = config.data.copy_and_resolve_references()
-        sub.image_size = config.image_size
-        arch = sub.student if sub.mode == "distill" else sub.model
-        arch.variant = config.variant
-    return sub
-
-
-def _throughput(workdir: str) -> float | None:
-    """Median training images/s over the run's reports, the first (compilation) excluded."""
-    rates = [r["img_per_s"] for r in read_metrics(workdir) if "img_per_s" in r]
-    return statistics.median(rates[1:] or rates) if rates else None
-
-
-def _diagnostics(config, workdir: str, exports: dict[str, str]) -> dict:
-    path = os.path.join(workdir, "diagnostics.json")
-    cached = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            cached = json.load(f)
-    dcfg = config.diagnostics
-    results = {}
-    for name, directory in exports.items():
-        if name in cached and cached[name].get("num_images") == dcfg.num_images:
-            results[name] = cached[name]
-            continue
-        start = time.perf_counter()
-        results[name] = diagnostics.diagnose_model_dir(
-            directory,
-            config.data,
-            num_images=dcfg.num_images,
-            batch_size=dcfg.batch_size,
-            image_size=config.image_size,
-        )
-        print(f"[diagnostics] {name}: {time.perf_counter() - start:.1f} s", flush=True)
-    diagnostics.save(results, path)
-    return results
-
-
-def run_study(config, workdir: str) -> dict:
-    workdir = config_lib.check_workdir(workdir)
-    start = time.perf_counter()
-    stages = {key: _shared(config, config[key]) for key in (*TEACHERS, *config.students)}
-    for sub in stages.values():
-        config_lib.validate(sub, check_teachers=False)
-    unknown = set(config.finetune_models) - set(stages) - {"random_init"}
-    if unknown:
-        raise ConfigError(f"finetune_models: unknown model(s) {sorted(unknown)}")
-
-    results, exports, dirs = {}, {}, {}
-    for key in (*TEACHERS, *config.students):
-        sub = stages[key]
-        if sub.mode == "distill":
-            with sub.unlocked():
-                sub.teachers.feature.checkpoint = exports["teacher_supervised"]
-                sub.teachers.relation.checkpoint = exports["teacher_mae"]
-        dirs[key] = os.path.join(workdir, key)
-        results[key] = dict(run_stage(sub, dirs[key]))
-        exports[key] = os.path.join(dirs[key], "export")
-    baseline = stages[config.students[0]]
-    dirs["random_init"] = os.path.join(workdir, "random_init")
-    results["random_init"] = run_random_init_stage(baseline, dirs["random_init"])
-    exports["random_init"] = os.path.join(dirs["random_init"], "export")
-
-    for key in config.finetune_models:
-        ft = _shared(config, config.finetune)
-        with ft.unlocked():
-            ft.name = f"finetune_{key}"
-            ft.init_from = exports[key]
-            ft.data.crop_scale = tuple(config.get("finetune_crop_scale", ft.data.crop_scale))
-        r = run_stage(ft, os.path.join(workdir, ft.name))
-        results[key]["finetune_top1"] = r["finetune_top1"]
-        results[key]["finetune_seconds"] = r["train_seconds"]
-
-    diag = _diagnostics(config, workdir, exports)
-    total = time.perf_counter() - start
-    for key, r in results.items():
-        r["pretrain_seconds"] = max(r.get("train_seconds", 0.0) - r.get("eval_seconds", 0.0), 0.0)
-        r["img_per_s"] = _throughput(dirs[key]) if key != "random_init" else None
-        s = diagnostics.summary_scalars(diag[key])
-        layers = diag[key]["layers"]
-        r["distance_mean"] = s["distance/mean"]
-        r["nmi_mean"] = s["nmi/mean"]
-        r["nmi_last"] = s[f"nmi/layer{layers[-1]}"]
-        r["distance_last"] = s[f"distance/layer{layers[-1]}"]
-        r["distance_head_std"] = float(np.mean([s[f"distance_head_std/layer{la}"] for la in layers]))
-    stage_seconds = sum(
-        r.get("train_seconds", 0.0) + r.get("finetune_seconds", 0.0) for r in results.values()
-    )
-    summary = {
-        "models": results,
-        "wall_seconds": total,
-        "stage_seconds": stage_seconds,
-        "machine": machine_info(),
-    }
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-
-    report_dir = config.report_dir or workdir
-    figures = make_figures(results, diag, os.path.join(report_dir, "results"), list(config.students))
-    report = write_report(
-        config, stages, results, figures, (total, stage_seconds), os.path.join(report_dir, "RESULTS.md")
-    )
-    table = {
-        LABELS.get(k, k): {
-            m: r.get(m) for m in ("knn_top1", "linear_top1", "finetune_top1", "pretrain_seconds")
-        }
-        for k, r in results.items()
-    }
-    print("\n" + evaluate.format_table(table))
-    print(f"\nstudy finished in {total:.0f} s; {report} and {os.path.join(workdir, 'summary.json')} written")
-    return summary
-
-
-# ---------------------------------------------------------------------------------------- reporting
+def _fmt(value) -> str:
+    return "-" if value is None else f"{float(value):.1f}"
 
 
 def machine_info() -> dict:
@@ -333,7 +224,8 @@ def write_report(config, stages, results, figures, times: tuple[float, float], p
     lines = [
         "# Results: a small-scale reproduction of Hybrid Distill's evidence",
         "",
-        "Generated by `hybrid_distill_jax/study.py` from one run; every number below comes from that run.",
+        "Generated by `hybrid_distill_jax/experiments/study.py` from one run; every number below comes "
+        "from that run.",
         "",
         "```bash",
         command,
@@ -443,10 +335,11 @@ def write_report(config, stages, results, figures, times: tuple[float, float], p
         "- One model: `python -m hybrid_distill_jax.main --config configs/eval.py --workdir DIR "
         "--config.model_dir=WORKDIR/hybrid_progressive/export` (k-NN, linear probe, diagnostics) and "
         "`--config configs/finetune.py --config.init_from=...` (fine-tuning).",
-        "- Diagnostics plots of any exported or converted models: `python -m hybrid_distill_jax.analyze "
-        "--model WORKDIR/teacher_mae/export --model WORKDIR/hybrid_progressive/export --out OUTDIR`.",
-        "- Definitions: attention distance and NMI per `/spec/METHOD.md`, per image then averaged "
-        "(`hybrid_distill_jax/diagnostics.py`).",
+        "- Diagnostics plots of any exported or converted models: "
+        "`python -m hybrid_distill_jax.experiments.analyze --model WORKDIR/teacher_mae/export "
+        "--model WORKDIR/hybrid_progressive/export --out OUTDIR`.",
+        "- Definitions: attention distance and NMI per `docs/METHOD.md`, per image then averaged "
+        "(`hybrid_distill_jax/eval/diagnostics.py`).",
         "",
     ]
     with open(path, "w") as f:

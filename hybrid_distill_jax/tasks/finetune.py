@@ -24,11 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hybrid_distill_jax.distill import normalize, pooled_features, vit_from_config
 from hybrid_distill_jax.errors import CheckpointError
 from hybrid_distill_jax.models import io as model_io
+from hybrid_distill_jax.models.build import normalize, vit_from_config
 from hybrid_distill_jax.models.vit import resample_posemb
-from hybrid_distill_jax.optim import make_optimizer
+from hybrid_distill_jax.tasks.base import Task, register
+from hybrid_distill_jax.train.optim import make_optimizer
 
 # Top-level parameter names that sit below block 1 (layer id 0) for layer-wise lr decay.
 EMBEDDING_NAMES = ("patch_embed", "pos_embed", "cls_token", "dist_token", "norm_pre")
@@ -116,15 +117,14 @@ def mix_batch(
     return images, lam * targets + (1.0 - lam) * targets[::-1]
 
 
-class FinetuneTask:
+@register
+class FinetuneTask(Task):
     """Supervised fine-tuning of a pre-trained (or fresh) ViT with a new classification head."""
 
     name = "finetune"
-    frozen: dict = {}
 
     def __init__(self, config, num_classes: int):
-        self.config = config
-        self.num_classes = num_classes
+        super().__init__(config, num_classes)
         mcfg = config.model
         head = dict(num_classes=num_classes, pool=mcfg.pool, drop_path=mcfg.drop_path)
         if config.init_from:
@@ -138,12 +138,10 @@ class FinetuneTask:
             self.mean, self.std = tuple(meta["input"]["mean"]), tuple(meta["input"]["std"])
         else:
             self.mean, self.std = tuple(mcfg.mean), tuple(mcfg.std)
-        self.model = vit_from_config(mcfg, "model", image_size=config.image_size, **head)
+        self.vit = vit_from_config(mcfg, "model", image_size=config.image_size, **head)
 
-    # -- task interface ------------------------------------------------------------------------------
     def init_params(self, rng):
-        x = jnp.zeros((1, self.config.image_size, self.config.image_size, 3), jnp.float32)
-        return self.model.init(rng, x)["params"]
+        return self.vit.init(rng, jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32))["params"]
 
     def pretrained_params(self, params):
         """``params`` (freshly initialised) with every backbone weight replaced by ``init_from``'s."""
@@ -161,7 +159,7 @@ class FinetuneTask:
                     f"init_from={self.config.init_from}: parameter {name!r} not in the model"
                 )
             if name == "pos_embed":
-                value = resample_posemb(jnp.asarray(value), self.model.num_prefix, self.model.grid)
+                value = resample_posemb(jnp.asarray(value), self.vit.num_prefix, self.vit.grid)
             expected = jax.tree.map(np.shape, params[name])
             got = jax.tree.map(np.shape, value)
             if expected != got:
@@ -172,16 +170,10 @@ class FinetuneTask:
     def make_optimizer(self, optim_cfg, batch_size: int, total_steps: int, warmup_steps: int):
         """AdamW as in ``optim.make_optimizer``, followed by the layer-wise learning-rate decay."""
         decay = float(self.config.finetune.layer_decay)
-        extra = (scale_by_layer_decay(self.model.depth, decay),) if decay != 1.0 else ()
+        extra = (scale_by_layer_decay(self.vit.depth, decay),) if decay != 1.0 else ()
         return make_optimizer(optim_cfg, batch_size, total_steps, warmup_steps, extra=extra)
 
-    def static_args(self, step, total_steps):
-        return None
-
-    def stage_boundaries(self, total_steps):
-        return [0]
-
-    def loss_fn(self, params, frozen, batch, rng, static):
+    def loss_fn(self, params, frozen, batch, rng, stage):
         fcfg = self.config.finetune
         rng_mix, rng_drop = jax.random.split(rng)
         images, targets = mix_batch(
@@ -195,9 +187,9 @@ class FinetuneTask:
             switch_prob=float(fcfg.switch_prob),
             smoothing=float(self.config.loss.label_smoothing),
         )
-        out = self.model.apply(
+        out = self.vit.apply(
             {"params": params},
-            normalize(images, self.mean, self.std, self.config.image_size),
+            normalize(images, self.mean, self.std, self.image_size),
             train=True,
             rngs={"dropout": rng_drop},
         )
@@ -206,25 +198,12 @@ class FinetuneTask:
         accuracy = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
         return loss, {"loss": loss, "accuracy": accuracy}
 
-    def feature_fn(self, params, images):
-        out = self.model.apply(
-            {"params": params}, normalize(images, self.mean, self.std, self.config.image_size)
-        )
-        return pooled_features(out, self.config.eval.pool, self.model.num_prefix)
-
-    def evaluate(self, params) -> dict[str, float]:
+    def final_metrics(self, params) -> dict[str, float]:
         """Top-1 (%) of the fine-tuned classifier on the eval split (center crops)."""
-        return {"finetune_top1": classify_accuracy(self.config, self.model, self.mean, self.std, params)}
+        return {"finetune_top1": classify_accuracy(self.config, self.vit, self.mean, self.std, params)}
 
-    def export(self, params, directory):
-        return model_io.save_model(
-            directory,
-            self.model,
-            params,
-            mean=self.mean,
-            std=self.std,
-            extra={"trained_by": "hybrid_distill_jax finetune", "init_from": self.config.init_from},
-        )
+    def export_metadata(self) -> dict:
+        return dict(super().export_metadata(), init_from=self.config.init_from)
 
 
 def classify_accuracy(config, model, mean, std, params) -> float:

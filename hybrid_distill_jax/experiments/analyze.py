@@ -2,7 +2,7 @@
 
 CLI (any exported or converted model directory; plots + JSON)::
 
-    python -m hybrid_distill_jax.analyze --model runs/demo/teacher_mae/export \\
+    python -m hybrid_distill_jax.experiments.analyze --model runs/demo/teacher_mae/export \\
         --model hybrid=runs/demo/hybrid_student/export --data embedded_fashion_mnist --out runs/analysis
 
 writes ``OUT/diagnostics.json`` ({name: per-layer, per-head distance and NMI}), ``OUT/attention_distance.png``
@@ -20,8 +20,10 @@ import os
 import sys
 import time
 
-from hybrid_distill_jax import config_lib, diagnostics, plots
+from hybrid_distill_jax import config_lib
 from hybrid_distill_jax.errors import CheckpointError, ConfigError, DataError
+from hybrid_distill_jax.eval import diagnostics
+from hybrid_distill_jax.experiments import plots
 
 
 def _name_of(spec: str) -> tuple[str, str]:
@@ -81,7 +83,7 @@ def _data_cfg(name: str, data_dir: str | None, split: str):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m hybrid_distill_jax.analyze", description=__doc__.split("\n")[0]
+        prog="python -m hybrid_distill_jax.experiments.analyze", description=__doc__.split("\n")[0]
     )
     p.add_argument("--model", action="append", required=True, help="DIR or NAME=DIR (repeatable)")
     p.add_argument("--data", default="embedded_fashion_mnist", help="TFDS name (or 'folder')")
@@ -119,14 +121,14 @@ def main(argv=None) -> int:
 # ------------------------------------------------------------------------------------- evaluate mode
 
 
-def run_evaluate(config, workdir: str) -> dict:
+def evaluate_model_dir(config, workdir: str) -> dict:
     """``mode='evaluate'``: k-NN + linear probe (and diagnostics) of ``config.model_dir`` -> eval.json."""
     import jax
 
     from hybrid_distill_jax.data import dataset_info
-    from hybrid_distill_jax.distill import normalize, pooled_features
+    from hybrid_distill_jax.eval.features import probe_frozen_features
     from hybrid_distill_jax.models import io as model_io
-    from hybrid_distill_jax.train import evaluate_features
+    from hybrid_distill_jax.models.build import normalize, pooled_features
 
     config_lib.validate(config)
     workdir = config_lib.check_workdir(workdir)
@@ -143,7 +145,7 @@ def run_evaluate(config, workdir: str) -> dict:
 
     info = dataset_info(cfg.data)
     start = time.perf_counter()
-    summary = evaluate_features(cfg, feature_fn, jax.device_put(params), info.num_classes)
+    summary = probe_frozen_features(cfg, feature_fn, jax.device_put(params), info.num_classes)
     if cfg.eval.get("diagnostics", False):
         diag = diagnostics.AttentionDiagnostics(model, mean, std, size)(
             params,

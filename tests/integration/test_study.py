@@ -4,11 +4,11 @@ import importlib.util
 import json
 import os
 
-from hybrid_distill_jax.study import run_study
+from hybrid_distill_jax.experiments.study import run_study
 
 
 def _study_config(arg="smoke"):
-    path = os.path.join(os.path.dirname(__file__), "..", "configs", "study.py")
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "study.py")
     spec = importlib.util.spec_from_file_location("study_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -4,9 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from hybrid_distill_jax import metrics
 from hybrid_distill_jax.config_lib import base_config
-from hybrid_distill_jax.train import Trainer, train
+from hybrid_distill_jax.train import Trainer, metrics, train
 from tests.helpers import ARCH, tiny_common, tiny_distill_config
 
 

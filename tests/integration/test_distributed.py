@@ -14,9 +14,9 @@ import sys
 import numpy as np
 import pytest
 
-from hybrid_distill_jax import distributed
 from hybrid_distill_jax.errors import ConfigError
-from tests.test_sharding import (
+from hybrid_distill_jax.parallel import distributed
+from tests.integration.test_sharding import (
     REPO,
     assert_same,
     equivalence_config,
@@ -98,13 +98,13 @@ import json, os, sys
 import jax
 jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_threefry_partitionable", True)
-from hybrid_distill_jax import distributed
+from hybrid_distill_jax.parallel import distributed
 tmp, tfds_dir, port, pid, out = sys.argv[1:6]
 assert distributed.initialize(f"127.0.0.1:{port}", 2, int(pid), initialization_timeout=120)
 assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
 import time; t0 = time.time(); log = lambda m: print(f"[{pid}] {time.time() - t0:.1f}s {m}", file=sys.stderr)
 from hybrid_distill_jax.train import Trainer
-from tests.test_sharding import equivalence_config, fixed_batches, gathered_params, run_fixed_steps
+from tests.integration.test_sharding import equivalence_config, fixed_batches, gathered_params, run_fixed_steps
 cfg = equivalence_config(tmp, tfds_dir, dict(data=2, fsdp=4), "fsdp")
 trainer = Trainer(cfg, os.path.join(tmp, "loop"))
 losses, state = run_fixed_steps(trainer, fixed_batches())
@@ -131,8 +131,7 @@ def _free_port() -> int:
 
 
 def test_two_processes_match_one(tmp_path, tfds_dir):
-    from hybrid_distill_jax import metrics
-    from hybrid_distill_jax.train import Trainer
+    from hybrid_distill_jax.train import Trainer, metrics
 
     cfg = equivalence_config(tmp_path, tfds_dir, dict(data=2, fsdp=4), "fsdp")  # also writes the teachers
     env = subprocess_env(4)

@@ -5,13 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hybrid_distill_jax.evaluate import (
-    extract_features,
-    format_table,
-    knn_classify,
-    knn_predict,
-    linear_probe,
-)
+from hybrid_distill_jax.eval.features import extract_features
+from hybrid_distill_jax.eval.probes import knn_classify, knn_predict, linear_probe
+from hybrid_distill_jax.experiments.report import format_table
 
 
 def _knn_reference(train, train_labels, test, num_classes, k, temperature):

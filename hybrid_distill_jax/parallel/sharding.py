@@ -1,4 +1,4 @@
-"""Device mesh, parameter sharding rules, gradient accumulation and device prefetch.
+"""Device mesh and parameter sharding rules.
 
 The mesh has three named axes, sized by ``config.mesh``:
 
@@ -24,14 +24,12 @@ machines without TensorFlow or ml_collections).
 
 from __future__ import annotations
 
-import collections
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -114,10 +112,6 @@ def make_mesh(mesh_cfg: Mapping[str, Any]) -> jax.sharding.Mesh:
         axis_types=(jax.sharding.AxisType.Auto,) * len(AXES),
         devices=devices,
     )
-
-
-def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
-    return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -287,48 +281,6 @@ def describe(shardings: Any, limit: int = 8) -> str:
     return f"{len(split)}/{total} leaves split" + (f" ({head})" if split else "")
 
 
-# ---- gradient accumulation -------------------------------------------------------------------------
-def accumulate_gradients(
-    grad_fn: Callable,
-    params: Any,
-    batch: Mapping[str, jax.Array],
-    rng: jax.Array,
-    steps: int,
-    mesh: jax.sharding.Mesh | None = None,
-):
-    """``grad_fn(params, batch, rng) -> ((loss, metrics), grads)`` averaged over ``steps`` micro-batches.
-
-    Micro-batch ``i`` takes examples ``i, i + steps, i + 2*steps, ...`` so every device keeps working
-    on its own rows (no resharding); ``jax.lax.scan`` runs them one after another, summing in fp32. For
-    losses that are means over equally sized micro-batches this equals one step on the whole batch
-    (up to float rounding and the per-micro-batch random streams ``fold_in(rng, i)``).
-    """
-    if steps == 1:
-        return grad_fn(params, batch, rng)
-
-    def split(x):
-        b = x.shape[0]
-        if b % steps:
-            raise ConfigError(f"batch of {b} examples is not divisible by grad_accum_steps={steps}")
-        x = jnp.swapaxes(x.reshape(b // steps, steps, *x.shape[1:]), 0, 1)
-        if mesh is not None:
-            x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, BATCH_AXES)))
-        return x
-
-    micro = jax.tree.map(split, dict(batch))
-    first = jax.tree.map(lambda x: x[0], micro)
-    shapes = jax.eval_shape(grad_fn, params, first, rng)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
-
-    def body(acc, xs):
-        i, mb = xs
-        out = grad_fn(params, mb, jax.random.fold_in(rng, i))
-        return jax.tree.map(lambda a, o: a + o.astype(jnp.float32), acc, out), None
-
-    total, _ = jax.lax.scan(body, zeros, (jnp.arange(steps), micro))
-    return jax.tree.map(lambda t, s: (t / steps).astype(s.dtype), total, shapes)
-
-
 def to_host(tree: Any) -> Any:
     """numpy copies of a tree on every process, gathering shards that live on other processes."""
     leaves = jax.tree.leaves(tree)
@@ -337,15 +289,3 @@ def to_host(tree: Any) -> Any:
     from jax.experimental import multihost_utils
 
     return jax.device_get(multihost_utils.process_allgather(tree, tiled=True))
-
-
-# ---- input -----------------------------------------------------------------------------------------
-def prefetch_to_device(batches: Iterator, put: Callable, size: int = 2) -> Iterator:
-    """Puts the next ``size`` batches on the devices ahead of use (host->device copies overlap the step)."""
-    queue: collections.deque = collections.deque()
-    for batch in batches:
-        queue.append(put(batch))
-        if len(queue) >= size:
-            yield queue.popleft()
-    while queue:
-        yield queue.popleft()

@@ -1,6 +1,6 @@
 """Attention diagnostics (the paper's evidence): average attention distance and NMI per layer and head.
 
-Definitions (``/spec/METHOD.md``, "Diagnostics"), computed on the post-softmax attention of every block
+Definitions (``docs/METHOD.md``, "Diagnostics"), computed on the post-softmax attention of every block
 with the prefix (CLS, distillation token) rows and columns removed and the rows renormalised. Removing
 the prefix columns and renormalising equals a softmax over the patch keys' logits only, which is how it
 is computed here (in fp32).
@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hybrid_distill_jax.distill import normalize
+from hybrid_distill_jax.models.build import normalize
 
 NMI_EPS = 1e-8
 
@@ -147,15 +147,6 @@ def summary_scalars(result: Mapping[str, Any]) -> dict[str, float]:
 # ------------------------------------------------------------------------------------ models and data
 
 
-def task_model(task, params):
-    """(ViT module, its params) of a trainer task: the student, an MAE's encoder, or the model itself."""
-    if hasattr(task, "student"):
-        return task.student, params["student"]
-    if hasattr(task, "encoder"):
-        return task.encoder, params["encoder"]
-    return task.model, params
-
-
 def fixed_eval_batches(data_cfg, image_size: int, num_images: int, batch_size: int, split: str | None = None):
     """The first ``num_images`` of the eval split (center crops), as a list of host batches."""
     from hybrid_distill_jax.data import eval_iterator
@@ -191,25 +182,14 @@ class TrainingDiagnostics:
 
     def __init__(self, config, task):
         self.task = task
-        model, _ = task_model(task, jax.eval_shape(task.init_params, jax.random.key(0)))
-        mean, std = getattr(task, "mean", None), getattr(task, "std", None)
-        self.runner = AttentionDiagnostics(model, mean, std, config.image_size)
+        self.runner = AttentionDiagnostics(task.vit, task.mean, task.std, config.image_size)
         self.batches = fixed_eval_batches(
             config.data, config.image_size, config.eval.diagnostics_examples, config.eval.batch_size
         )
 
     def __call__(self, params) -> dict[str, float]:
-        _, model_params = task_model(self.task, params)
-        result = self.runner(model_params, self.batches)
+        result = self.runner(self.task.vit_params(params), self.batches)
         return {f"diag/{k}": v for k, v in summary_scalars(result).items()}
-
-
-def training_scalars(trainer, params) -> dict[str, float]:
-    """``diag/...`` scalars for the Trainer loop; builds (once) and caches the hook on the trainer."""
-    hook = getattr(trainer, "_diagnostics_hook", None)
-    if hook is None:
-        hook = trainer._diagnostics_hook = TrainingDiagnostics(trainer.config, trainer.task)
-    return hook(params)
 
 
 def save(results: Mapping[str, Any], path: str) -> str:

@@ -1,7 +1,7 @@
 """Attention diagnostics against brute-force references, their plots, the analyze CLI, the evaluate mode
 and the trainer's periodic hook.
 
-(The linear probe reaching ~100% on a linearly separable set is covered in tests/test_evaluate.py.)
+(The linear probe reaching ~100% on a linearly separable set is covered in tests/unit/test_evaluate.py.)
 """
 
 import json
@@ -12,8 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hybrid_distill_jax import analyze, config_lib, diagnostics, plots
+from hybrid_distill_jax import config_lib
 from hybrid_distill_jax.errors import ConfigError
+from hybrid_distill_jax.eval import diagnostics
+from hybrid_distill_jax.experiments import analyze, plots
 from tests.helpers import make_teacher, tiny_distill_config
 
 # ------------------------------------------------------------------------ brute-force references
@@ -200,7 +202,7 @@ def _eval_config(model_dir, data_dir):
 
 def test_evaluate_mode_writes_eval_json(tmp_path, tfds_dir):
     model_dir = make_teacher(tmp_path / "model", seed=4)
-    summary = analyze.run_evaluate(_eval_config(model_dir, tfds_dir), str(tmp_path / "work"))
+    summary = analyze.evaluate_model_dir(_eval_config(model_dir, tfds_dir), str(tmp_path / "work"))
     with open(tmp_path / "work" / "eval.json") as f:
         written = json.load(f)
     assert written == pytest.approx(summary)
@@ -232,4 +234,4 @@ def test_diagnostics_every_must_sit_on_log_boundaries(tmp_path, tfds_dir):
         config_lib.validate(c)
 
 
-# The trainer's periodic hook (eval.diagnostics_every) is exercised by tests/test_study.py's smoke run.
+# The trainer's periodic hook (eval.diagnostics_every) is exercised by tests/integration/test_study.py's smoke run.

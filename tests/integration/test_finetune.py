@@ -9,9 +9,10 @@ import numpy as np
 import optax
 import pytest
 
-from hybrid_distill_jax import config_lib, finetune
+from hybrid_distill_jax import config_lib
 from hybrid_distill_jax.errors import ConfigError
 from hybrid_distill_jax.models import io as model_io
+from hybrid_distill_jax.tasks import finetune
 from hybrid_distill_jax.train import Trainer, train
 from tests.helpers import make_teacher, tiny_common
 
@@ -147,6 +148,8 @@ def test_finetuning_beats_the_frozen_linear_probe(tmp_path, tfds_dir):
     c.model.drop_path = 0.0
     c.eval.update(dict(knn=False, linear=False, max_test=1000, batch_size=500))
 
+    from hybrid_distill_jax.experiments.analyze import evaluate_model_dir
+
     # The frozen probe of the same initial weights, on the same pooled (gap) features and test images.
     probe_cfg = config_lib.base_config("evaluate")
     probe_cfg.data.update(c.data.to_dict())
@@ -155,9 +158,8 @@ def test_finetuning_beats_the_frozen_linear_probe(tmp_path, tfds_dir):
         dict(knn=False, linear=True, linear_epochs=10, max_train=2000, max_test=1000, batch_size=500)
     )
     probe_cfg.eval.update(dict(pool=c.eval.pool, diagnostics=False))
-    from hybrid_distill_jax.analyze import run_evaluate
 
-    frozen = run_evaluate(probe_cfg, str(tmp_path / "probe"))["linear_top1"]
+    frozen = evaluate_model_dir(probe_cfg, str(tmp_path / "probe"))["linear_top1"]
     result = train(c, str(tmp_path / "ft"))
     with open(tmp_path / "ft" / "eval.json") as f:
         assert json.load(f)["finetune_top1"] == pytest.approx(result.summary["finetune_top1"])

@@ -1,6 +1,6 @@
-"""Frozen-feature evaluation: feature extraction, weighted k-NN, linear probe and a results table.
+"""Frozen-feature probes: weighted k-NN and a linear probe on feature arrays.
 
-Everything here is model-agnostic: the trainer hands in a jitted ``feature_fn(images) -> [B, D]``.
+Everything here is model-agnostic: it reads [N, D] features and labels (``eval.features`` makes them).
 All evaluation math runs in float32 with ``Precision.HIGHEST`` matmuls, so accelerators do not
 silently drop to bf16/tf32 passes.
 """
@@ -8,7 +8,6 @@ silently drop to bf16/tf32 passes.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -21,47 +20,6 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 _NORM_EPS = 1e-12  # same floor as torch.nn.functional.normalize
 _BN_EPS = 1e-6  # MAE's linear-probe BatchNorm eps
 _BN_MOMENTUM = 0.9  # flax convention; equals torch momentum=0.1
-
-
-# ----------------------------------------------------------------------------------------------
-# Feature extraction
-# ----------------------------------------------------------------------------------------------
-
-
-def extract_features(
-    feature_fn: Callable[[jax.Array], jax.Array],
-    batches: Iterable[Mapping[str, np.ndarray]],
-) -> tuple[np.ndarray, np.ndarray]:
-    """Run ``feature_fn`` over ``batches`` and return (features f32 [N, D], labels i32 [N]).
-
-    Rows whose ``mask`` is False (padding of the last batch) are dropped; order is kept. The next
-    batch is dispatched before the previous result is copied to host, so device compute overlaps
-    the transfer.
-    """
-    feats: list[np.ndarray] = []
-    labels: list[np.ndarray] = []
-    pending = None  # (device features, labels, mask) of the batch in flight
-
-    def _collect(item):
-        out, lab, mask = item
-        out = np.asarray(jnp.asarray(out, jnp.float32))
-        if out.ndim != 2 or out.shape[0] != mask.shape[0]:
-            raise DataError(f"feature_fn must return [B, D] with B={mask.shape[0]}, got {out.shape}")
-        feats.append(out[mask])
-        labels.append(lab[mask])
-
-    for batch in batches:
-        lab = np.asarray(batch["label"], np.int32).reshape(-1)
-        mask = np.asarray(batch.get("mask", np.ones(lab.shape, bool)), bool).reshape(-1)
-        out = feature_fn(batch["image"])
-        if pending is not None:
-            _collect(pending)
-        pending = (out, lab, mask)
-    if pending is not None:
-        _collect(pending)
-    if not feats:
-        raise DataError("extract_features got no batches")
-    return np.concatenate(feats, 0).astype(np.float32, copy=False), np.concatenate(labels, 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,30 +280,3 @@ def linear_probe(
         "top1": _probe_accuracy(predict, params, bn, test_feats, test_labels),
         "train_top1": _probe_accuracy(predict, params, bn, train_feats, train_labels),
     }
-
-
-# ----------------------------------------------------------------------------------------------
-# Reporting
-# ----------------------------------------------------------------------------------------------
-
-
-def format_table(summary: Mapping[str, Mapping[str, float]]) -> str:
-    """Plain-text table: one row per model, one column per metric (first-seen order), '-' if missing."""
-    metrics: list[str] = []
-    for row in summary.values():
-        metrics.extend(m for m in row if m not in metrics)
-    header = ["model", *metrics]
-    rows = [[str(name), *(_fmt(vals.get(m)) for m in metrics)] for name, vals in summary.items()]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        first = cells[0].ljust(widths[0])
-        rest = (c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))
-        return "  ".join([first, *rest]).rstrip()
-
-    sep = "  ".join("-" * w for w in widths)
-    return "\n".join([line(header), sep, *(line(r) for r in rows)])
-
-
-def _fmt(value) -> str:
-    return "-" if value is None else f"{float(value):.1f}"

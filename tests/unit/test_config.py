@@ -118,7 +118,7 @@ def test_cli_prints_one_line_error_and_exits_2(tmp_path):
         ],
         capture_output=True,
         text=True,
-        cwd=os.path.join(os.path.dirname(__file__), ".."),
+        cwd=os.path.join(os.path.dirname(__file__), "..", ".."),
         env=env,
         timeout=300,
     )

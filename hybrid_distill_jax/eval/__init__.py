@@ -1,0 +1,1 @@
+"""Evaluation: frozen-feature probes (k-NN, linear), feature extraction and attention diagnostics."""

@@ -1,0 +1,1 @@
+"""Runners built on the library: the demo chain, the small-scale study, model analysis and plots."""

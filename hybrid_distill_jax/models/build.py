@@ -1,0 +1,89 @@
+"""Building models from config sections, and the pieces every task shares around them.
+
+``vit_from_config`` turns a ``student``/``model`` section into a ViT; ``normalize`` maps the [0, 1]
+batch to a model's own resolution and normalisation inside the jitted step; ``FrozenTeacher`` is an
+exported ViT loaded for inference; ``pooled_features`` is the representation the probes read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from hybrid_distill_jax.errors import ConfigError
+from hybrid_distill_jax.models import io as model_io
+from hybrid_distill_jax.models.vit import VisionTransformer, make_vit
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_of(name: str, field: str):
+    if name not in DTYPES:
+        raise ConfigError(f"{field}={name!r}: expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def vit_from_config(mcfg, field: str, **overrides) -> VisionTransformer:
+    """The ViT a config section describes (``variant`` + fields), its dtypes, and ``overrides``."""
+    non_arch = ("mean", "std", "dtype", "param_dtype")
+    return make_vit(
+        {k: v for k, v in mcfg.items() if k not in non_arch},
+        dtype=dtype_of(mcfg.get("dtype", "float32"), f"{field}.dtype"),
+        param_dtype=dtype_of(mcfg.get("param_dtype", "float32"), f"{field}.param_dtype"),
+        **overrides,
+    )
+
+
+def normalize(images: jax.Array, mean, std, image_size: int) -> jax.Array:
+    """[0, 1] images -> a model's own resolution and normalisation (the same crop for every model)."""
+    if images.shape[1] != image_size:
+        b, _, _, c = images.shape
+        images = jax.image.resize(images, (b, image_size, image_size, c), method="bicubic")
+    return (images - jnp.asarray(mean, images.dtype)) / jnp.asarray(std, images.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenTeacher:
+    """A frozen, exported ViT with its own input resolution and normalisation."""
+
+    model: VisionTransformer
+    mean: tuple
+    std: tuple
+    image_size: int
+
+    @classmethod
+    def load(cls, cfg, field: str) -> tuple[FrozenTeacher, Any]:
+        dtype = dtype_of(cfg.get("dtype", "bfloat16"), f"{field}.dtype")
+        model, params, meta = model_io.load_model(
+            cfg.checkpoint,
+            field=f"{field}.checkpoint",
+            dtype=dtype,
+            drop_path=0.0,
+            attn_impl=cfg.get("attn_impl") or None,
+        )
+        size = cfg.get("image_size") or meta["input"]["image_size"]
+        params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+        return cls(model, tuple(meta["input"]["mean"]), tuple(meta["input"]["std"]), int(size)), params
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.model.patch_size
+
+    def __call__(self, params, images, **kwargs):
+        out = self.model.apply(
+            {"params": params}, normalize(images, self.mean, self.std, self.image_size), **kwargs
+        )
+        return jax.tree.map(jax.lax.stop_gradient, out)
+
+
+def pooled_features(out: dict, pool: str, num_prefix: int = 1) -> jax.Array:
+    """'cls': the final-norm CLS token; 'gap': mean of the final-norm patch tokens."""
+    tokens = out["tokens"].astype(jnp.float32)
+    if pool == "cls":
+        return tokens[:, 0]
+    if pool == "gap":
+        return jnp.mean(tokens[:, num_prefix:], axis=1)
+    raise ConfigError(f"eval.pool={pool!r}: expected 'cls' or 'gap'")

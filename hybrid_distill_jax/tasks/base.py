@@ -1,0 +1,110 @@
+"""The Task interface the trainer runs, and the registry that maps ``config.mode`` to a task.
+
+A task owns the models of one training mode: it initialises the trained parameters, computes the loss
+of a batch, and says which ViT it trains (``vit``) so that evaluation, diagnostics and export work the
+same for every mode. Adding a mode = a subclass here in ``tasks/`` decorated with ``@register``.
+
+The trainer calls, per run: ``init_params``, ``pretrained_params`` (fresh runs only),
+``make_optimizer``; per step: ``stage`` (a hashable, static value: one compilation per distinct value)
+and, inside the jitted step, ``loss_fn``; per report: ``stage_metrics``; at the end: ``export``,
+``feature_fn`` (frozen-feature probes) and ``final_metrics``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Any, ClassVar
+
+import jax
+
+from hybrid_distill_jax.errors import ConfigError
+from hybrid_distill_jax.models import io as model_io
+from hybrid_distill_jax.models.build import normalize, pooled_features
+from hybrid_distill_jax.models.vit import VisionTransformer
+from hybrid_distill_jax.train.optim import make_optimizer
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def register(cls: type[Task]) -> type[Task]:
+    """Class decorator: makes ``cls`` the task of ``config.mode == cls.name``."""
+    TASKS[cls.name] = cls
+    return cls
+
+
+def build_task(config, num_classes: int) -> Task:
+    """The task of ``config.mode``, with its models built (and frozen teachers loaded)."""
+    if config.mode not in TASKS:
+        raise ConfigError(f"config.mode={config.mode!r}: no training task; expected one of {sorted(TASKS)}")
+    return TASKS[config.mode](config, num_classes)
+
+
+class Task:
+    """Base class: the required methods raise, the hooks have the defaults most modes want."""
+
+    name: ClassVar[str]
+    vit: VisionTransformer  # the ViT this task trains, evaluates and exports
+    mean: tuple  # its input normalisation
+    std: tuple
+    frozen: dict  # arrays the step reads and never updates (the teachers' parameters)
+
+    def __init__(self, config, num_classes: int):
+        self.config = config
+        self.num_classes = num_classes
+        self.image_size = config.image_size
+        self.frozen = {}
+
+    # -- required ------------------------------------------------------------------------------------
+    def init_params(self, rng: jax.Array) -> Any:
+        """The trained parameters (a pytree), freshly initialised."""
+        raise NotImplementedError
+
+    def loss_fn(self, params, frozen, batch: dict, rng: jax.Array, stage: Hashable):
+        """(scalar loss, {name: scalar}) of one batch; runs inside the jitted, differentiated step."""
+        raise NotImplementedError
+
+    # -- hooks ---------------------------------------------------------------------------------------
+    def vit_params(self, params) -> Any:
+        """The part of the trained parameters that belongs to ``vit``."""
+        return params
+
+    def stage(self, step: int, total_steps: int) -> Hashable:
+        """The static part of step ``step`` (shapes it fixes); one compilation per distinct value."""
+        return None
+
+    def stage_metrics(self, stage: Hashable) -> dict[str, float]:
+        """Scalars that describe ``stage`` in the logs (e.g. the kept-token count)."""
+        return {}
+
+    def make_optimizer(self, optim_cfg, batch_size: int, total_steps: int, warmup_steps: int):
+        """(optax transformation, learning-rate schedule)."""
+        return make_optimizer(optim_cfg, batch_size, total_steps, warmup_steps)
+
+    def pretrained_params(self, params) -> Any:
+        """Fresh ``params`` with loaded weights put in, for a run that starts from a checkpoint."""
+        return params
+
+    def final_metrics(self, params) -> dict[str, float]:
+        """Task-specific end-of-run metrics, beside the frozen-feature probes."""
+        return {}
+
+    def feature_fn(self, params, images: jax.Array) -> jax.Array:
+        """Pooled features [B, D] of ``vit`` for [0, 1] images (what the k-NN and linear probes read)."""
+        out = self.vit.apply(
+            {"params": self.vit_params(params)}, normalize(images, self.mean, self.std, self.image_size)
+        )
+        return pooled_features(out, self.config.eval.pool, self.vit.num_prefix)
+
+    def export_metadata(self) -> dict:
+        return {"trained_by": f"hybrid_distill_jax {self.name}"}
+
+    def export(self, params, directory: str) -> str:
+        """Writes ``vit`` as a model directory (``model.json`` + ``params.msgpack``)."""
+        return model_io.save_model(
+            directory,
+            self.vit,
+            self.vit_params(params),
+            mean=self.mean,
+            std=self.std,
+            extra=self.export_metadata(),
+        )
