@@ -29,7 +29,7 @@ demo: install
 	$(PY) -m hybrid_distill_jax.main --config configs/demo.py --workdir $(WORKDIR)
 
 test: install-dev
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs --durations=10 tests
 
 lint: install-dev
 	$(VENV)/bin/ruff check hybrid_distill_jax configs tests scripts

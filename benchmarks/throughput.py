@@ -3,21 +3,23 @@
     python benchmarks/throughput.py                       # ViT-B/16 student + 2 ViT-B/16 teachers, 224 px,
                                                           # bf16, batch 256 per chip, keep 0.5 and 1.0, peers
     python benchmarks/throughput.py --quick               # fewer steps, one torch.compile run
+    python benchmarks/throughput.py --data DIR --no-peer  # also end to end from DIR/train/<class>/*.jpg
     python benchmarks/throughput.py --preset l16 --fsdp -1 --remat_policy dots_saveable --no-peer
                                                           # ViT-L/16 from CLIP-L/14 (196 px) + MAE-L/16
     python benchmarks/throughput.py --cpu-smoke           # tiny models on the CPU: proves the script runs
 
-One step is what the trainer runs (``Trainer._train_step``): both frozen teachers in bf16 on the full
-image, redundancy scores, Gumbel-top-k kept tokens, the student (bf16 compute, fp32 params) forward and
-backward on CLS + K tokens, feature + relation losses, gradient accumulation (``--accum``), the
-non-finite guard and AdamW with clipping; teachers are random-init models exported to a temporary
-directory and loaded through ``DistillTask`` like real ones.
+The step is the trainer's: the config comes from ``config_lib.base_config('distill')`` with the preset and
+flags applied, the task from ``tasks.build_task`` (random-init teachers exported to a temporary directory
+and loaded like real ones), the step from ``train.step.make_train_step`` jitted by ``train.step.jit_step``.
+It runs on a synthetic uint8 batch (images as the input pipeline ships them); with ``--data`` it then runs
+the same compiled step fed by the product's input pipeline (``data.train_iterator`` + device prefetch)
+and reports that end-to-end img/s beside the synthetic figure.
 
 Printed per keep ratio: img/s (global and per chip), step time, model FLOPs per image (analytic matmul
 count and XLA's cost analysis), MFU against a bf16 matmul peak measured in the same run, peak device
-memory, and the ratio to each PyTorch peer (``benchmarks/peer/torch_peer.py``, a copy of
-``../shared/bench/torch_peer.py``; run first, in subprocesses, before JAX takes the GPU memory).
-Needs jax, flax, optax, numpy (and torch for the peers); not TensorFlow or ml_collections.
+memory, and the ratio to each PyTorch peer (``benchmarks/torch_peer.py``, run first, in subprocesses,
+before JAX takes the GPU memory). Imports nothing but the standard library until it runs; TensorFlow
+only with ``--data``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-PEER_DEFAULT = os.path.join(HERE, "peer", "torch_peer.py")
+PEER_DEFAULT = os.path.join(HERE, "torch_peer.py")
 
 # name -> (student arch, feature-teacher arch, feature-teacher image size, relation-teacher arch, image size)
 PRESETS = {
@@ -99,6 +101,9 @@ def parse_args(argv=None):
     ap.add_argument("--matmul", type=int, default=8192, help="n of the n x n x n bf16 matmul peak probe")
     ap.add_argument("--quick", action="store_true", help="5 timed steps, 2 warm-up, 10 peer steps")
     ap.add_argument("--cpu-smoke", dest="cpu_smoke", action="store_true", help="tiny models on the CPU")
+    ap.add_argument(
+        "--data", default="", help="also time the step fed by the input pipeline from this folder"
+    )
     ap.add_argument("--json", default="", help="also write all results to this JSON file")
     a = ap.parse_args(argv)
     a.keeps = [float(k) for k in a.keep.split(",") if k]
@@ -176,98 +181,73 @@ def matmul_peak(n: int, reps: int = 20) -> float:
     return 2 * n**3 * reps / best
 
 
-def build_task(args, tmp: str):
+def export_teachers(args, tmp: str) -> dict:
+    """Random-init teachers of the preset exported to ``tmp`` (loaded back like real ones)."""
     import jax
     import jax.numpy as jnp
 
     from hybrid_distill_jax.models import io as model_io
     from hybrid_distill_jax.models.vit import make_vit
-    from hybrid_distill_jax.tasks.distill import DistillTask
 
-    student, feature, feature_size, relation, image_size = PRESETS[args.preset]
-    teachers = {}
+    _, feature, feature_size, relation, image_size = PRESETS[args.preset]
+    out = {}
     for i, (role, arch, size) in enumerate(
         (("feature", feature, feature_size), ("relation", relation, image_size))
     ):
         model = make_vit({**arch, "image_size": size}, dtype=jnp.bfloat16)  # exported at its own size
-        x = jnp.zeros((1, size, size, 3), jnp.float32)
-        params = jax.jit(model.init)(jax.random.key(10 + i), x)["params"]
-        teachers[role] = dict(
-            checkpoint=model_io.save_model(os.path.join(tmp, role), model, params),
-            dtype=args.teacher_dtype,
-            image_size=size,
-            attn_impl=args.teacher_attn_impl,
-        )
+        params = jax.jit(model.init)(jax.random.key(10 + i), jnp.zeros((1, size, size, 3), jnp.float32))[
+            "params"
+        ]
+        out[role] = model_io.save_model(os.path.join(tmp, role), model, params)
         del params
-    config = as_attr(
+    return out
+
+
+def make_config(args, teachers: dict, global_batch: int):
+    """The run's config: ``config_lib.base_config('distill')`` with the preset and the flags applied."""
+    from hybrid_distill_jax.config_lib import base_config
+
+    student, _, feature_size, _, image_size = PRESETS[args.preset]
+    c = base_config("distill")
+    c.image_size = image_size
+    c.batch_size = global_batch
+    c.total_steps = 10_000
+    c.optim.warmup_steps = 100
+    c.grad_accum_steps = args.accum
+    c.student.update(
         dict(
-            image_size=image_size,
-            student=dict(
-                **student,
-                drop_path=args.drop_path,
-                dtype=args.student_dtype,
-                param_dtype="float32",
-                remat=False,
-                remat_policy=args.remat_policy,
-                mean=model_io.IMAGENET_MEAN,
-                std=model_io.IMAGENET_STD,
-            ),
-            teachers=teachers,
-            loss=dict(
-                alpha=1.0,
-                beta=1.0,
-                feature_loss="smooth_l1",
-                smooth_l1_beta=2.0,
-                whiten_target=True,
-                head="linear",
-                relation_loss="kl",
-                relation_layers=None,
-                relation_teacher_on_kept=args.relation_on_kept,
-            ),
-            masking=dict(
-                mode="over_training",
-                selection="gumbel",
-                temperature=1.0,
-                score_source="feature_teacher",
-                stage_starts=(0.0,),
-                stage_ratios=(0.0,),
-                drop_layers=(4, 7, 10),
-                drop_ratios=(0.25, 0.4, 0.5),
-            ),
-            eval=dict(pool="cls"),
+            **student,
+            drop_path=args.drop_path,
+            dtype=args.student_dtype,
+            param_dtype="float32",
+            remat_policy=args.remat_policy,
         )
     )
-    return DistillTask(config)
-
-
-def make_step(task, tx, mesh, static, accum):
-    """The trainer's step (train.Trainer._train_step) without its test-only fault injection."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    from hybrid_distill_jax.parallel import sharding
-
-    def step(state, frozen, batch):
-        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-        grad_fn = jax.value_and_grad(task.loss_fn, has_aux=True)
-        (loss, metrics), grads = sharding.accumulate_gradients(
-            lambda p, b, r: grad_fn(p, frozen, b, r, static), state["params"], batch, rng, accum, mesh
+    for role, size in (("feature", feature_size), ("relation", image_size)):
+        c.teachers[role].update(
+            dict(
+                checkpoint=teachers[role],
+                dtype=args.teacher_dtype,
+                image_size=size,
+                attn_impl=args.teacher_attn_impl,
+            )
         )
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        keep_old = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-        new_state = dict(
-            state,
-            step=state["step"] + 1,
-            params=keep_old(params, state["params"]),
-            opt_state=keep_old(opt_state, state["opt_state"]),
-        )
-        return new_state, dict(metrics, grad_norm=grad_norm)
+    c.loss.relation_teacher_on_kept = args.relation_on_kept
+    c.masking.update(dict(mode="over_training", selection="gumbel", stage_starts=(0.0,), stage_ratios=(0.0,)))
+    c.mesh.update(dict(data=1 if args.fsdp == -1 else -1, fsdp=args.fsdp, model=1))
+    strategy = "fsdp" if args.fsdp != 1 else "replicated"
+    c.sharding.update(dict(student=strategy, teachers=strategy))
+    if args.data:
+        c.data.update(data_source(args.data))
+    return c
 
-    return step
+
+def data_source(path: str) -> dict:
+    """``config.data`` fields for ``--data``: a folder root (``train/<class>/*.jpg``) or a prepared TFDS
+    dataset (a TFDS name, or its directory)."""
+    if os.path.isdir(os.path.join(path, "train")):
+        return dict(name="folder", data_dir=path, train_split="train", eval_split="train")
+    return dict(name=path, data_dir=None, train_split="train", eval_split="train")
 
 
 def sig(x: float, digits: int = 4) -> float:
@@ -292,15 +272,49 @@ def peak_memory_gb() -> float | None:
     return round(peak / 2**30, 2) if peak else None
 
 
-def run_jax(args) -> dict:
+def host_batches(config, args):
+    """The product's training input pipeline for ``--data`` (TensorFlow is imported here, not before)."""
     import jax
-    import jax.numpy as jnp
+
+    from hybrid_distill_jax.data import train_iterator
+
+    return train_iterator(
+        config.data,
+        image_size=config.image_size,
+        global_batch=config.batch_size,
+        seed=0,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+
+def timed_steps(compiled, state, frozen, batches, warmup: int, steps: int):
+    """(state, loss, seconds per step) of ``steps`` steps after ``warmup``, fed from ``batches``."""
+    import jax
+
+    for _ in range(warmup):
+        state, metrics = compiled(state, frozen, next(batches))
+    jax.block_until_ready(metrics["loss"])
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = compiled(state, frozen, next(batches))
+    loss = float(metrics["loss"])  # waits for the last step
+    return state, loss, (time.perf_counter() - t0) / steps
+
+
+def run_jax(args) -> dict:
+    import itertools
+
+    import jax
     import numpy as np
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from hybrid_distill_jax import masking, sharding
-    from hybrid_distill_jax.train.optim import make_optimizer
+    from hybrid_distill_jax import masking
+    from hybrid_distill_jax.data.prefetch import prefetch_to_device, to_devices
+    from hybrid_distill_jax.parallel import sharding
+    from hybrid_distill_jax.tasks import build_task
+    from hybrid_distill_jax.train.step import jit_step, make_init_fn, make_train_step
 
     chips = jax.device_count()
     kind = jax.devices()[0].device_kind
@@ -309,60 +323,62 @@ def run_jax(args) -> dict:
     peak = matmul_peak(args.matmul)
     print(f"# measured bf16 matmul peak: {peak / 1e12:.1f} TFLOP/s per chip (n={args.matmul})", flush=True)
 
+    global_batch = args.batch * chips
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        task = build_task(args, tmp)
+        config = make_config(args, export_teachers(args, tmp), global_batch)
+        if args.data:  # the data fields need TensorFlow to check: only then
+            from hybrid_distill_jax import config_lib
+
+            config_lib.validate(config)
+        task = build_task(config, num_classes=0)
     print(f"# teachers exported and loaded in {time.perf_counter() - t0:.1f} s", flush=True)
-    mesh = sharding.make_mesh({"data": 1 if args.fsdp == -1 else -1, "fsdp": args.fsdp, "model": 1})
-    strategy = "fsdp" if mesh.shape["fsdp"] > 1 else "replicated"
-    shard_cfg = {"student": strategy, "teachers": strategy, "rules": (), "fsdp_min_size": 2**14}
-    global_batch = args.batch * chips
-    optim_cfg = as_attr(
-        dict(lr=1e-4, base_lr=1.5e-4, min_lr=1e-5, b1=0.9, b2=0.95, weight_decay=0.05, grad_clip=3.0)
+    mesh = sharding.make_mesh(config.mesh)
+    tx, lr_schedule = task.make_optimizer(
+        config.optim, global_batch, config.total_steps, config.optim.warmup_steps
     )
-    tx, _ = make_optimizer(optim_cfg, global_batch, 10_000, 100)
-
-    def init_state(rng):
-        params = task.init_params(rng)
-        return {
-            "step": jnp.zeros((), jnp.int32),
-            "params": params,
-            "opt_state": tx.init(params),
-            "rng": jax.random.key_data(jax.random.fold_in(rng, 1)),
-        }
-
+    init_state = make_init_fn(task, tx)
     abstract = jax.eval_shape(init_state, jax.random.key(0))
-    state_sh = sharding.state_shardings(abstract, mesh, shard_cfg)
-    frozen_sh = sharding.teacher_shardings(task.frozen, mesh, shard_cfg)
+    state_sh = sharding.state_shardings(abstract, mesh, config.sharding)
+    frozen_sh = sharding.teacher_shardings(task.frozen, mesh, config.sharding)
     frozen = jax.device_put(task.frozen, frozen_sh)
     batch_sh = sharding.batch_sharding(mesh)
-    size = task.image_size
-    images = jax.device_put(
-        np.random.RandomState(0).uniform(size=(global_batch, size, size, 3)).astype(np.float32), batch_sh
+    step = make_train_step(task, tx, lr_schedule, grad_accum_steps=args.accum, mesh=mesh)
+    size = config.image_size
+    rng = np.random.RandomState(0)
+    synthetic = to_devices(  # uint8, as the input pipeline ships images
+        {
+            "image": rng.randint(0, 256, (global_batch, size, size, 3), dtype=np.uint8),
+            "label": np.zeros((global_batch,), np.int32),
+        },
+        batch_sh,
     )
-    batch = {"image": images, "label": jax.device_put(np.zeros((global_batch,), np.int32), batch_sh)}
+    data = None
+    if args.data:
+        data = prefetch_to_device(host_batches(config, args), lambda b: to_devices(b, batch_sh))
     n = task.num_patches
     results = []
     for keep in args.keeps:
         k = masking.keep_count(n, 1.0 - keep)
         state = jax.jit(init_state, out_shardings=state_sh)(jax.random.key(0))
-        step = jax.jit(
-            make_step(task, tx, mesh, k, args.accum),
-            in_shardings=(state_sh, frozen_sh, batch_sh),
-            out_shardings=(state_sh, NamedSharding(mesh, P())),
-            donate_argnums=(0,),
+        jitted = jit_step(
+            step,
+            k,
+            state_shardings=state_sh,
+            frozen_shardings=frozen_sh,
+            batch_sharding=batch_sh,
+            metrics_sharding=NamedSharding(mesh, P()),
         )
         t0 = time.perf_counter()
-        compiled = step.lower(state, frozen, batch).compile()
+        compiled = jitted.lower(state, frozen, synthetic).compile()
         compile_s = time.perf_counter() - t0
-        for _ in range(args.warmup):
-            state, metrics = compiled(state, frozen, batch)
-        jax.block_until_ready(metrics["loss"])
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            state, metrics = compiled(state, frozen, batch)
-        loss = float(metrics["loss"])  # waits for the last step
-        dt = (time.perf_counter() - t0) / args.steps
+        state, loss, dt = timed_steps(
+            compiled, state, frozen, itertools.repeat(synthetic), args.warmup, args.steps
+        )
+        e2e = None
+        if data is not None:
+            state, e2e_loss, e2e_dt = timed_steps(compiled, state, frozen, data, args.warmup, args.steps)
+            e2e = dict(e2e_img_s=round(global_batch / e2e_dt, 1), e2e_loss=e2e_loss)
         analytic = step_flops_per_image(task, k, args.relation_on_kept)
         xla = xla_flops(compiled) if args.accum == 1 else None  # XLA counts a scan body once
         img_s = global_batch / dt
@@ -385,10 +401,11 @@ def run_jax(args) -> dict:
                 compile_s=round(compile_s, 1),
                 loss=loss,
                 finite=bool(np.isfinite(loss)),
+                **(e2e or {}),
             )
         )
         print(json.dumps(results[-1]), flush=True)
-        del state, compiled, step
+        del state, compiled, jitted
     return {"device": kind, "chips": chips, "matmul_peak_tflops": round(peak / 1e12, 1), "runs": results}
 
 
@@ -400,7 +417,7 @@ def main(argv=None) -> int:
     peers = []
     if args.peer_run:  # before JAX touches the GPU: the peers need its memory
         if not os.path.exists(args.peer):
-            print(f"# no peer at {args.peer}: copy ../shared/bench/torch_peer.py there (or --no-peer)")
+            print(f"# no peer at {args.peer} (or pass --no-peer)")
         elif args.preset != "b16":
             print("# the PyTorch peer is ViT-B/16 only: no peer for this preset")
         else:
@@ -415,9 +432,9 @@ def main(argv=None) -> int:
 
     print(
         "\n| impl | keep | img/s/chip | step s | GFLOP/img (analytic / XLA) | MFU | peak GiB | vs eager "
-        "| vs compile |"
+        "| vs compile | end-to-end img/s/chip |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in out["runs"]:
         ratios = []
         for impl in ("torch-eager", "torch-compile"):
@@ -426,13 +443,14 @@ def main(argv=None) -> int:
             ratios.append(f"{r['img_s_per_chip'] / peer['img_s']:.2f}x" if ok else "-")
         print(
             f"| jax | {r['keep']} | {r['img_s_per_chip']} | {r['step_s']} | {r['gflop_per_img']} / "
-            f"{r['xla_gflop_per_img']} | {r['mfu']:.1%} | {r['peak_gb']} | {ratios[0]} | {ratios[1]} |"
+            f"{r['xla_gflop_per_img']} | {r['mfu']:.1%} | {r['peak_gb']} | {ratios[0]} | {ratios[1]} | "
+            f"{round(r['e2e_img_s'] / r['chips'], 1) if 'e2e_img_s' in r else '-'} |"
         )
     for p in peers:
         shown = p.get("img_s", p.get("error"))
         print(
             f"| {p['impl']} | {p['keep']} | {shown} | {p.get('step_s', '-')} | | | "
-            f"{p.get('peak_gb', '-')} | | |"
+            f"{p.get('peak_gb', '-')} | | | |"
         )
     if args.json:
         with open(args.json, "w") as f:

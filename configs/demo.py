@@ -9,37 +9,27 @@ Stages: a supervised ViT teacher (the feature teacher, DeiT-like) and an MAE tea
 teacher), then a Hybrid Distill student (feature + relation terms, progressive redundant masking)
 and an FD-only student (feature term only) from the same teachers, and the untrained student.
 Every model is evaluated by k-NN (k=20) and a linear probe on frozen features of the 2,000 test
-images; WORKDIR/summary.json holds the numbers. Expected: the Hybrid student's k-NN top-1 far above
-the untrained student's (roughly 80% vs 70% on this data), the FD-only student close to it.
+images; WORKDIR/summary.json holds the numbers. Expected (measured on 2 CPU cores): the Hybrid
+student's k-NN top-1 far above the untrained student's (about 75% vs 58%), the FD-only student within
+a point of it, both teachers near 76-78%.
 """
 
 import ml_collections
 
 from hybrid_distill_jax.config_lib import base_config
+from hybrid_distill_jax.experiments.stages import short_run
 
 IMAGE_SIZE = 24  # Fashion-MNIST's 28 px resized: a 6x6 grid of 4 px patches
 ARCH = dict(variant="nano/4", drop_path=0.0)
 
 
 def _common(c, name: str, steps: int, batch: int, lr: float):
-    c.name = name
+    c = short_run(c, name, steps, batch, lr)
     c.image_size = IMAGE_SIZE
-    c.batch_size = batch
-    c.total_steps = steps
     c.data.name = "embedded_fashion_mnist"
     c.data.train_split, c.data.eval_split = "train", "test"
     c.data.crop_scale = (0.6, 1.0)
     c.data.shuffle_buffer = 10_000
-    c.optim.lr = lr
-    c.optim.warmup_steps = max(steps // 10, 1)
-    c.optim.min_lr = lr / 100
-    c.optim.weight_decay = 0.05
-    c.optim.grad_clip = 1.0
-    c.log_every = 50
-    c.checkpoint_every = 0
-    c.eval.max_train = 10_000
-    c.eval.batch_size = 500
-    c.eval.linear_epochs = 30
     return c
 
 

@@ -8,6 +8,8 @@ on a CPU). ``configs/finetune.py:imagenet`` is MAE's ViT-B recipe on ImageNet-1K
 blr 5e-4 (lr = blr * batch / 256), AdamW (0.9, 0.999), wd 0.05, layer decay 0.65, drop path 0.1, mixup
 0.8, cutmix 1.0, label smoothing 0.1, global average pooling, 5 warmup epochs. Without ``init_from`` the
 ``model`` fields describe a fresh ViT (from scratch). Writes WORKDIR/eval.json with ``finetune_top1``.
+``init_from`` also takes a hub name, e.g. ``--config.init_from=hf-hub:timm/vit_base_patch16_224.mae``
+(resolved, converted once and cached: docs/CONVERT.md).
 """
 
 from hybrid_distill_jax.config_lib import base_config

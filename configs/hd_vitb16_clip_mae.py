@@ -4,32 +4,38 @@ Expected: the Hybrid Distill paper (in the parts we have) reports no ImageNet-1K
 this teacher pair. For reference, methods distilling from the same CLIP-B/16 teacher report: FD 84.9,
 MaskAlign 85.4, dBOT 85.7 (top-1 after fine-tuning a ViT-B/16).
 
-1. Convert the teachers (local files; download them yourself, nothing is fetched):
+1. Teachers are resolved by name by default (``python -m hybrid_distill_jax.convert list``):
+   ``hf-hub:timm/vit_base_patch16_clip_224.openai`` (feature) and
+   ``hf-hub:timm/vit_base_patch16_224.mae`` (relation) are fetched with huggingface_hub (its cache under
+   HF_HOME; HF_HUB_OFFLINE=1 forbids the network), converted once and cached (docs/CONVERT.md). On
+   hosts without network, fetch them first where there is:
+   ``hf download timm/NAME config.json model.safetensors``.
+   Local directories converted from the original releases still work:
 
     python -m hybrid_distill_jax.convert import --family clip \\
-        --input ViT-B-16.pt --output teachers/clip_b16          # OpenAI's TorchScript archive
+        --input ViT-B-16.pt --output teachers/clip_b16
     python -m hybrid_distill_jax.convert import --family mae \\
         --input mae_pretrain_vit_base.pth --output teachers/mae_b16
 
-2. Distill (teacher directories from step 1, as 'FEATURE_DIR,RELATION_DIR' or the defaults above):
+2. Distill:
 
-    python -m hybrid_distill_jax.main \\
-        --config configs/hd_vitb16_clip_mae.py:teachers/clip_b16,teachers/mae_b16 \\
+    python -m hybrid_distill_jax.main --config configs/hd_vitb16_clip_mae.py \\
         --workdir runs/hd_vitb16_clip_mae --config.data.data_dir=$TFDS_DATA_DIR
-    # or: --config configs/hd_vitb16_clip_mae.py --config.teachers.feature.checkpoint=DIR \\
-    #         --config.teachers.relation.checkpoint=DIR
+    # local teachers: --config configs/hd_vitb16_clip_mae.py:teachers/clip_b16,teachers/mae_b16
+    # or: --config.teachers.feature.checkpoint=DIR --config.teachers.relation.checkpoint=DIR
 
 The CLIP teacher sees its own normalisation (CLIP mean/std, recorded in its model.json); the student
 keeps ImageNet's.
 """
 
 from hybrid_distill_jax.config_lib import base_config
+from hybrid_distill_jax.convert import hub
 
-FEATURE, RELATION = "teachers/clip_b16", "teachers/mae_b16"
+FEATURE, RELATION = (hub.teacher("hd_vitb16_clip_mae", role) for role in ("feature", "relation"))
 
 
 def get_config(arg=None):
-    """``arg``: optional 'FEATURE_DIR,RELATION_DIR' (converted teacher directories)."""
+    """``arg``: optional 'FEATURE,RELATION' (converted teacher directories or hf-hub: names)."""
     feature, relation = (arg.split(",") + [RELATION])[:2] if arg else (FEATURE, RELATION)
     c = base_config("distill")
     c.name = "hd_vitb16_clip_mae"

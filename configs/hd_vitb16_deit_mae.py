@@ -1,22 +1,27 @@
 """Hybrid Distill ViT-B/16 from DeiT-B/16 (feature teacher) + MAE-B/16 (relation teacher), ImageNet-1K.
 
-Expected: 83.7% top-1 after ImageNet-1K fine-tuning of the distilled ViT-B (the paper's number for this
-teacher pair; the fine-tuning recipe itself is not part of this repository).
+Expected: 83.7% top-1 after ImageNet-1K fine-tuning of the distilled ViT-B with MAE's protocol
+(``configs/finetune.py:imagenet``); the paper's number for this teacher pair.
 
-1. Convert the teachers (local files; download them yourself, nothing is fetched):
+1. Teachers are resolved by name by default (``python -m hybrid_distill_jax.convert list``):
+   ``hf-hub:timm/deit_base_patch16_224.fb_in1k`` (feature) and
+   ``hf-hub:timm/vit_base_patch16_224.mae`` (relation) are fetched with huggingface_hub (its cache under
+   HF_HOME; HF_HUB_OFFLINE=1 forbids the network), converted once and cached (docs/CONVERT.md). On
+   hosts without network, fetch them first where there is:
+   ``hf download timm/NAME config.json model.safetensors``.
+   Local directories converted from the original releases still work:
 
     python -m hybrid_distill_jax.convert import --family deit \\
         --input deit_base_patch16_224-b5f2ef4d.pth --output teachers/deit_b16
     python -m hybrid_distill_jax.convert import --family mae \\
         --input mae_pretrain_vit_base.pth --output teachers/mae_b16
 
-2. Distill (teacher directories from step 1, as 'FEATURE_DIR,RELATION_DIR' or the defaults above):
+2. Distill:
 
-    python -m hybrid_distill_jax.main \\
-        --config configs/hd_vitb16_deit_mae.py:teachers/deit_b16,teachers/mae_b16 \\
+    python -m hybrid_distill_jax.main --config configs/hd_vitb16_deit_mae.py \\
         --workdir runs/hd_vitb16_deit_mae --config.data.data_dir=$TFDS_DATA_DIR
-    # or: --config configs/hd_vitb16_deit_mae.py --config.teachers.feature.checkpoint=DIR \\
-    #         --config.teachers.relation.checkpoint=DIR
+    # local teachers: --config configs/hd_vitb16_deit_mae.py:teachers/deit_b16,teachers/mae_b16
+    # or: --config.teachers.feature.checkpoint=DIR --config.teachers.relation.checkpoint=DIR
 
 The student is exported to WORKDIR/export; `python -m hybrid_distill_jax.convert export --input
 runs/hd_vitb16_deit_mae/export --output hd_vitb16.safetensors` turns it into a timm state dict for
@@ -24,12 +29,13 @@ fine-tuning with timm/DeiT code.
 """
 
 from hybrid_distill_jax.config_lib import base_config
+from hybrid_distill_jax.convert import hub
 
-FEATURE, RELATION = "teachers/deit_b16", "teachers/mae_b16"
+FEATURE, RELATION = (hub.teacher("hd_vitb16_deit_mae", role) for role in ("feature", "relation"))
 
 
 def get_config(arg=None):
-    """``arg``: optional 'FEATURE_DIR,RELATION_DIR' (converted teacher directories)."""
+    """``arg``: optional 'FEATURE,RELATION' (converted teacher directories or hf-hub: names)."""
     feature, relation = (arg.split(",") + [RELATION])[:2] if arg else (FEATURE, RELATION)
     c = base_config("distill")
     c.name = "hd_vitb16_deit_mae"

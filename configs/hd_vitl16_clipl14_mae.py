@@ -7,36 +7,42 @@ The CLIP-L/14 teacher runs at 196 px so that its 14x14 patch grid matches the /1
 (``teachers.feature.image_size=196``). Converting with ``--image-size 196`` resamples its position
 embedding once, at conversion time (otherwise it is resampled on the fly, with the same result).
 
-1. Convert the teachers (local files; download them yourself, nothing is fetched):
+1. Teachers are resolved by name by default (``python -m hybrid_distill_jax.convert list``):
+   ``hf-hub:timm/vit_large_patch14_clip_224.openai`` (feature) and
+   ``hf-hub:timm/vit_large_patch16_224.mae`` (relation) are fetched with huggingface_hub (its cache under
+   HF_HOME; HF_HUB_OFFLINE=1 forbids the network), converted once and cached (docs/CONVERT.md). On
+   hosts without network, fetch them first where there is:
+   ``hf download timm/NAME config.json model.safetensors``.
+   Local directories converted from the original releases still work:
 
     python -m hybrid_distill_jax.convert import --family clip \\
         --input ViT-L-14.pt --output teachers/clip_l14_196 --image-size 196
     python -m hybrid_distill_jax.convert import --family mae \\
         --input mae_pretrain_vit_large.pth --output teachers/mae_l16
 
-2. Distill (teacher directories from step 1, as 'FEATURE_DIR,RELATION_DIR' or the defaults above):
+2. Distill:
 
-    python -m hybrid_distill_jax.main \\
-        --config configs/hd_vitl16_clipl14_mae.py:teachers/clip_l14_196,teachers/mae_l16 \\
+    python -m hybrid_distill_jax.main --config configs/hd_vitl16_clipl14_mae.py \\
         --workdir runs/hd_vitl16_clipl14_mae --config.data.data_dir=$TFDS_DATA_DIR
-    # or: --config configs/hd_vitl16_clipl14_mae.py --config.teachers.feature.checkpoint=DIR \\
-    #         --config.teachers.relation.checkpoint=DIR
+    # local teachers: --config configs/hd_vitl16_clipl14_mae.py:teachers/clip_l14_196,teachers/mae_l16
+    # or: --config.teachers.feature.checkpoint=DIR --config.teachers.relation.checkpoint=DIR
 """
 
 from hybrid_distill_jax.config_lib import base_config
+from hybrid_distill_jax.convert import hub
 
-FEATURE, RELATION = "teachers/clip_l14_196", "teachers/mae_l16"
+FEATURE, RELATION = (hub.teacher("hd_vitl16_clipl14_mae", role) for role in ("feature", "relation"))
 
 
 def get_config(arg=None):
-    """``arg``: optional 'FEATURE_DIR,RELATION_DIR' (converted teacher directories)."""
+    """``arg``: optional 'FEATURE,RELATION' (converted teacher directories or hf-hub: names)."""
     feature, relation = (arg.split(",") + [RELATION])[:2] if arg else (FEATURE, RELATION)
     c = base_config("distill")
     c.name = "hd_vitl16_clipl14_mae"
     c.image_size = 224
     c.student.variant = "L/16"
     c.student.drop_path = 0.2
-    c.student.remat = True
+    c.student.remat_policy = "full"
     c.teachers.feature.checkpoint = feature  # CLIP ViT-L/14
     c.teachers.feature.image_size = 196  # 196 / 14 = 14x14 patches, the student's grid at 224 / 16
     c.teachers.relation.checkpoint = relation  # MAE-L/16, 224 px, 16 heads like the student

@@ -12,7 +12,7 @@ import os
 import jax
 import ml_collections
 
-from hybrid_distill_jax import masking
+from hybrid_distill_jax import masking, signals
 from hybrid_distill_jax.errors import ConfigError
 from hybrid_distill_jax.losses import FEATURE_LOSSES, RELATION_LOSSES
 from hybrid_distill_jax.models import io as model_io
@@ -32,7 +32,13 @@ DATA_DEFAULTS = dict(
     flip=True,
     shuffle_buffer=50_000,
     prefetch=2,  # batches prepared ahead on the host
-    on_corrupt="skip",  # an unreadable image: 'skip' it (logged, counted) or 'fail' the run
+    on_corrupt="skip",  # an unreadable image: 'skip' it (replaced by the next readable one, logged) or 'fail'
+    max_consecutive_unreadable=20,  # more unreadable files in a row than this: DataError
+    max_unreadable_fraction=0.1,  # more than this fraction of a source's files unreadable: DataError
+    stall_timeout_s=300.0,  # no batch from the input pipeline for this long: DataError naming the source
+    resize_method="bilinear",  # train crops -> image_size: 'bilinear' or 'bicubic' (docs/PERFORMANCE.md)
+    antialias=False,  # antialiased train resize: costs host time (docs/PERFORMANCE.md)
+    log_example_ids=False,  # append each step's example indices to WORKDIR/examples.process{i}.jsonl
 )
 
 
@@ -43,7 +49,6 @@ def _model_defaults() -> dict:
         drop_path=0.1,
         dtype="float32",
         param_dtype="float32",
-        remat=False,
         remat_policy="none",  # or 'full', 'dots_saveable', ... (models.vit.REMAT_POLICIES)
         mean=model_io.IMAGENET_MEAN,
         std=model_io.IMAGENET_STD,
@@ -109,7 +114,9 @@ def base_config(mode: str = "distill") -> ml_collections.ConfigDict:
     )
     c.export_dir = ""  # default: WORKDIR/export
     c.nonfinite_policy = "skip"  # a NaN/Inf loss or gradient: 'skip' the update (counted) or 'stop' the run
-    c.faults = ml_collections.ConfigDict(dict(nan_at_step=-1))  # fault injection, for tests of the guards
+    # Fault injection, for tests of the guards: a NaN gradient at one step; a pause of pause_s seconds at
+    # one phase of the run (signals.PHASES), during which tests send signals.
+    c.faults = ml_collections.ConfigDict(dict(nan_at_step=-1, pause_at="", pause_s=0.0))
 
     if mode == "distill":
         c.student = ml_collections.ConfigDict(_model_defaults())
@@ -257,9 +264,14 @@ def validate(config, num_devices: int | None = None, check_teachers: bool = True
     _in(config.eval.pool, ("cls", "gap"), "eval.pool")
     _validate_diagnostics(config)
     _in(config.nonfinite_policy, ("skip", "stop"), "nonfinite_policy")
+    _in(config.faults.get("pause_at", ""), ("", *signals.PHASES), "faults.pause_at")
     validate_data_config(config.data)
+    log_ids = config.data.get("log_example_ids", False)
+    _require(isinstance(log_ids, bool), f"data.log_example_ids={log_ids!r}: expected True or False")
 
     if config.mode == "distill":
+        from hybrid_distill_jax.tasks import distill  # lazy: the tasks import the trainer's pieces
+
         s = _check_model(config.student, config.image_size, "student")
         lc, mc = config.loss, config.masking
         _in(lc.feature_loss, FEATURE_LOSSES, "loss.feature_loss")
@@ -273,55 +285,18 @@ def validate(config, num_devices: int | None = None, check_teachers: bool = True
         _in(mc.selection, masking.SELECTIONS, "masking.selection")
         _in(mc.score_source, masking.SCORE_SOURCES, "masking.score_source")
         _require(mc.temperature > 0, "masking.temperature must be positive")
-        if mc.mode == "over_training":
-            masking.KeepSchedule(tuple(mc.stage_starts), tuple(mc.stage_ratios))
-        for r in mc.drop_ratios:
-            _require(
-                0.0 <= r < 1.0, f"masking.drop_ratios={list(mc.drop_ratios)}: mask ratios must lie in [0, 1)"
-            )
-        layers = lc.relation_layers
-        if layers is not None:
-            for layer in layers:
-                _require(
-                    1 <= layer < s["depth"],
-                    f"loss.relation_layers: layer {layer} is outside 1..{s['depth'] - 1} (the last block, "
-                    f"{s['depth']}, belongs to the feature term)",
-                )
-        roles = []
-        if lc.alpha > 0 or mc.score_source == "feature_teacher":
-            roles.append("feature")
-        if (lc.beta > 0 and (layers is None or len(layers))) or mc.score_source == "relation_teacher":
-            roles.append("relation")
-        student_grid = config.image_size // s["patch_size"]
+        masking.check_mask_ratios("masking.drop_ratios", mc.drop_ratios)  # whatever the mode
         for role in ("feature", "relation"):
             _in(
                 config.teachers[role].get("attn_impl", ""), ("", "xla", "cudnn"), f"teachers.{role}.attn_impl"
             )
-        for role in roles if check_teachers else ():
+        student = dict(s, image_size=config.image_size, dist_token=config.student.get("dist_token", False))
+        archs = {"student": student}
+        for role in distill.teacher_roles(config, s["depth"]) if check_teachers else ():
             tcfg = config.teachers[role]
             meta = model_io.read_model_json(tcfg.checkpoint, f"teachers.{role}.checkpoint")
-            size = tcfg.image_size or meta["input"]["image_size"]
-            patch = meta["arch"]["patch_size"]
-            _require(
-                size % patch == 0, f"teachers.{role}.image_size={size} is not divisible by its patch {patch}"
-            )
-            _require(
-                size // patch == student_grid,
-                f"teachers.{role}: patch grid {size // patch}x{size // patch} differs from the student's "
-                f"{student_grid}x{student_grid}; set teachers.{role}.image_size={student_grid * patch}",
-            )
-            if role == "relation" and lc.beta > 0:
-                _require(
-                    meta["arch"]["num_heads"] == s["num_heads"],
-                    f"teachers.relation has {meta['arch']['num_heads']} heads, the student {s['num_heads']}: "
-                    "head counts must match on every distilled layer",
-                )
-                depth = meta["arch"]["depth"]
-                for layer in layers if layers is not None else range(1, s["depth"]):
-                    _require(
-                        layer <= depth,
-                        f"loss.relation_layers: layer {layer} exceeds the relation teacher's depth {depth}",
-                    )
+            archs[role] = {**meta["arch"], "image_size": tcfg.image_size or meta["input"]["image_size"]}
+        distill.check_teachers(config, archs)
     else:
         if config.mode == "evaluate":
             return _validate_evaluate(config)

@@ -1,8 +1,11 @@
 """Every exception the program turns into an exit status, each with a one-line, user-facing message.
 
 ``main`` maps them to exit statuses: ConfigError, DataError and CheckpointError -> 2,
-NonFiniteError -> 3, Preempted -> 75 (docs/ERRORS.md).
+NonFiniteError -> 3, Preempted -> 75 (SIGTERM) or 130 (SIGINT) (docs/ERRORS.md).
 """
+
+import signal
+import sys
 
 
 class ConfigError(ValueError):
@@ -24,10 +27,35 @@ class NonFiniteError(RuntimeError):
 
 
 class Preempted(Exception):
-    """SIGTERM (or a multi-host preemption notice) arrived; a checkpoint was written at ``step``."""
+    """SIGTERM or SIGINT (or a multi-host preemption notice) arrived; a checkpoint was written at ``step``."""
 
     exit_code = 75  # EX_TEMPFAIL: try again later (rerun the same command to resume)
 
-    def __init__(self, step: int, directory: str):
-        super().__init__(f"preempted: checkpoint written at step {step} in {directory}; rerun to resume")
+    def __init__(self, step: int, directory: str, signum: int | None = None):
+        what = "interrupted (SIGINT)" if signum == signal.SIGINT else "preempted"
+        super().__init__(f"{what}: checkpoint written at step {step} in {directory}; rerun to resume")
         self.step = step
+        self.exit_code = self.exit_status(signum)
+
+    @staticmethod
+    def exit_status(signum: int | None) -> int:
+        """75 for SIGTERM (and preemption notices: None), 130 (128 + 2, the shell's convention) for SIGINT."""
+        return 130 if signum == signal.SIGINT else 75
+
+
+def report(e: BaseException) -> int | None:
+    """Prints the one-line message of an expected failure to stderr and returns its exit status; None
+    for any other exception (a bug, or the system's), which keeps its traceback.
+
+    An OSError naming a file (missing directory, no permission, disk full) is an expected failure too.
+    """
+    if isinstance(e, (ConfigError, DataError, CheckpointError)):
+        message, status = f"error: {e}", 2
+    elif isinstance(e, OSError) and e.filename is not None:
+        message, status = f"error: {e.filename}: {e.strerror}", 2
+    elif isinstance(e, (Preempted, NonFiniteError)):
+        message, status = f"{type(e).__name__}: {e}", e.exit_code
+    else:
+        return None
+    print(message, file=sys.stderr)
+    return status

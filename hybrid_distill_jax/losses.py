@@ -41,9 +41,14 @@ def feature_loss(pred: jax.Array, target: jax.Array, kind: str = "smooth_l1", be
 
 
 def gather_relation(logits: jax.Array, token_indices: jax.Array) -> jax.Array:
-    """Restricts attention logits [B, H, N, N] to kept tokens [B, K] (rows and columns): [B, H, K, K]."""
+    """Restricts attention logits [B, H, N, N] to kept tokens [B, K] (rows and columns): fp32 [B, H, K, K].
+
+    The rows and columns are gathered in the logits' own dtype and only the kept [B, H, K, K] block is
+    up-cast: a bf16 map is never copied to fp32 whole (gathering and casting commute, so the values are
+    the same as casting first).
+    """
     rows = jnp.take_along_axis(logits, token_indices[:, None, :, None], axis=2)
-    return jnp.take_along_axis(rows, token_indices[:, None, None, :], axis=3)
+    return jnp.take_along_axis(rows, token_indices[:, None, None, :], axis=3).astype(jnp.float32)
 
 
 def relation_loss(teacher_logits: jax.Array, student_logits: jax.Array, kind: str = "kl") -> jax.Array:

@@ -4,13 +4,17 @@ The teacher's CLS->patch attention scores each patch: patches it barely attends 
 The student keeps K patches sampled without replacement with probability proportional to the score
 (Gumbel-top-k), or the top K, or K uniformly at random. K is a Python int per stage so every shape
 stays static under ``jit``: the step compiles once per stage.
+
+A ``KeepPlan`` per ``masking.mode`` owns the counts and the selection (``keep_plan`` builds it from the
+config): ``over_training`` keeps K patches at the student's input, K falling over training;
+``over_depth`` drops nested subsets inside the student (EViT). Adding a mode = a ``KeepPlan`` subclass
+registered in ``PLANS``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +22,9 @@ import jax.numpy as jnp
 from hybrid_distill_jax.errors import ConfigError
 
 SELECTIONS = ("gumbel", "topk", "random")
-MODES = ("over_training", "over_depth")
-SCORE_SOURCES = ("feature_teacher", "relation_teacher", "uniform")
+# masking.score_source -> the teacher role whose CLS attention scores the patches (None: all equal).
+SCORE_ROLES = {"feature_teacher": "feature", "relation_teacher": "relation", "uniform": None}
+SCORE_SOURCES = tuple(SCORE_ROLES)
 
 
 def redundancy_scores(cls_attn: jax.Array) -> jax.Array:
@@ -53,15 +58,16 @@ def select_tokens(
     return jnp.sort(idx, axis=-1).astype(jnp.int32)
 
 
-def with_prefix(patch_indices: jax.Array, num_prefix: int) -> jax.Array:
-    """Token indices (prefix tokens first) of a sequence holding the prefix tokens and these patches."""
-    b = patch_indices.shape[0]
-    prefix = jnp.broadcast_to(jnp.arange(num_prefix, dtype=jnp.int32), (b, num_prefix))
-    return jnp.concatenate([prefix, patch_indices + num_prefix], axis=1)
+def check_mask_ratios(field: str, ratios, non_decreasing: bool = False) -> None:
+    """Each mask ratio in [0, 1) (and non-decreasing for nested drops), else ConfigError naming ``field``."""
+    ratios = list(ratios)
+    if not all(0.0 <= r < 1.0 for r in ratios) or (non_decreasing and ratios != sorted(ratios)):
+        order = "non-decreasing " if non_decreasing else ""
+        raise ConfigError(f"{field}={ratios}: expected {order}mask ratios in [0, 1)")
 
 
 @dataclasses.dataclass(frozen=True)
-class KeepSchedule:
+class MaskRatioSchedule:
     """Piecewise-constant mask ratio over training: ``ratios[i]`` from fraction ``starts[i]`` of the steps."""
 
     starts: tuple[float, ...]
@@ -76,18 +82,11 @@ class KeepSchedule:
             raise ConfigError(
                 f"masking.stage_starts={list(self.starts)}: must start at 0.0, increase, and stay below 1.0"
             )
-        for r in self.ratios:
-            if not 0.0 <= r < 1.0:
-                raise ConfigError(
-                    f"masking.stage_ratios={list(self.ratios)}: each mask ratio must lie in [0, 1)"
-                )
+        check_mask_ratios("masking.stage_ratios", self.ratios)
 
     def stage(self, step: int, total_steps: int) -> int:
         frac = step / max(total_steps, 1)
         return max(i for i, s in enumerate(self.starts) if s <= frac + 1e-12)
-
-    def stage_start_step(self, stage: int, total_steps: int) -> int:
-        return math.ceil(self.starts[stage] * total_steps - 1e-9)
 
     def mask_ratio(self, step: int, total_steps: int) -> float:
         return self.ratios[self.stage(step, total_steps)]
@@ -120,3 +119,150 @@ def nested_selection(
         relative.append(rel)
         absolute.append(current)
     return relative, absolute
+
+
+# -- keep plans: one per masking.mode ------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class KeptTokens:
+    """The patches one batch keeps, where. Patch indices count patches only (the CLS token is extra).
+
+    ``input_indices`` [B, K] (or None: all patches) go to the student's ``keep_indices``; ``drop_after``
+    {layer: indices into the previous set} (or None) to its ``drop_after``. ``sets`` lists
+    (first block that sees it, absolute patch indices [B, K_i]) in order.
+    """
+
+    input_indices: jax.Array | None
+    drop_after: dict[int, jax.Array] | None
+    sets: tuple[tuple[int, jax.Array], ...]
+
+    @property
+    def final_indices(self) -> jax.Array:
+        """Absolute indices [B, K_final] of the patches among the student's output tokens."""
+        return self.sets[-1][1]
+
+    def patches_at(self, layer: int) -> jax.Array:
+        """Absolute indices [B, K_l] of the patches block ``layer`` attends over."""
+        return [idx for first, idx in self.sets if first <= layer][-1]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KeepPlan:
+    """Which patches the student keeps, and how many, for one ``masking.mode``.
+
+    The counts are static per stage (``stage`` is hashable: the step compiles once per stage); the
+    selection itself runs inside the jitted step from the scoring teacher's CLS attention.
+    """
+
+    num_patches: int
+    selection: str = "gumbel"
+    temperature: float = 1.0
+
+    @classmethod
+    def from_config(cls, mcfg, num_patches: int, depth: int) -> KeepPlan:
+        """The plan a ``masking`` config section describes, for a student of ``depth`` blocks."""
+        raise NotImplementedError
+
+    def stage(self, step: int, total_steps: int) -> Hashable:
+        raise NotImplementedError
+
+    def stage_metrics(self, stage: Hashable) -> dict[str, float]:
+        """What to log about a stage: the number of patches the student ends with."""
+        raise NotImplementedError
+
+    def score_layers(self, teacher_depth: int) -> tuple[int, ...]:
+        """The scoring teacher's layers whose CLS attention ``select`` needs."""
+        raise NotImplementedError
+
+    def select(self, rng: jax.Array, scores_by_layer: Mapping[int, jax.Array], stage: Hashable) -> KeptTokens:
+        """Kept patches from scores [B, N] for each of ``score_layers``."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _common(mcfg, num_patches: int) -> dict:
+        return dict(num_patches=num_patches, selection=mcfg.selection, temperature=float(mcfg.temperature))
+
+    def _all_patches(self, batch: int) -> jax.Array:
+        return jnp.broadcast_to(jnp.arange(self.num_patches, dtype=jnp.int32), (batch, self.num_patches))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OverTrainingPlan(KeepPlan):
+    """Student input = CLS + K kept patches, K fixed within a stage and falling over training."""
+
+    schedule: MaskRatioSchedule
+
+    @classmethod
+    def from_config(cls, mcfg, num_patches: int, depth: int) -> OverTrainingPlan:
+        schedule = MaskRatioSchedule(tuple(mcfg.stage_starts), tuple(mcfg.stage_ratios))
+        return cls(schedule=schedule, **cls._common(mcfg, num_patches))
+
+    def stage(self, step: int, total_steps: int) -> int:
+        return keep_count(self.num_patches, self.schedule.mask_ratio(step, total_steps))
+
+    def stage_metrics(self, stage: int) -> dict[str, float]:
+        return {"keep": stage}
+
+    def score_layers(self, teacher_depth: int) -> tuple[int, ...]:
+        return (teacher_depth,)
+
+    def select(self, rng, scores_by_layer, stage: int) -> KeptTokens:
+        (scores,) = scores_by_layer.values()
+        keep = select_tokens(rng, scores, stage, self.selection, self.temperature)
+        return KeptTokens(input_indices=keep, drop_after=None, sets=((1, keep),))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OverDepthPlan(KeepPlan):
+    """EViT-style: all patches enter; after block ``drop_layers[i]`` only ``1 - drop_ratios[i]`` stay."""
+
+    drop_layers: tuple[int, ...]
+    drop_ratios: tuple[float, ...]
+    depth: int  # the student's: a drop after its last block would drop nothing it uses
+
+    def __post_init__(self):
+        layers = list(self.drop_layers)
+        if len(layers) != len(self.drop_ratios) or not layers:
+            raise ConfigError("masking.drop_layers and masking.drop_ratios must be non-empty, equal length")
+        if layers != sorted(set(layers)) or layers[0] < 1 or layers[-1] >= self.depth:
+            raise ConfigError(
+                f"masking.drop_layers={layers}: expected increasing layers in 1..{self.depth - 1}"
+            )
+        check_mask_ratios("masking.drop_ratios", self.drop_ratios, non_decreasing=True)
+
+    @classmethod
+    def from_config(cls, mcfg, num_patches: int, depth: int) -> OverDepthPlan:
+        return cls(
+            drop_layers=tuple(mcfg.drop_layers),
+            drop_ratios=tuple(mcfg.drop_ratios),
+            depth=depth,
+            **cls._common(mcfg, num_patches),
+        )
+
+    def stage(self, step: int, total_steps: int) -> tuple[int, ...]:
+        return tuple(keep_count(self.num_patches, r) for r in self.drop_ratios)
+
+    def stage_metrics(self, stage: tuple[int, ...]) -> dict[str, float]:
+        return {"keep": stage[-1]}
+
+    def score_layers(self, teacher_depth: int) -> tuple[int, ...]:
+        return self.drop_layers
+
+    def select(self, rng, scores_by_layer, stage: tuple[int, ...]) -> KeptTokens:
+        scores = [scores_by_layer[layer] for layer in self.drop_layers]
+        relative, absolute = nested_selection(rng, scores, stage, self.selection, self.temperature)
+        sets = ((1, self._all_patches(scores[0].shape[0])),)
+        sets += tuple((layer + 1, idx) for layer, idx in zip(self.drop_layers, absolute))
+        return KeptTokens(input_indices=None, drop_after=dict(zip(self.drop_layers, relative)), sets=sets)
+
+
+PLANS: dict[str, type[KeepPlan]] = {"over_training": OverTrainingPlan, "over_depth": OverDepthPlan}
+MODES = tuple(PLANS)
+
+
+def keep_plan(mcfg, num_patches: int, depth: int) -> KeepPlan:
+    """The plan of ``mcfg.mode`` (a ``masking`` config section) for a student of ``depth`` blocks."""
+    if mcfg.mode not in PLANS:
+        raise ConfigError(f"masking.mode={mcfg.mode!r}: expected one of {list(PLANS)}")
+    return PLANS[mcfg.mode].from_config(mcfg, num_patches, depth)

@@ -23,18 +23,8 @@ import sys
 
 import numpy as np
 
-CLASS_NAMES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
+from hybrid_distill_jax.data.embedded import CLASS_NAMES
+
 NUM_CLASSES = len(CLASS_NAMES)
 IMAGES_MAGIC = 2051  # 0x00000803: unsigned byte, 3 dimensions.
 LABELS_MAGIC = 2049  # 0x00000801: unsigned byte, 1 dimension.

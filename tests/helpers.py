@@ -1,6 +1,7 @@
 """Shared builders for trainer tests: tiny configs on the embedded data and random-init teacher exports."""
 
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -49,3 +50,21 @@ def tiny_distill_config(tmp_path, data_dir, steps=6, batch=16):
     c.teachers.feature.dtype = "float32"
     c.teachers.relation.dtype = "float32"
     return c
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_cli(workdir, tfds_dir, teachers) -> list[str]:
+    """The command line of a ``tests/tiny_config.py`` distillation with two teacher directories."""
+    return [
+        sys.executable,
+        "-m",
+        "hybrid_distill_jax.main",
+        "--config",
+        os.path.join(REPO, "tests", "tiny_config.py"),
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={tfds_dir}",
+        f"--config.teachers.feature.checkpoint={teachers[0]}",
+        f"--config.teachers.relation.checkpoint={teachers[1]}",
+    ]

@@ -3,7 +3,8 @@
 ``import_checkpoint`` reads a LOCAL timm / DeiT / MAE / DINO / OpenAI CLIP / open_clip file and writes
 a ``model.json`` + ``params.msgpack`` directory (``models.io.save_model``) that distillation configs
 point teachers at. ``export_timm`` writes one of our exported models as a timm ``VisionTransformer``
-state dict. Reading never executes code from a checkpoint (``convert.torch_io``).
+state dict. Reading never executes code from a checkpoint (``convert.torch_io``). ``convert.hub``
+resolves ``hf-hub:ORG/NAME[@REVISION]`` teacher names to converted, cached directories.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from hybrid_distill_jax.convert import families, torch_io
-from hybrid_distill_jax.errors import ConfigError
+from hybrid_distill_jax.convert import families, timm_config, torch_io
+from hybrid_distill_jax.errors import CheckpointError, ConfigError
 from hybrid_distill_jax.models import io as model_io
 
 __all__ = ["import_checkpoint", "export_timm", "timm_state_dict", "families", "torch_io"]
@@ -31,41 +32,139 @@ def import_checkpoint(
     norm_eps: float | None = None,
     mean=None,
     std=None,
+    provenance: dict | None = None,
     log=print,
 ) -> tuple[Any, Any, dict]:
-    """Converts a local checkpoint file into an exported-model directory; returns (model, params, report)."""
+    """Converts a local checkpoint file into an exported-model directory; returns (model, params, report).
+
+    A ``--family timm`` file takes eps, activation, heads, pooling and mean/std from the timm
+    ``config.json`` beside it when there is one (``convert.timm_config``); flags override it.
+    ``provenance`` (e.g. the hub repo and commit) is recorded under ``converted_from``.
+    """
     fam = families.get_family(family)
     if act is not None and act not in ("gelu", "gelu_tanh", "quick_gelu"):
         raise ConfigError(f"--act={act!r}: expected gelu, gelu_tanh or quick_gelu")
     sd = torch_io.load_state_dict(input_path, log=log)
-    model, params, report = families.import_state_dict(
-        family, sd, heads=heads, act=act, norm_eps=norm_eps, image_size=image_size, where=input_path, log=log
+    given = dict(
+        heads=heads,
+        act=act,
+        norm_eps=norm_eps,
+        mean=tuple(mean) if mean else None,
+        std=tuple(std) if std else None,
     )
+    cfg = _timm_config_beside(fam, input_path, log)
+    chosen = _settle(fam, sd, given, cfg, input_path, log)
+    model, params, report = families.import_state_dict(
+        family,
+        sd,
+        heads=chosen["heads"],
+        act=chosen["act"],
+        norm_eps=chosen["norm_eps"],
+        pool=cfg.pool if cfg else None,
+        image_size=image_size,
+        where=input_path,
+        log=log,
+    )
+    if cfg:
+        cfg.check(model, report.get("original_image_size", model.image_size), input_path)
     for line in report["dropped"]:
         log(f"dropped {line}")
     if "resampled" in report:
         log(f"resampled {report['resampled']}")
-    mean = tuple(mean) if mean else fam.mean
-    std = tuple(std) if std else fam.std
-    source = {"family": fam.name, "file": os.path.basename(input_path), "dropped": report["dropped"]}
+    source: dict[str, Any] = {
+        "family": fam.name,
+        "file": os.path.basename(input_path),
+        "dropped": report["dropped"],
+    }
+    if cfg:
+        source["timm"] = {"architecture": cfg.architecture, "tag": cfg.tag, "notes": list(cfg.notes)}
     source.update({k: report[k] for k in ("resampled", "original_image_size") if k in report})
+    source.update(provenance or {})
     model_io.save_model(
         output_dir,
         model,
         params,
-        mean=mean,
-        std=std,
+        mean=chosen["mean"],
+        std=chosen["std"],
         image_size=model.image_size,
         extra={"converted_from": source},
     )
     n = sum(int(np.prod(np.shape(x))) for x in _leaves(params))
+    heads_note = (
+        f"heads from {cfg.architecture}'s config"
+        if cfg and given["heads"] is None
+        else f"heads are not stored in a checkpoint: check {model.num_heads} is right, or pass --heads"
+    )
     log(
         f"wrote {output_dir}: {fam.name} ViT width {model.width}, depth {model.depth}, "
         f"heads {model.num_heads}, patch {model.patch_size}, image {model.image_size}, act {model.act}, "
-        f"{n:,} parameters "
-        f"(heads are not stored in a checkpoint: check {model.num_heads} is right, or pass --heads)"
+        f"LayerNorm eps {model.norm_eps}, mean {list(chosen['mean'])}, std {list(chosen['std'])}, "
+        f"{n:,} parameters ({heads_note})"
     )
     return model, params, report
+
+
+_FLAGS = {"act": "--act", "norm_eps": "--norm-eps", "mean": "--mean R G B", "std": "--std R G B"}
+
+
+def _timm_config_beside(fam, input_path: str, log) -> timm_config.TimmSettings | None:
+    path = timm_config.beside(input_path) if fam.name == "timm" else None
+    if path is None:
+        return None
+    try:
+        cfg = timm_config.settings(timm_config.read_config(path), path)
+    except CheckpointError as e:
+        log(f"ignoring {path}: {e}")
+        return None
+    log(f"reading {path}: timm {cfg.architecture}" + (f".{cfg.tag}" if cfg.tag else ""))
+    for note in cfg.notes:
+        log(f"note: {note}")
+    return cfg
+
+
+def _settle(fam, sd: dict, given: dict, cfg, where: str, log) -> dict:
+    """heads / act / norm_eps / mean / std: a flag, else the timm config.json, else the family's own
+    value where the family fixes it; what nothing fixes is a ConfigError naming the flags to pass."""
+    pre_norm = "norm_pre.weight" in sd
+    if cfg is not None:
+        known = dict(heads=cfg.heads, act=cfg.act, norm_eps=cfg.norm_eps, mean=cfg.mean, std=cfg.std)
+        source = "config.json"
+    elif fam.name == "timm":
+        # timm's VisionTransformer defaults hold for plain towers; pre-norm (CLIP-style) towers differ
+        known = {} if pre_norm else dict(act=fam.act, norm_eps=fam.norm_eps)
+        source = "timm's defaults"
+    else:
+        known = dict(act=fam.act, norm_eps=fam.norm_eps, mean=fam.mean, std=fam.std)
+        source = f"the {fam.name} family"
+    chosen = {}
+    for key, value in given.items():
+        default = known.get(key)
+        if value is not None and default is not None and value != default:
+            log(f"note: --{key.replace('_', '-')} {value} overrides {source}'s {default}")
+        chosen[key] = value if value is not None else default
+    missing = [flag for key, flag in _FLAGS.items() if chosen[key] is None]
+    if missing:
+        if cfg is not None:
+            why = (
+                f"the timm config.json beside it names {cfg.architecture!r}, an architecture "
+                "convert.timm_config.ARCHITECTURES does not know, and its model_args do not fix them"
+            )
+        elif pre_norm:
+            why = (
+                "a pre-norm (CLIP-style, e.g. timm's vit_*_clip_*) tower records neither its LayerNorm eps, "
+                "activation nor input mean/std, and no timm config.json lies beside it"
+            )
+        else:
+            why = (
+                "a timm state dict does not record its input mean/std, and no timm config.json lies beside it"
+            )
+        raise ConfigError(
+            f"{where}: {why}: pass {' '.join(missing)} "
+            "(the values in the model's timm pretrained_cfg; timm's vit_*_clip_* towers use "
+            "--norm-eps 1e-5, OpenAI CLIP weights --act quick_gelu; ImageNet mean/std are "
+            "0.485 0.456 0.406 / 0.229 0.224 0.225, augreg/in21k models 0.5 0.5 0.5 / 0.5 0.5 0.5)"
+        )
+    return chosen
 
 
 def _leaves(tree):

@@ -1,19 +1,24 @@
-"""CLI: ``python -m hybrid_distill_jax.convert {import,export} ...`` (see docs/CONVERT.md).
+"""CLI: ``python -m hybrid_distill_jax.convert {import,export,list} ...`` (see docs/CONVERT.md).
 
   import --family {timm,deit,mae,clip,open_clip,dino} --input FILE --output DIR
          [--image-size N] [--heads N] [--act gelu|gelu_tanh|quick_gelu] [--norm-eps E]
          [--mean R G B] [--std R G B]
+  import --input hf-hub:ORG/NAME[@REVISION] --output DIR      (a timm safetensors repo, convert.hub)
   export --input DIR --output FILE.{safetensors,pth} [--timm-name vit_base_patch16_224]
+  list                                                         (the paper's teachers by name)
 
-Errors (a missing file, a URL, a checkpoint that does not fit the family) print one message and exit 2.
+Errors (a missing file, a URL, an unreachable hub, a checkpoint that does not fit the family) print
+one message and exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 
-from hybrid_distill_jax.errors import CheckpointError, ConfigError, DataError
+from hybrid_distill_jax import errors
+from hybrid_distill_jax.errors import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="python -m hybrid_distill_jax.convert",
-        description="Convert PyTorch ViT checkpoints (local files only) to and from our exported models.",
+        description="Convert PyTorch ViT checkpoints (local files or hf-hub: names) to and from our "
+        "exported models.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     imp = sub.add_parser(
@@ -30,9 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="families:\n" + "\n".join(f"  {k:10s} {f.help}" for k, f in FAMILIES.items()),
     )
-    imp.add_argument("--family", required=True, choices=sorted(FAMILIES))
     imp.add_argument(
-        "--input", required=True, help="local .pth/.pt/.bin/.safetensors file (never downloaded)"
+        "--family", choices=sorted(FAMILIES), help="required for a local file (hf-hub: names are timm)"
+    )
+    imp.add_argument(
+        "--input",
+        required=True,
+        help="local .pth/.pt/.bin/.safetensors file, or hf-hub:ORG/NAME[@REVISION] (a timm repo with "
+        "model.safetensors + config.json, fetched with huggingface_hub and converted once into a cache)",
     )
     imp.add_argument("--output", required=True, help="directory to write model.json + params.msgpack to")
     imp.add_argument(
@@ -53,18 +64,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--act",
         choices=("gelu", "gelu_tanh", "quick_gelu"),
         default=None,
-        help="MLP activation (default: quick_gelu for clip, gelu otherwise; open_clip "
+        help="MLP activation (default: quick_gelu for clip, gelu for the others; --family timm reads it "
+        "from a timm config.json beside the file, and without one needs it for pre-norm towers; open_clip "
         "'-quickgelu' models and OpenAI weights loaded through open_clip need quick_gelu)",
     )
     imp.add_argument(
         "--norm-eps",
         type=float,
         default=None,
-        help="LayerNorm epsilon (default: 1e-5 for clip/open_clip, 1e-6 otherwise; timm's "
-        "*_clip_* ViTs need 1e-5)",
+        help="LayerNorm epsilon (default: 1e-5 for clip/open_clip, 1e-6 for deit/mae/dino; --family timm "
+        "reads it from a timm config.json beside the file, and without one needs it for pre-norm towers)",
     )
-    imp.add_argument("--mean", type=float, nargs=3, default=None, help="input mean (default: the family's)")
-    imp.add_argument("--std", type=float, nargs=3, default=None, help="input std (default: the family's)")
+    norm_help = (
+        "(default: the family's; --family timm: from a timm config.json beside the file, else required)"
+    )
+    imp.add_argument("--mean", type=float, nargs=3, default=None, help=f"input mean {norm_help}")
+    imp.add_argument("--std", type=float, nargs=3, default=None, help=f"input std {norm_help}")
     exp = sub.add_parser("export", help="an exported-model directory -> a timm VisionTransformer state dict")
     exp.add_argument("--input", required=True, help="directory with model.json + params.msgpack")
     exp.add_argument("--output", required=True, help="FILE.safetensors (no torch needed) or FILE.pth")
@@ -73,7 +88,42 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="timm model name to print in the load command (default vit_base_patch16_224)",
     )
+    sub.add_parser("list", help="the paper's teachers by hf-hub: name, with their role and recipes")
     return parser
+
+
+_HUB_FLAGS = ("image_size", "heads", "act", "norm_eps", "mean", "std")
+
+
+def _import(args) -> None:
+    from hybrid_distill_jax import convert
+    from hybrid_distill_jax.convert import hub
+
+    if hub.is_hub_name(args.input):
+        given = [f"--{k.replace('_', '-')}" for k in _HUB_FLAGS if getattr(args, k) is not None]
+        if given or args.family not in (None, "timm"):
+            raise ConfigError(
+                f"--input={args.input}: {', '.join(given) or '--family ' + args.family} cannot be combined "
+                "with a hub name (its config.json fixes the architecture and input; teachers.*.image_size "
+                "resamples at run time)"
+            )
+        cached = hub.resolve(args.input, "--input", log=print)
+        shutil.copytree(cached, args.output, dirs_exist_ok=True)
+        print(f"copied {cached} -> {args.output}")
+        return
+    if args.family is None:
+        raise ConfigError("--family is required for a local --input file")
+    convert.import_checkpoint(
+        args.family,
+        args.input,
+        args.output,
+        image_size=args.image_size,
+        heads=args.heads,
+        act=args.act,
+        norm_eps=args.norm_eps,
+        mean=args.mean,
+        std=args.std,
+    )
 
 
 def main(argv=None) -> int:
@@ -82,22 +132,18 @@ def main(argv=None) -> int:
 
     try:
         if args.command == "import":
-            convert.import_checkpoint(
-                args.family,
-                args.input,
-                args.output,
-                image_size=args.image_size,
-                heads=args.heads,
-                act=args.act,
-                norm_eps=args.norm_eps,
-                mean=args.mean,
-                std=args.std,
-            )
+            _import(args)
+        elif args.command == "list":
+            from hybrid_distill_jax.convert import hub
+
+            hub.list_teachers()
         else:
             convert.export_timm(args.input, args.output, timm_name=args.timm_name)
-    except (ConfigError, CheckpointError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        status = errors.report(e)
+        if status is None:
+            raise
+        return status
     return 0
 
 

@@ -370,26 +370,16 @@ def check_state_dict(family: Family, model: VisionTransformer, sd: dict[str, np.
     expected = {
         src: tuple(KINDS[kind].shape(shapes[dst])) for src, dst, kind in entries(family.layout, model)
     }
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    wrong = sorted(
-        f"{k}: expected {expected[k]}, got {tuple(sd[k].shape)}"
-        for k in set(expected) & set(sd)
-        if tuple(sd[k].shape) != expected[k]
+    header = (
+        f"{where} does not fit a --family={family.name} ViT (width {model.width}, "
+        f"depth {model.depth}, heads {model.num_heads}, patch {model.patch_size}):"
     )
-    if missing or unexpected or wrong:
-        p = family.prefix if family.layout == "clip" else ""
-        lines = [
-            f"{where} does not fit a --family={family.name} ViT (width {model.width}, "
-            f"depth {model.depth}, heads {model.num_heads}, patch {model.patch_size}):"
-        ]
-        if missing:
-            lines.append(f"  missing ({len(missing)}): {', '.join(p + k for k in missing[:20])}")
-        if unexpected:
-            lines.append(f"  unexpected ({len(unexpected)}): {', '.join(p + k for k in unexpected[:20])}")
-        if wrong:
-            lines.append(f"  shape mismatches ({len(wrong)}): {'; '.join(p + w for w in wrong[:20])}")
-        raise CheckpointError("\n".join(lines))
+    actual = {k: tuple(v.shape) for k, v in sd.items()}
+    error = model_io.shape_mismatches(
+        header, expected, actual, family.prefix if family.layout == "clip" else ""
+    )
+    if error is not None:
+        raise error
 
 
 def to_flax(family: Family, model: VisionTransformer, sd: dict[str, np.ndarray]) -> dict:
@@ -417,13 +407,17 @@ def import_state_dict(
     act: str | None = None,
     norm_eps: float | None = None,
     image_size: int | None = None,
+    pool: str | None = None,
     where: str = "checkpoint",
     log=print,
 ):
-    """Returns (model, params, report) for a loaded state dict."""
+    """Returns (model, params, report) for a loaded state dict; ``pool`` ('cls'/'gap') picks the token
+    that ``pooled`` and a classifier head read (the weights cannot tell)."""
     family = get_family(family_name)
     kept, dropped = split_keys(family, sd)
     arch = infer_arch(family, kept, heads=heads, act=act, norm_eps=norm_eps)
+    if pool:
+        arch["pool"] = pool
     model = make_vit(arch)
     check_state_dict(family, model, kept, where)
     params = to_flax(family, model, kept)

@@ -13,14 +13,17 @@ What runs for each kind of file:
   every other class named in the pickle (``__torch__.*`` modules, ``argparse.Namespace``, ...) becomes
   an inert stub that only records its arguments and state. The ``code/`` records are never read.
 
-Only local files are read: a URL or hub name fails at once, naming what to download.
+Only local files are read here: a URL or hub name fails at once, naming what to do (``hf-hub:`` names
+are resolved by ``convert.hub`` before a file reaches this module).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import pickle
 import re
+import sys
 import zipfile
 from typing import Any
 
@@ -54,6 +57,32 @@ _TORCH_DTYPES = {
 }
 _REMOTE = re.compile(r"^(https?|s3|gs|hf|hf-hub|ftp)://|^hf-hub:|^timm/", re.IGNORECASE)
 
+_TV_LIBRARY = None
+
+
+def declare_torchvision_ops() -> None:
+    """PyPI's torchvision wheel is a CUDA build whose C ops do not load beside a CPU-only torch, and its
+    import then fails on 'operator torchvision::nms does not exist'. Declaring the two op schemas first
+    lets it import (timm and open_clip only need its Python parts)."""
+    global _TV_LIBRARY
+    import torch
+
+    if "torchvision" in sys.modules or _TV_LIBRARY is not None:
+        return
+    try:
+        version = importlib.metadata.version("torchvision")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    if torch.version.cuda is None and "+cpu" not in version:
+        try:
+            lib = torch.library.Library("torchvision", "DEF")
+            lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+            lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
+            _TV_LIBRARY = lib  # keep alive: the registration ends with the object
+        except RuntimeError:
+            pass
+
+
 
 def _np_dtype(name):
     if name == "bfloat16":
@@ -79,9 +108,9 @@ def check_local(path: str, what: str = "--input") -> str:
     if _REMOTE.match(path) or hub_like:
         repo = re.sub(r"^(hf-hub:|hf://)", "", path)
         raise ConfigError(
-            f"{what}={path!r} looks like a hub name, not a local file: this tool never "
-            f"downloads. Fetch the weights file of {repo!r} yourself (model.safetensors, "
-            "pytorch_model.bin or open_clip_pytorch_model.bin) and pass its local path"
+            f"{what}={path!r} looks like a hub name, not a local file: write it as hf-hub:{repo} "
+            "(a timm repo with model.safetensors + config.json; resolved by convert.hub), or fetch "
+            "the weights file yourself and pass its local path"
         )
     if not os.path.exists(path):
         raise ConfigError(f"{what}={path!r}: no such file")
@@ -304,7 +333,8 @@ def load_raw(path: str, log=print) -> Any:
         )
         return read_torch_zip(path)
     except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0]})") from None
+        reason = (str(e).splitlines() or [type(e).__name__])[0]  # EOFError of an empty file: no text
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({reason})") from None
     return _to_numpy(obj)
 
 

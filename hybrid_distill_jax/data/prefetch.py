@@ -1,9 +1,25 @@
-"""Host-to-device prefetch: the next batches are copied while the current step runs."""
+"""Host-to-device transfer: the next batches are copied while the current step runs."""
 
 from __future__ import annotations
 
 import collections
 from collections.abc import Callable, Iterator
+
+import jax
+import numpy as np
+
+# Keys of a host batch that never go to the devices (the example ids, for the host's logs).
+HOST_ONLY_KEYS = ("index",)
+
+
+def to_devices(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+    """This process's rows of a global batch as global arrays over ``sharding``; images stay uint8 (the
+    step converts them), host-only keys stay behind."""
+    return {
+        k: jax.make_array_from_process_local_data(sharding, v)
+        for k, v in batch.items()
+        if k not in HOST_ONLY_KEYS
+    }
 
 
 def prefetch_to_device(batches: Iterator, put: Callable, size: int = 2) -> Iterator:

@@ -20,8 +20,8 @@ import os
 import sys
 import time
 
-from hybrid_distill_jax import config_lib
-from hybrid_distill_jax.errors import CheckpointError, ConfigError, DataError
+from hybrid_distill_jax import config_lib, errors
+from hybrid_distill_jax.errors import ConfigError
 from hybrid_distill_jax.eval import diagnostics
 from hybrid_distill_jax.experiments import plots
 
@@ -108,9 +108,11 @@ def main(argv=None) -> int:
             batch_size=args.batch_size,
             image_size=args.image_size,
         )
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        status = errors.report(e)
+        if status is None:
+            raise
+        return status
     for name, r in out["results"].items():
         s = diagnostics.summary_scalars(r)
         print(f"{name}: mean distance {s['distance/mean']:.2f} px, mean NMI {s['nmi/mean']:.3f}")
@@ -153,7 +155,7 @@ def evaluate_model_dir(config, workdir: str) -> dict:
                 cfg.data, size, cfg.eval.diagnostics_examples, cfg.eval.batch_size
             ),
         )
-        diag["model_dir"] = os.path.abspath(config.model_dir)
+        diag["model_dir"] = os.path.abspath(model_io.resolve_model_dir(config.model_dir, "model_dir"))
         name = _name_of(config.model_dir)[0]
         diagnostics.save({name: diag}, os.path.join(workdir, "diagnostics.json"))
         plots.plot_diagnostics({name: diag}, workdir)

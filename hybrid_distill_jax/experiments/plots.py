@@ -83,9 +83,13 @@ def plot_nmi(results: Mapping[str, Mapping[str, Any]], path: str, title: str = "
 
 
 def plot_bars(
-    table: Mapping[str, Mapping[str, float]], metrics: Sequence[str], path: str, title: str = ""
+    table: Mapping[str, Mapping[str, float]],
+    metrics: Sequence[str],
+    path: str,
+    title: str = "",
+    errors: Mapping[str, Mapping[str, float]] | None = None,
 ) -> str:
-    """Grouped bars: one group per model, one bar per metric (missing values skipped)."""
+    """Grouped bars: one group per model, one bar per metric (missing values skipped), optional error bars."""
     plt = _pyplot()
     names = list(table)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(names) + 2), 3.6))
@@ -93,7 +97,8 @@ def plot_bars(
     x = np.arange(len(names))
     for j, metric in enumerate(metrics):
         vals = [table[n].get(metric, np.nan) for n in names]
-        ax.bar(x + (j - (len(metrics) - 1) / 2) * width, vals, width, label=metric)
+        err = [errors[n].get(metric, 0.0) for n in names] if errors else None
+        ax.bar(x + (j - (len(metrics) - 1) / 2) * width, vals, width, yerr=err, capsize=2, label=metric)
     finite = [v for n in names for m in metrics if np.isfinite(v := table[n].get(m, np.nan))]
     if finite:
         ax.set_ylim(max(0.0, min(finite) - 5.0), min(100.0, max(finite) + 2.0))
@@ -103,6 +108,43 @@ def plot_bars(
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title or "Accuracy per model", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_layers(
+    series: Mapping[str, tuple[Sequence[int], Sequence[float], Sequence[float]]],
+    path: str,
+    ylabel: str,
+    title: str,
+    bounds: Mapping[str, float] | None = None,
+) -> str:
+    """One line per model over layers with error bars: ``series`` is {name: (layers, mean, sd)}.
+
+    ``bounds`` are drawn as labelled horizontal dashed lines (e.g. the uniform-attention distance).
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.0, 4.2))
+    for i, (name, (layers, mean, sd)) in enumerate(series.items()):
+        jitter = (i - (len(series) - 1) / 2) * 0.04
+        ax.errorbar(
+            np.asarray(layers, np.float64) + jitter,
+            mean,
+            yerr=sd,
+            marker="o",
+            ms=3,
+            capsize=3,
+            color=f"C{i % 10}",
+            label=name,
+        )
+    for j, (label, value) in enumerate((bounds or {}).items()):
+        ax.axhline(value, color="gray", ls=("--", ":")[j % 2], lw=1, label=f"{label} ({value:.2f})")
+    ax.set_xlabel("layer")
+    ax.set_ylabel(ylabel)
+    ax.set_xticks(np.asarray(next(iter(series.values()))[0]))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -48,3 +48,21 @@ def run_random_init_stage(config, workdir: str) -> dict:
     with open(marker, "w") as f:
         json.dump(summary, f, indent=2)
     return summary
+
+
+def short_run(c, name: str, steps: int, batch: int, lr: float):
+    """The schedule, logging and evaluation sizes shared by the demo's and the study's stages."""
+    c.name = name
+    c.batch_size = batch
+    c.total_steps = steps
+    c.optim.lr = lr
+    c.optim.warmup_steps = max(steps // 10, 1)
+    c.optim.min_lr = lr / 100
+    c.optim.weight_decay = 0.05
+    c.optim.grad_clip = 1.0
+    c.log_every = 50
+    c.checkpoint_every = 0
+    c.eval.max_train = 10_000
+    c.eval.batch_size = 500
+    c.eval.linear_epochs = 30
+    return c

@@ -1,8 +1,9 @@
 """Building models from config sections, and the pieces every task shares around them.
 
-``vit_from_config`` turns a ``student``/``model`` section into a ViT; ``normalize`` maps the [0, 1]
-batch to a model's own resolution and normalisation inside the jitted step; ``FrozenTeacher`` is an
-exported ViT loaded for inference; ``pooled_features`` is the representation the probes read.
+``vit_from_config`` turns a ``student``/``model`` section into a ViT; ``normalize`` maps the uint8 (or
+[0, 1] float) batch to a model's own resolution and normalisation inside the jitted step;
+``FrozenTeacher`` is an exported ViT loaded for inference; ``pooled_features`` is the representation
+the probes read.
 """
 
 from __future__ import annotations
@@ -38,21 +39,33 @@ def vit_from_config(mcfg, field: str, **overrides) -> VisionTransformer:
 
 
 def normalize(images: jax.Array, mean, std, image_size: int) -> jax.Array:
-    """[0, 1] images -> a model's own resolution and normalisation (the same crop for every model)."""
+    """uint8 images (0..255, as the input pipelines ship them) or float images in [0, 1] -> fp32 at a
+    model's own resolution and normalisation (the same crop for every model). The one place where pixels
+    become floats: inside the jitted step, on the device."""
+    images = jnp.asarray(images)
+    if images.dtype == jnp.uint8:
+        images = images.astype(jnp.float32) / 255.0
+    else:
+        images = images.astype(jnp.float32)
     if images.shape[1] != image_size:
         b, _, _, c = images.shape
         images = jax.image.resize(images, (b, image_size, image_size, c), method="bicubic")
-    return (images - jnp.asarray(mean, images.dtype)) / jnp.asarray(std, images.dtype)
+    return (images - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
 class FrozenTeacher:
-    """A frozen, exported ViT with its own input resolution and normalisation."""
+    """A frozen, exported ViT with its own input resolution and normalisation.
+
+    ``source`` says where its weights came from: the ``converted_from`` record of its ``model.json`` (for
+    an ``hf-hub:`` name: repo, revision, resolved commit and file hash), else its directory.
+    """
 
     model: VisionTransformer
     mean: tuple
     std: tuple
     image_size: int
+    source: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def load(cls, cfg, field: str) -> tuple[FrozenTeacher, Any]:
@@ -66,7 +79,9 @@ class FrozenTeacher:
         )
         size = cfg.get("image_size") or meta["input"]["image_size"]
         params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
-        return cls(model, tuple(meta["input"]["mean"]), tuple(meta["input"]["std"]), int(size)), params
+        source = meta.get("converted_from") or {"model_dir": str(cfg.checkpoint)}
+        mean, std = tuple(meta["input"]["mean"]), tuple(meta["input"]["std"])
+        return cls(model, mean, std, int(size), source), params
 
     @property
     def grid(self) -> int:

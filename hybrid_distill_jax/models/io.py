@@ -43,27 +43,54 @@ def save_model(
         **(extra or {}),
     }
     host = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
-    tmp = os.path.join(directory, "params.msgpack.tmp")
+    _write_atomically(os.path.join(directory, "params.msgpack"), flax.serialization.msgpack_serialize(host))
+    _write_atomically(os.path.join(directory, "model.json"), json.dumps(meta, indent=2).encode())
+    return directory
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    """A kill at any moment leaves the old file or the new one, never a part of either."""
+    tmp = path + ".tmp"
     with open(tmp, "wb") as f:
-        f.write(flax.serialization.msgpack_serialize(host))
-    os.replace(tmp, os.path.join(directory, "params.msgpack"))
-    with open(os.path.join(directory, "model.json"), "w") as f:
-        json.dump(meta, f, indent=2)
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def resolve_model_dir(directory: str, field: str = "checkpoint") -> str:
+    """A ``hf-hub:ORG/NAME[@REVISION]`` name -> its converted local directory (``convert.hub``, converted
+    once and cached); any other value is returned as is."""
+    if isinstance(directory, str) and directory.startswith("hf-hub:"):
+        from hybrid_distill_jax.convert import hub
+
+        return hub.resolve(directory, field)
     return directory
 
 
 def read_model_json(directory: str, field: str = "checkpoint") -> dict:
+    """The description of an exported model; ConfigError naming the file and what is wrong with it."""
+    directory = resolve_model_dir(directory, field)
     path = os.path.join(directory or "", "model.json")
-    if not directory or not os.path.isfile(path):
+    if not directory or not os.path.exists(path):
         raise ConfigError(
-            f"{field}={directory!r}: no model.json there (expected an exported or converted model)"
+            f"{field}={directory!r}: no model.json there ({path} is missing; expected an exported or "
+            "converted model)"
         )
-    with open(path) as f:
-        try:
-            meta = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{field}: {path} is not valid JSON ({e})") from None
-    if meta.get("format") != FORMAT or set(meta.get("arch", {})) - set(ARCH_FIELDS):
+    try:
+        with open(path, "rb") as f:
+            meta = json.loads(f.read())
+    except OSError as e:
+        raise ConfigError(f"{field}: cannot read {path} ({e.strerror})") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: empty, cut short, binary
+        raise ConfigError(f"{field}: {path} is not valid JSON ({_first_line(e)})") from None
+    meta = meta if isinstance(meta, dict) else {}
+    arch, inputs = meta.get("arch"), meta.get("input")
+    if (
+        meta.get("format") != FORMAT
+        or not isinstance(arch, dict)
+        or set(arch) - set(ARCH_FIELDS)
+        or not isinstance(inputs, dict)
+        or {"image_size", "mean", "std"} - set(inputs)
+    ):
         raise ConfigError(f"{field}: {path} is not a {FORMAT} description")
     return meta
 
@@ -72,35 +99,65 @@ def load_model(
     directory: str, *, field: str = "checkpoint", **overrides
 ) -> tuple[VisionTransformer, Any, dict]:
     """Returns (module, params, meta); params are checked key by key against the architecture."""
+    directory = resolve_model_dir(directory, field)
     meta = read_model_json(directory, field)
     model = make_vit(meta["arch"], **overrides)
-    with open(os.path.join(directory, "params.msgpack"), "rb") as f:
-        params = flax.serialization.msgpack_restore(f.read())
+    params = read_params(os.path.join(directory, "params.msgpack"), field)
     size = model.image_size
     expected = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, size, size, 3), np.float32)))
     check_params(expected["params"], params, where=directory)
     return model, params, meta
 
 
+def read_params(path: str, field: str = "checkpoint") -> dict:
+    """The parameter tree in a ``params.msgpack``; CheckpointError naming the file and what is wrong."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise CheckpointError(f"{field}: cannot read {path} ({e.strerror})") from None
+    try:
+        params = flax.serialization.msgpack_restore(data)
+    except Exception as e:  # msgpack and flax's array decoding raise many types on damaged bytes
+        raise CheckpointError(
+            f"{field}: {path} is not a readable parameter file (empty, cut short or damaged: "
+            f"{type(e).__name__}: {_first_line(e)})"
+        ) from None
+    if not isinstance(params, dict) or not params:
+        raise CheckpointError(f"{field}: {path} holds a {type(params).__name__}, not a parameter tree")
+    return params
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
+
+
+def shape_mismatches(header: str, expected: dict, actual: dict, prefix: str = "") -> CheckpointError | None:
+    """A CheckpointError listing missing, unexpected and mis-shaped names ({name: shape} each), or None."""
+    missing = sorted(set(expected) - set(actual))
+    unexpected = sorted(set(actual) - set(expected))
+    shapes = sorted(
+        f"{k}: expected {tuple(expected[k])}, got {tuple(actual[k])}"
+        for k in set(expected) & set(actual)
+        if tuple(expected[k]) != tuple(actual[k])
+    )
+    if not (missing or unexpected or shapes):
+        return None
+    lines = [header]
+    if missing:
+        lines.append(f"  missing ({len(missing)}): {', '.join(prefix + k for k in missing[:20])}")
+    if unexpected:
+        lines.append(f"  unexpected ({len(unexpected)}): {', '.join(prefix + k for k in unexpected[:20])}")
+    if shapes:
+        lines.append(f"  shape mismatches ({len(shapes)}): {'; '.join(prefix + w for w in shapes[:20])}")
+    return CheckpointError("\n".join(lines))
+
+
 def check_params(expected: Any, actual: Any, where: str) -> None:
     """Raises CheckpointError listing missing keys, unexpected keys and shape mismatches."""
-    exp = {
-        "/".join(str(getattr(k, "key", k)) for k in path): v.shape
-        for path, v in jax.tree_util.tree_leaves_with_path(expected)
-    }
-    act = {
-        "/".join(str(getattr(k, "key", k)) for k in path): np.shape(v)
-        for path, v in jax.tree_util.tree_leaves_with_path(actual)
-    }
-    missing = sorted(set(exp) - set(act))
-    unexpected = sorted(set(act) - set(exp))
-    shapes = sorted(f"{k}: expected {exp[k]}, got {act[k]}" for k in set(exp) & set(act) if exp[k] != act[k])
-    if missing or unexpected or shapes:
-        lines = [f"parameters in {where} do not fit the architecture:"]
-        if missing:
-            lines.append(f"  missing ({len(missing)}): {', '.join(missing[:20])}")
-        if unexpected:
-            lines.append(f"  unexpected ({len(unexpected)}): {', '.join(unexpected[:20])}")
-        if shapes:
-            lines.append(f"  shape mismatches ({len(shapes)}): {'; '.join(shapes[:20])}")
-        raise CheckpointError("\n".join(lines))
+    name = lambda path: "/".join(str(getattr(k, "key", k)) for k in path)  # noqa: E731
+    exp = {name(path): v.shape for path, v in jax.tree_util.tree_leaves_with_path(expected)}
+    act = {name(path): np.shape(v) for path, v in jax.tree_util.tree_leaves_with_path(actual)}
+    error = shape_mismatches(f"parameters in {where} do not fit the architecture:", exp, act)
+    if error is not None:
+        raise error

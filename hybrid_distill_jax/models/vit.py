@@ -56,12 +56,12 @@ REMAT_POLICIES = (
 )
 
 
-def remat_policy(name: str, remat: bool = False):
+def remat_policy(name: str):
     """False (no remat), None (full remat) or a ``jax.checkpoint_policies`` function."""
     if name not in REMAT_POLICIES:
         raise ConfigError(f"remat_policy={name!r}: expected one of {list(REMAT_POLICIES)}")
     if name == "none":
-        return None if remat else False
+        return False
     if name == "full":
         return None
     return getattr(jax.checkpoint_policies, name)
@@ -256,7 +256,6 @@ class VisionTransformer(nn.Module):
     pool: str = "cls"  # or "gap" (mean of patch tokens) for ``pooled``/``logits``
     proj_dim: int | None = None
     drop_path: float = 0.0
-    remat: bool = False  # True: same as remat_policy='full' (kept for older configs)
     remat_policy: str = "none"  # see REMAT_POLICIES: what each block saves for the backward pass
     # Kernel for attention whose probabilities nobody asked for: None lets XLA choose; 'cudnn' is the
     # fast fused kernel on NVIDIA GPUs (frozen teachers at any length; training needs a length % 16 == 0).
@@ -328,7 +327,7 @@ class VisionTransformer(nn.Module):
                 epsilon=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm_pre"
             )(x)
 
-        policy = remat_policy(self.remat_policy, self.remat)
+        policy = remat_policy(self.remat_policy)
         block_cls = Block if policy is False else nn.remat(Block, static_argnums=(2, 3, 4, 5), policy=policy)
         drop_rates = np.linspace(0.0, self.drop_path, self.depth)
         attn_logits, cls_attn = {}, {}
@@ -380,7 +379,7 @@ ARCH_FIELDS = tuple(
     f.name
     for f in dataclasses.fields(VisionTransformer)
     if f.name
-    not in ("parent", "name", "dtype", "param_dtype", "drop_path", "remat", "remat_policy", "attn_impl")
+    not in ("parent", "name", "dtype", "param_dtype", "drop_path", "remat_policy", "attn_impl")
 )
 
 

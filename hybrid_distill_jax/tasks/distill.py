@@ -2,10 +2,15 @@
 
 ``L = alpha * L_feat(T_c -> S) + beta * L_rel(T_m -> S)``. FD-only (beta=0), relation-only (alpha=0),
 random masking (``masking.selection='random'``) and no masking (mask ratios 0) are configurations of
-this one objective.
+this one objective; which patches are kept, and where, is the ``masking.KeepPlan``'s business.
 """
 
 from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -14,7 +19,85 @@ import jax.numpy as jnp
 from hybrid_distill_jax import losses, masking
 from hybrid_distill_jax.errors import ConfigError
 from hybrid_distill_jax.models.build import FrozenTeacher, normalize, vit_from_config
+from hybrid_distill_jax.models.vit import arch_dict, gather_tokens
 from hybrid_distill_jax.tasks.base import Task, register
+
+log = logging.getLogger("hybrid_distill_jax")
+
+
+def relation_layers(loss_cfg, student_depth: int) -> tuple[int, ...]:
+    """The student blocks the relation term distils (``loss.relation_layers``; default all but the last)."""
+    layers = loss_cfg.get("relation_layers")
+    return tuple(layers) if layers is not None else tuple(range(1, student_depth))
+
+
+def teacher_roles(config, student_depth: int) -> tuple[str, ...]:
+    """The teachers the objective loads: for a loss term with a positive weight, or to score patches."""
+    lcfg, score_role = config.loss, masking.SCORE_ROLES[config.masking.score_source]
+    roles = []
+    if lcfg.alpha > 0 or score_role == "feature":
+        roles.append("feature")
+    if (lcfg.beta > 0 and relation_layers(lcfg, student_depth)) or score_role == "relation":
+        roles.append("relation")
+    return tuple(roles)
+
+
+def check_teachers(config, archs: Mapping[str, Mapping[str, Any]]) -> None:
+    """Student/teacher compatibility; raises a one-line ConfigError naming the field.
+
+    ``archs``: ``'student'`` and each available teacher role -> its architecture dict (``model.json``'s
+    ``arch``, ``models.vit.arch_dict``) with ``image_size`` set to the resolution the model runs at.
+    ``config_lib.validate`` calls it with the teachers' ``model.json`` (or the student alone), the task
+    with the loaded teachers.
+    """
+    lcfg, mcfg = config.loss, config.masking
+    student = archs["student"]
+    depth, grid = student["depth"], student["image_size"] // student["patch_size"]
+    if student.get("dist_token"):
+        raise ConfigError("student.dist_token=True: the student must have a single CLS prefix token")
+    layers = relation_layers(lcfg, depth)
+    for layer in layers:
+        if not 1 <= layer < depth:
+            raise ConfigError(
+                f"loss.relation_layers: layer {layer} is outside 1..{depth - 1} (the last block, "
+                f"{depth}, belongs to the feature term)"
+            )
+    plan = masking.keep_plan(mcfg, grid**2, depth)
+    for role, arch in archs.items():
+        if role == "student":
+            continue
+        size, patch = arch["image_size"], arch["patch_size"]
+        if size % patch:
+            raise ConfigError(f"teachers.{role}.image_size={size} is not divisible by its patch size {patch}")
+        if size // patch != grid:
+            raise ConfigError(
+                f"teachers.{role}: patch grid {size // patch}x{size // patch} differs from the student's "
+                f"{grid}x{grid} ({size}px / patch {patch}); set teachers.{role}.image_size={grid * patch}"
+            )
+    relation = archs.get("relation")
+    if relation is not None and lcfg.beta > 0 and layers:
+        for layer in layers:
+            if layer > relation["depth"]:
+                raise ConfigError(
+                    f"loss.relation_layers: layer {layer} exceeds the relation teacher's depth "
+                    f"{relation['depth']}"
+                )
+        if lcfg.relation_teacher_on_kept and relation.get("dist_token"):
+            raise ConfigError(
+                "loss.relation_teacher_on_kept=True needs a relation teacher with one prefix (CLS) token"
+            )
+        if relation["num_heads"] != student["num_heads"]:
+            raise ConfigError(
+                f"loss.relation_layers: the relation teacher has {relation['num_heads']} heads per layer, "
+                f"the student {student['num_heads']}; head counts must match on distilled layers"
+            )
+    scorer = archs.get(masking.SCORE_ROLES[mcfg.score_source])
+    if scorer is not None:
+        deepest = max(plan.score_layers(scorer["depth"]))
+        if deepest > scorer["depth"]:
+            raise ConfigError(
+                f"masking.drop_layers: layer {deepest} exceeds the scoring teacher's depth {scorer['depth']}"
+            )
 
 
 @register
@@ -30,26 +113,23 @@ class DistillTask(Task):
         self.mean, self.std = tuple(scfg.mean), tuple(scfg.std)
         self.alpha, self.beta = float(lcfg.alpha), float(lcfg.beta)
         self.depth = self.student.depth
-        self.relation_layers = (
-            tuple(lcfg.relation_layers) if lcfg.relation_layers is not None else tuple(range(1, self.depth))
-        )
-        self.score_source = mcfg.score_source
-        self.teachers = {}
-        needs_feature = self.alpha > 0 or self.score_source == "feature_teacher"
-        needs_relation = (self.beta > 0 and self.relation_layers) or self.score_source == "relation_teacher"
-        if needs_feature:
-            self.teachers["feature"], self.frozen["feature"] = FrozenTeacher.load(
-                config.teachers.feature, "teachers.feature"
-            )
-        if needs_relation:
-            self.teachers["relation"], self.frozen["relation"] = FrozenTeacher.load(
-                config.teachers.relation, "teachers.relation"
-            )
-        self._check_compatible()
         self.num_patches = self.student.grid**2
-        self.mode = mcfg.mode
-        if self.mode == "over_training":
-            self.schedule = masking.KeepSchedule(tuple(mcfg.stage_starts), tuple(mcfg.stage_ratios))
+        self.relation_layers = relation_layers(lcfg, self.depth)
+        self.teachers = {}
+        for role in teacher_roles(config, self.depth):
+            self.teachers[role], self.frozen[role] = FrozenTeacher.load(
+                config.teachers[role], f"teachers.{role}"
+            )
+        archs = {
+            role: {**arch_dict(t.model), "image_size": t.image_size} for role, t in self.teachers.items()
+        }
+        for role, t in self.teachers.items():
+            log.info("teachers.%s: %s", role, json.dumps(t.source))
+        check_teachers(config, {"student": arch_dict(self.student), **archs})
+        self.plan = masking.keep_plan(mcfg, self.num_patches, self.depth)
+        self.score_role = masking.SCORE_ROLES[mcfg.score_source]
+        scorer_depth = self.teachers[self.score_role].model.depth if self.score_role else self.depth
+        self.score_layers = self.plan.score_layers(scorer_depth)
         self.feature_width = self.teachers["feature"].model.width if "feature" in self.teachers else 0
         self.head = None
         if self.alpha > 0 and not (lcfg.head == "identity" and self.feature_width == self.student.width):
@@ -60,66 +140,6 @@ class DistillTask(Task):
                 name="head",
             )
 
-    # -- validation that needs the loaded teachers ---------------------------------------------------
-    def _check_compatible(self):
-        grid = self.student.grid
-        if self.student.dist_token:
-            raise ConfigError("student.dist_token=True: the student must have a single CLS prefix token")
-        for role, t in self.teachers.items():
-            if t.image_size % t.model.patch_size:
-                raise ConfigError(
-                    f"teachers.{role}.image_size={t.image_size} is not divisible by its patch "
-                    f"size {t.model.patch_size}"
-                )
-            if t.grid != grid:
-                raise ConfigError(
-                    f"teachers.{role}: patch grid {t.grid}x{t.grid} ({t.image_size}px / patch "
-                    f"{t.model.patch_size}) differs from the student's {grid}x{grid}; set "
-                    f"teachers.{role}.image_size={grid * t.model.patch_size}"
-                )
-        for layer in self.relation_layers:
-            if not 1 <= layer < self.depth:
-                raise ConfigError(
-                    f"loss.relation_layers: layer {layer} is outside 1..{self.depth - 1} (the last "
-                    f"block, {self.depth}, belongs to the feature term)"
-                )
-        if "relation" in self.teachers and self.beta > 0:
-            rel = self.teachers["relation"].model
-            for layer in self.relation_layers:
-                if layer > rel.depth:
-                    raise ConfigError(
-                        f"loss.relation_layers: layer {layer} exceeds the relation teacher's "
-                        f"depth {rel.depth}"
-                    )
-            if self.config.loss.relation_teacher_on_kept and rel.num_prefix != 1:
-                raise ConfigError(
-                    "loss.relation_teacher_on_kept=True needs a relation teacher with one prefix (CLS) token"
-                )
-            if rel.num_heads != self.student.num_heads:
-                raise ConfigError(
-                    f"loss.relation_layers: the relation teacher has {rel.num_heads} heads per layer, the "
-                    f"student {self.student.num_heads}; head counts must match on distilled layers"
-                )
-        mcfg = self.config.masking
-        if mcfg.mode == "over_depth":
-            layers = tuple(mcfg.drop_layers)
-            if len(layers) != len(mcfg.drop_ratios) or not layers:
-                raise ConfigError(
-                    "masking.drop_layers and masking.drop_ratios must be non-empty, equal length"
-                )
-            if list(layers) != sorted(set(layers)) or layers[0] < 1 or layers[-1] >= self.depth:
-                raise ConfigError(
-                    f"masking.drop_layers={list(layers)}: increasing layers in 1..{self.depth - 1}"
-                )
-            ratios = list(mcfg.drop_ratios)
-            if ratios != sorted(ratios) or not all(0.0 <= r < 1.0 for r in ratios):
-                raise ConfigError(f"masking.drop_ratios={ratios}: non-decreasing mask ratios in [0, 1)")
-            source = self.teachers.get("relation" if self.score_source == "relation_teacher" else "feature")
-            if self.score_source != "uniform" and source is not None and layers[-1] > source.model.depth:
-                raise ConfigError(
-                    f"masking.drop_layers: layer {layers[-1]} exceeds the scoring teacher's depth"
-                )
-
     # -- task interface ------------------------------------------------------------------------------
     @property
     def vit(self):
@@ -127,6 +147,10 @@ class DistillTask(Task):
 
     def vit_params(self, params):
         return params["student"]
+
+    def export_metadata(self) -> dict:
+        teachers = {role: t.source for role, t in self.teachers.items()}
+        return dict(super().export_metadata(), teachers=teachers)
 
     def init_params(self, rng):
         x = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
@@ -136,135 +160,66 @@ class DistillTask(Task):
         return params
 
     def stage(self, step: int, total_steps: int):
-        """Static token counts: K for `over_training`, the per-drop counts for `over_depth`."""
-        if self.mode == "over_training":
-            return masking.keep_count(self.num_patches, self.schedule.mask_ratio(step, total_steps))
-        return tuple(masking.keep_count(self.num_patches, r) for r in self.config.masking.drop_ratios)
+        """The plan's static token counts."""
+        return self.plan.stage(step, total_steps)
 
     def stage_metrics(self, stage) -> dict[str, float]:
-        return {"keep": stage if isinstance(stage, int) else -1}
-
-    def _scores(self, teacher_out: dict, layer: int, shape) -> jax.Array:
-        if self.score_source == "uniform":
-            return jnp.ones(shape, jnp.float32)
-        return masking.redundancy_scores(teacher_out[self.score_source.split("_")[0]]["cls_attn"][layer])
+        return self.plan.stage_metrics(stage)
 
     def loss_fn(self, params, frozen, batch, rng, stage):
-        mcfg, lcfg = self.config.masking, self.config.loss
+        lcfg = self.config.loss
         images = batch["image"]
         b = images.shape[0]
         rng_mask, rng_drop = jax.random.split(rng)
-        over_depth = self.mode == "over_depth"
-        drop_layers = tuple(mcfg.drop_layers) if over_depth else ()
+        rel_layers = self.relation_layers if self.beta > 0 else ()
+        on_kept = bool(rel_layers) and lcfg.relation_teacher_on_kept
 
-        # Teachers on the full image. Only the requested attention maps are materialised.
+        # Teachers on the full image; only the requested attention maps are materialised.
         tout = {}
-        score_layers = {"feature": (), "relation": ()}
-        if self.score_source != "uniform":
-            src = self.score_source.split("_")[0]
-            score_layers[src] = drop_layers or (self.teachers[src].model.depth,)
-        if "feature" in self.teachers:
-            tout["feature"] = self.teachers["feature"](
-                frozen["feature"], images, cls_attn_layers=score_layers["feature"]
-            )
-        run_relation_full = "relation" in self.teachers and not lcfg.relation_teacher_on_kept
-        if run_relation_full or score_layers["relation"]:
-            tout["relation"] = self.teachers["relation"](
-                frozen["relation"],
-                images,
-                cls_attn_layers=score_layers["relation"],
-                attn_layers=self.relation_layers if run_relation_full and self.beta > 0 else (),
-            )
-
-        # Kept tokens: one set at the input (over_training) or nested sets inside the student (over_depth).
-        n = self.num_patches
-        if over_depth:
-            scores = [self._scores(tout, layer, (b, n)) for layer in drop_layers]
-            relative, absolute = masking.nested_selection(
-                rng_mask, scores, stage, mcfg.selection, mcfg.temperature
-            )
-            keep_input = None
-            drop_after = dict(zip(drop_layers, relative))
-            final_idx = absolute[-1]
-        else:
-            k = stage
-            if k == n:
-                keep_input = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-            else:
-                layer = (
-                    self.teachers[self.score_source.split("_")[0]].model.depth
-                    if (self.score_source != "uniform")
-                    else 0
+        for role, teacher in self.teachers.items():
+            cls_layers = self.score_layers if role == self.score_role else ()
+            attn_layers = rel_layers if role == "relation" and not on_kept else ()
+            if (role == "feature" and self.alpha > 0) or cls_layers or attn_layers:
+                tout[role] = teacher(
+                    frozen[role], images, cls_attn_layers=cls_layers, attn_layers=attn_layers
                 )
-                keep_input = masking.select_tokens(
-                    rng_mask, self._scores(tout, layer, (b, n)), k, mcfg.selection, mcfg.temperature
-                )
-            drop_after, final_idx = None, keep_input
 
-        def patch_set_at(layer: int):
-            """Absolute patch indices of the tokens block `layer` attends over."""
-            if not over_depth:
-                return keep_input
-            current = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-            for d, idx in zip(drop_layers, absolute):
-                if d < layer:
-                    current = idx
-            return current
+        scores = {
+            layer: masking.redundancy_scores(tout[self.score_role]["cls_attn"][layer])
+            if self.score_role
+            else jnp.ones((b, self.num_patches), jnp.float32)
+            for layer in self.score_layers
+        }
+        kept = self.plan.select(rng_mask, scores, stage)
 
-        relation_targets = {}
-        if self.beta > 0 and self.relation_layers:
-            rel_teacher = self.teachers["relation"]
-            if lcfg.relation_teacher_on_kept and not over_depth:
-                tout_kept = rel_teacher(
-                    frozen["relation"], images, keep_indices=keep_input, attn_layers=self.relation_layers
-                )
-                relation_targets = {layer: tout_kept["attn_logits"][layer] for layer in self.relation_layers}
-            else:
-                p = rel_teacher.model.num_prefix
-                for layer in self.relation_layers:
-                    token_idx = jnp.concatenate(
-                        [jnp.zeros((b, 1), jnp.int32), patch_set_at(layer) + p], axis=1
-                    )
-                    relation_targets[layer] = losses.gather_relation(
-                        tout["relation"]["attn_logits"][layer], token_idx
-                    )
-
-        feature_target = None
-        if self.alpha > 0:
-            ftok = tout["feature"]["tokens"]
-            p = self.teachers["feature"].model.num_prefix
-            feature_target = jnp.concatenate(
-                [ftok[:, :1], jnp.take_along_axis(ftok[:, p:], final_idx[..., None], axis=1)], axis=1
-            )
-            if lcfg.whiten_target:
-                feature_target = losses.whiten(feature_target)
-
+        relation_targets = self._relation_targets(frozen, images, tout, kept, rel_layers, on_kept)
         out = self.student.apply(
             {"params": params["student"]},
             normalize(images, self.mean, self.std, self.image_size),
-            keep_indices=None if over_depth else keep_input,
-            drop_after=drop_after,
-            attn_layers=self.relation_layers if self.beta > 0 else (),
+            keep_indices=kept.input_indices,
+            drop_after=kept.drop_after,
+            attn_layers=rel_layers,
             train=True,
             rngs={"dropout": rng_drop},
         )
         metrics = {}
         total = 0.0
         if self.alpha > 0:
+            target = self._feature_target(tout["feature"]["tokens"], kept)
             pred = out["tokens"]
             if self.head is not None:
                 pred = self.head.apply({"params": params["head"]}, pred)
-            feat = losses.feature_loss(pred, feature_target, lcfg.feature_loss, lcfg.smooth_l1_beta)
+            feat = losses.feature_loss(pred, target, lcfg.feature_loss, lcfg.smooth_l1_beta)
             metrics["feature_loss"] = feat
             total = total + self.alpha * feat
-        if self.beta > 0 and self.relation_layers:
+        if rel_layers:
             rel = jnp.mean(
                 jnp.stack(
                     [
                         losses.relation_loss(
                             relation_targets[layer], out["attn_logits"][layer], lcfg.relation_loss
                         )
-                        for layer in self.relation_layers
+                        for layer in rel_layers
                     ]
                 )
             )
@@ -272,3 +227,41 @@ class DistillTask(Task):
             total = total + self.beta * rel
         metrics["loss"] = total
         return total, metrics
+
+    def _feature_target(self, teacher_tokens, kept: masking.KeptTokens) -> jax.Array:
+        """The feature teacher's CLS and the student's final patches, from its full-image tokens."""
+        p = self.teachers["feature"].model.num_prefix
+        patches = gather_tokens(teacher_tokens[:, p:], kept.final_indices)
+        target = jnp.concatenate([teacher_tokens[:, :1], patches], axis=1)
+        return losses.whiten(target) if self.config.loss.whiten_target else target
+
+    def _relation_targets(
+        self, frozen, images, tout, kept: masking.KeptTokens, layers, on_kept: bool
+    ) -> dict:
+        """{layer: relation teacher logits over CLS + the patches that student block sees}.
+
+        Default: the full-image logits gathered at those rows and columns. ``on_kept``: the relation
+        teacher itself runs on the student's token sets (same input patches, same drops).
+        """
+        if not layers:
+            return {}
+        teacher = self.teachers["relation"]
+        if on_kept:
+            drops = {k: v for k, v in (kept.drop_after or {}).items() if k < max(layers)}  # later: unused
+            return teacher(
+                frozen["relation"],
+                images,
+                keep_indices=kept.input_indices,
+                drop_after=drops,
+                attn_layers=layers,
+            )["attn_logits"]
+        b = images.shape[0]
+        cls = jnp.zeros((b, 1), jnp.int32)
+        p = teacher.model.num_prefix
+        return {
+            layer: losses.gather_relation(
+                tout["relation"]["attn_logits"][layer],
+                jnp.concatenate([cls, kept.patches_at(layer) + p], axis=1),
+            )
+            for layer in layers
+        }

@@ -176,9 +176,9 @@ class FinetuneTask(Task):
     def loss_fn(self, params, frozen, batch, rng, stage):
         fcfg = self.config.finetune
         rng_mix, rng_drop = jax.random.split(rng)
-        images, targets = mix_batch(
+        images, targets = mix_batch(  # on normalised fp32 images: mixing commutes with normalisation
             rng_mix,
-            batch["image"],
+            normalize(batch["image"], self.mean, self.std, self.image_size),
             batch["label"],
             self.num_classes,
             mixup=float(fcfg.mixup),
@@ -189,7 +189,7 @@ class FinetuneTask(Task):
         )
         out = self.vit.apply(
             {"params": params},
-            normalize(images, self.mean, self.std, self.image_size),
+            images,
             train=True,
             rngs={"dropout": rng_drop},
         )

@@ -27,6 +27,7 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self._unreadable: set[int] = set()  # steps whose restore failed: a new save replaces them
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -44,7 +45,10 @@ class Checkpointer:
         Earlier checkpoints are untouched by a failed write: orbax only renames a finished temporary
         directory into place.
         """
-        if step in self._manager.all_steps():
+        if step in self._unreadable:  # damaged, and skipped at restore: replace it rather than keep it
+            self._manager.delete(step)
+            self._unreadable.discard(step)
+        elif step in self._manager.all_steps():
             return
         try:
             self._manager.save(
@@ -67,13 +71,20 @@ class Checkpointer:
                     state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
                 ),
             )
-        except (ValueError, KeyError, TypeError, OSError) as e:
-            first_line = (str(e).splitlines() or [type(e).__name__])[0][:500]
+        except Exception as e:  # orbax raises bare Exception for unreadable array data (tensorstore)
+            self._unreadable.add(step)
             raise CheckpointError(
-                f"checkpoint {self.directory}/{step} is incomplete or does not fit this run's model and "
-                f"optimizer (was the config changed?): {first_line}"
+                f"checkpoint {self.directory}/{step} is damaged, incomplete or does not fit this run's model "
+                f"and optimizer (was the config changed?): {_innermost_reason(e)}"
             ) from None
-        return restored["state"], dict(restored["meta"])
+        meta = restored["meta"]
+        if not isinstance(meta, dict) or meta.get("step") != step:
+            self._unreadable.add(step)
+            raise CheckpointError(
+                f"checkpoint {self.directory}/{step}: meta/metadata is not this checkpoint's description "
+                f"(got {str(meta)[:100]})"
+            )
+        return restored["state"], dict(meta)
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -81,6 +92,13 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _innermost_reason(e: BaseException) -> str:
+    """The first line of the deepest cause of ``e``: the file-level reason, not the wrapper's."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
 
 
 def abstract_like(tree: Any) -> Any:

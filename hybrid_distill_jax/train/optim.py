@@ -6,7 +6,7 @@ import jax
 import optax
 
 # Parameter names that never get weight decay, whatever their rank (embeddings and tokens).
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "mask_token", "decoder_pos_embed")
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "mask_token")
 
 
 def decay_mask(params):

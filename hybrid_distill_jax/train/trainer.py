@@ -7,12 +7,12 @@ export -> final evaluation.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
 import os
 import signal
-import threading
 from typing import Any
 
 import jax
@@ -20,10 +20,10 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hybrid_distill_jax import config_lib, tasks
+from hybrid_distill_jax import config_lib, signals, tasks
 from hybrid_distill_jax.data import dataset_info, train_iterator
 from hybrid_distill_jax.data.pipeline import unreadable_files
-from hybrid_distill_jax.data.prefetch import prefetch_to_device
+from hybrid_distill_jax.data.prefetch import prefetch_to_device, to_devices
 from hybrid_distill_jax.errors import CheckpointError, NonFiniteError, Preempted
 from hybrid_distill_jax.eval import diagnostics
 from hybrid_distill_jax.eval.features import probe_frozen_features
@@ -58,6 +58,7 @@ class Trainer:
         self.batch_sharding = sharding.batch_sharding(self.mesh)  # split over ('data', 'fsdp')
 
         # ---- data --------------------------------------------------------------------------------
+        signals.pause_for_fault(config, "data")
         self.info = dataset_info(config.data)
         self.total_steps, self.warmup_steps, self.steps_per_epoch = config_lib.resolve_steps(
             config, self.info.num_examples[config.data.train_split]
@@ -99,6 +100,7 @@ class Trainer:
     # ---- the step ----------------------------------------------------------------------------------
     def _counted_step(self, state, frozen, batch, stage):
         self.compiles += 1  # runs once per trace, i.e. once per compilation
+        signals.pause_for_fault(self.config, "compile")
         return self._step(state, frozen, batch, stage)
 
     def step_fn(self, stage):
@@ -115,7 +117,8 @@ class Trainer:
         return self._steps[stage]
 
     def _device_batch(self, batch: dict) -> dict:
-        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in batch.items()}
+        """The step's inputs on the devices: uint8 images and labels (``index`` stays on the host)."""
+        return to_devices(batch, self.batch_sharding)
 
     # ---- restore or init ---------------------------------------------------------------------------
     def initial_state(self):
@@ -151,8 +154,8 @@ class Trainer:
         if jax.process_count() > 1:  # every process must agree on the step to checkpoint at
             from jax.experimental import multihost_utils
 
-            return multihost_utils.reached_preemption_sync_point(step) or self._sigterm
-        return self._sigterm
+            return multihost_utils.reached_preemption_sync_point(step) or signals.requested() is not None
+        return signals.requested() is not None
 
     def _check_finite(self, state) -> None:
         """On policy 'stop', ends the run if any step so far had a non-finite loss or gradient."""
@@ -171,16 +174,18 @@ class Trainer:
         writer = MetricWriter(self.workdir, cfg.tensorboard)
         writer.truncate_after(start)  # a resumed run rewrites the metrics logged after its checkpoint
         progress = Progress(self.total_steps, cfg.batch_size, start)
-        batches = prefetch_to_device(
-            train_iterator(
-                cfg.data,
-                image_size=cfg.image_size,
-                global_batch=cfg.batch_size,
-                seed=cfg.seed,
-                start_step=start,
-            ),
-            self._device_batch,
+        host_batches = train_iterator(
+            cfg.data,
+            image_size=cfg.image_size,
+            global_batch=cfg.batch_size,
+            seed=cfg.seed,
+            start_step=start,
         )
+        example_log = None
+        if cfg.data.get("log_example_ids", False):
+            example_log = ExampleLog(self.workdir, start)
+            host_batches = example_log.track(host_batches)
+        batches = prefetch_to_device(host_batches, self._device_batch)
         log.info(
             "[%s] %d steps (%d/epoch), batch %d on %d device(s), starting at %d",
             self.name,
@@ -190,8 +195,9 @@ class Trainer:
             jax.device_count(),
             start,
         )
-        self._sigterm = False
-        previous_handler = _install_sigterm_handler(self)
+        # Done by main already; for library use only SIGTERM, so that Ctrl-C in a notebook stays a
+        # KeyboardInterrupt rather than ending the kernel.
+        installed = signals.install(handled=(signal.SIGTERM,))
         pending = None
         try:
             for step in range(start, self.total_steps):
@@ -199,6 +205,11 @@ class Trainer:
                 batch = next(batches)  # already on the devices (prefetched)
                 state, metrics = self.step_fn(stage)(state, self.frozen, batch)
                 done = step + 1
+                signals.set_unsaved_progress(True)  # a signal now waits for the step boundary below
+                if done == start + 1:
+                    signals.pause_for_fault(cfg, "train")
+                if example_log is not None:
+                    example_log.write(done)
                 if pending is not None:  # read the previous report now: no host sync inside the loop
                     self._report(writer, progress, *pending)
                     pending = None
@@ -210,6 +221,8 @@ class Trainer:
                         writer.write(done, self._diagnostics(state["params"]))
                         progress.resume()
                 preempted = self._preemption_requested(done)
+                if preempted:
+                    signals.acknowledge()
                 if self.checkpointer.due(done) or done == self.total_steps or preempted:
                     progress.pause()
                     self._check_finite(state)  # never checkpoint past a non-finite step under 'stop'
@@ -220,17 +233,20 @@ class Trainer:
                         self._report(writer, progress, *pending)
                     self.checkpointer.close()
                     writer.flush()
-                    raise Preempted(done, self.checkpointer.directory)
+                    raise Preempted(done, self.checkpointer.directory, signals.requested())
             if pending is not None:
                 self._report(writer, progress, *pending)
+            self.checkpointer.close()  # the last checkpoint is on disk: nothing left to lose
         finally:
-            _restore_sigterm_handler(previous_handler)
-        self.checkpointer.close()
+            signals.set_unsaved_progress(False)
+            if installed:
+                signals.uninstall()
         writer.flush()
 
         params = sharding.to_host(state["params"])  # gathers FSDP shards held by other processes
         export_dir = cfg.export_dir or os.path.join(self.workdir, "export")
         if jax.process_index() == 0:
+            signals.pause_for_fault(cfg, "export")
             self.task.export(params, export_dir)
         summary = self.final_evaluation(params) if cfg.eval.at_end else {}
         if summary:
@@ -264,24 +280,37 @@ class Trainer:
     # ---- evaluation --------------------------------------------------------------------------------
     def final_evaluation(self, params) -> dict[str, float]:
         """Frozen-feature probes of the trained ViT, plus the task's own end-of-run metrics."""
+        signals.pause_for_fault(self.config, "eval")
         out = probe_frozen_features(self.config, self.task.feature_fn, params, self.info.num_classes)
         return {**out, **self.task.final_metrics(params)}
 
 
-def _install_sigterm_handler(trainer):
-    if threading.current_thread() is not threading.main_thread():
-        return None
+class ExampleLog:
+    """Which examples this process fed at each step: ``{"step": s, "index": [...]}`` lines appended to
+    ``WORKDIR/examples.process{i}.jsonl`` (``config.data.log_example_ids``; each batch's ``index``).
 
-    def handler(signum, frame):
-        trainer._sigterm = True
-        log.warning("[%s] SIGTERM: checkpointing at the next step boundary, then exiting", trainer.name)
+    Host batches are read ahead of the step that uses them (prefetch), so their indices wait in a queue
+    until that step ran. A resumed run drops the lines written after its checkpoint.
+    """
 
-    return signal.signal(signal.SIGTERM, handler)
+    def __init__(self, workdir: str, start_step: int):
+        self.path = os.path.join(workdir, f"examples.process{jax.process_index()}.jsonl")
+        self._queue: collections.deque = collections.deque()
+        kept = []
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+        with open(self.path, "w") as f:
+            f.writelines(kept)
 
+    def track(self, batches):
+        for batch in batches:
+            self._queue.append(np.asarray(batch["index"]).tolist())
+            yield batch
 
-def _restore_sigterm_handler(previous) -> None:
-    if previous is not None:
-        signal.signal(signal.SIGTERM, previous)
+    def write(self, step: int) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "index": self._queue.popleft()}) + "\n")
 
 
 def train(config, workdir: str) -> TrainResult:

@@ -9,11 +9,9 @@ measured maxima are printed (``pytest -s``) and recorded in docs/CONVERT.md.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -23,38 +21,22 @@ torch = pytest.importorskip("torch", reason="conversion tests need torch: bash s
 from hybrid_distill_jax import convert  # noqa: E402
 from hybrid_distill_jax.convert import families, torch_io  # noqa: E402
 from hybrid_distill_jax.convert.__main__ import main as cli_main  # noqa: E402
+from hybrid_distill_jax.convert.torch_io import declare_torchvision_ops  # noqa: E402
 from hybrid_distill_jax.errors import CheckpointError, ConfigError  # noqa: E402
 from hybrid_distill_jax.models import io as model_io  # noqa: E402
 from hybrid_distill_jax.models.vit import resample_posemb, sincos_posemb_2d  # noqa: E402
+from tests.torch_reference import ours as _ours  # noqa: E402
+from tests.torch_reference import randomize as _randomize  # noqa: E402
+from tests.torch_reference import timm_reference as _timm_reference  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TOL = 1e-4
 SIZE, PATCH, WIDTH, DEPTH, HEADS = 32, 8, 64, 2, 4
-_TV_LIBRARY = None
+# a bare timm state dict does not record its input normalisation: the flags give it
+IMNET = dict(mean=model_io.IMAGENET_MEAN, std=model_io.IMAGENET_STD)
 
 
-def _torchvision_shim():
-    """PyPI's torchvision wheel is a CUDA build whose C ops do not load beside a CPU-only torch, and its
-    import then fails on 'operator torchvision::nms does not exist'. Declaring the two op schemas first
-    lets it import (timm and open_clip only need its Python parts)."""
-    global _TV_LIBRARY
-    if "torchvision" in sys.modules or _TV_LIBRARY is not None:
-        return
-    try:
-        version = importlib.metadata.version("torchvision")
-    except importlib.metadata.PackageNotFoundError:
-        return
-    if torch.version.cuda is None and "+cpu" not in version:
-        try:
-            lib = torch.library.Library("torchvision", "DEF")
-            lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-            lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
-            _TV_LIBRARY = lib  # keep alive: the registration ends with the object
-        except RuntimeError:
-            pass
-
-
-_torchvision_shim()
+declare_torchvision_ops()
 timm = pytest.importorskip("timm", reason="conversion tests need timm: bash scripts/install_torch_cpu.sh")
 open_clip = pytest.importorskip("open_clip", reason="needs open_clip_torch: scripts/install_torch_cpu.sh")
 from open_clip.transformer import QuickGELU  # noqa: E402
@@ -62,79 +44,11 @@ from open_clip.transformer import VisionTransformer as ClipVisionTransformer  # 
 from timm.models.deit import VisionTransformerDistilled  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer as TimmViT  # noqa: E402
 
-MEASURED: dict[str, tuple[float, float]] = {}
-
-
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def _randomize(module, seed: int):
-    """Non-trivial random weights: matrices ~ N(0, 1/fan_in), norm scales ~ 1 +- 0.2, biases and tokens
-    random, so attention is far from uniform and every parameter matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            leaf = name.rsplit(".", 1)[-1]
-            if any(
-                t in name
-                for t in (
-                    "cls_token",
-                    "dist_token",
-                    "pos_embed",
-                    "class_embedding",
-                    "positional_embedding",
-                    "mask_token",
-                )
-            ):
-                p.copy_(0.5 * r)
-            elif p.ndim >= 2:
-                p.copy_(r / np.sqrt(np.prod(p.shape[1:])) * 1.5)
-            elif leaf == "weight":
-                p.copy_(1.0 + 0.2 * r)
-            else:
-                p.copy_(0.1 * r)
-    return module.eval()
 
 
 def _images(seed=0, n=2, size=SIZE):
     return torch.randn((n, 3, size, size), generator=torch.Generator().manual_seed(seed))
-
-
-def _ours(model, params, x):
-    out = model.apply(
-        {"params": params}, np.asarray(x.permute(0, 2, 3, 1)), attn_layers=tuple(range(1, model.depth + 1))
-    )
-    probs = {k: np.asarray(jax_softmax(v)) for k, v in out["attn_logits"].items()}
-    return out, probs
-
-
-def jax_softmax(x):
-    x = np.asarray(x, np.float64)
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
-def _timm_reference(m, x):
-    """(tokens after the final norm, {layer: attention probs}) from a timm ViT; probs recomputed from the
-    attention module's own qkv layer on the input it received."""
-    inputs = {}
-    hooks = [
-        blk.attn.register_forward_pre_hook(lambda mod, args, i=i: inputs.__setitem__(i, args[0]))
-        for i, blk in enumerate(m.blocks)
-    ]
-    with torch.no_grad():
-        tokens = m.forward_features(x)
-        probs = {}
-        for i, blk in enumerate(m.blocks):
-            a, h = blk.attn, inputs[i]
-            b, n, c = h.shape
-            qkv = a.qkv(h).reshape(b, n, 3, a.num_heads, c // a.num_heads).permute(2, 0, 3, 1, 4)
-            q, k = qkv[0], qkv[1]
-            probs[i + 1] = ((q * a.scale) @ k.transpose(-2, -1)).softmax(-1).numpy()
-    for hk in hooks:
-        hk.remove()
-    return tokens.numpy(), probs
 
 
 def _clip_reference(visual, x):
@@ -169,8 +83,6 @@ def _compare(name, model, params, x, ref_tokens, ref_probs):
     tok_err = float(np.abs(np.asarray(out["tokens"]) - ref_tokens).max())
     assert set(probs) == set(ref_probs) == set(range(1, model.depth + 1))
     attn_err = max(float(np.abs(probs[k] - ref_probs[k]).max()) for k in ref_probs)
-    prev = MEASURED.get(name, (0.0, 0.0))
-    MEASURED[name] = (max(prev[0], tok_err), max(prev[1], attn_err))
     print(f"\n[parity] {name}: tokens max|err|={tok_err:.2e}, attention probs max|err|={attn_err:.2e}")
     assert tok_err < TOL and attn_err < TOL, (tok_err, attn_err)
     return out
@@ -228,6 +140,8 @@ def _save(sd: dict, path: str):
 
 def _convert(tmp_path, family, path, log=None, **kw):
     lines = []
+    if family == "timm":
+        kw = {**IMNET, **kw}
     model, params, report = convert.import_checkpoint(
         family, path, str(tmp_path / f"out_{family}"), heads=HEADS, log=lines.append, **kw
     )
@@ -442,7 +356,7 @@ def test_image_size_resamples_position_embedding(tmp_path):
     np.testing.assert_allclose(params["pos_embed"], np.asarray(expect), atol=1e-6)
     with pytest.raises(ConfigError, match="multiple of the patch size"):
         convert.import_checkpoint(
-            "timm", path, str(tmp_path / "bad"), heads=HEADS, image_size=50, log=lambda s: None
+            "timm", path, str(tmp_path / "bad"), heads=HEADS, image_size=50, **IMNET, log=lambda s: None
         )
 
 
@@ -489,9 +403,9 @@ def test_heads_default_table_and_errors(tmp_path):
     m = _timm_vit(seed=11, num_classes=0)
     path = _save(m.state_dict(), str(tmp_path / "vit.pth"))
     with pytest.raises(ConfigError, match="no default head count.*--heads"):
-        convert.import_checkpoint("timm", path, str(tmp_path / "o"), log=lambda s: None)
+        convert.import_checkpoint("timm", path, str(tmp_path / "o"), **IMNET, log=lambda s: None)
     with pytest.raises(ConfigError, match="does not divide"):
-        convert.import_checkpoint("timm", path, str(tmp_path / "o"), heads=5, log=lambda s: None)
+        convert.import_checkpoint("timm", path, str(tmp_path / "o"), heads=5, **IMNET, log=lambda s: None)
     sd = {k: v.numpy() for k, v in m.state_dict().items()}
     big = {k: v for k, v in sd.items()}
     big["patch_embed.proj.weight"] = np.zeros((384, 3, 16, 16), np.float32)
@@ -514,7 +428,7 @@ def test_mismatched_checkpoints_list_the_problems(tmp_path):
     bad["fc_norm.weight"] = torch.ones(WIDTH)
     path = _save(bad, str(tmp_path / "bad.pth"))
     with pytest.raises(CheckpointError) as err:
-        convert.import_checkpoint("timm", path, str(tmp_path / "o"), heads=HEADS, log=lambda s: None)
+        convert.import_checkpoint("timm", path, str(tmp_path / "o"), heads=HEADS, **IMNET, log=lambda s: None)
     msg = str(err.value)
     assert "missing (1): blocks.1.mlp.fc2.weight" in msg
     assert "unexpected (1): fc_norm.weight" in msg
@@ -530,11 +444,10 @@ def test_mismatched_checkpoints_list_the_problems(tmp_path):
     path = str(tmp_path / "junk.pth")
     torch.save({"epoch": 3, "note": "nothing"}, path)
     with pytest.raises(CheckpointError, match="no tensors at the top level"):
-        convert.import_checkpoint("timm", path, str(tmp_path / "o"), heads=HEADS, log=lambda s: None)
+        convert.import_checkpoint("timm", path, str(tmp_path / "o"), heads=HEADS, **IMNET, log=lambda s: None)
 
 
-def test_cli_errors_are_one_line_and_fast(tmp_path, capsys):
-    t0 = time.time()
+def test_cli_errors_are_one_line(tmp_path, capsys):
     assert (
         cli_main(
             [
@@ -570,11 +483,9 @@ def test_cli_errors_are_one_line_and_fast(tmp_path, capsys):
         == 2
     )
     assert "hub name" in capsys.readouterr().err
-    assert time.time() - t0 < 5
 
 
-def test_cli_subprocess_missing_file_is_quick(tmp_path):
-    t0 = time.time()
+def test_cli_subprocess_missing_file_is_one_line(tmp_path):
     r = subprocess.run(
         [
             sys.executable,
@@ -594,7 +505,6 @@ def test_cli_subprocess_missing_file_is_quick(tmp_path):
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )
     assert r.returncode == 2 and "ViT-B-16.pt" in r.stderr and "Traceback" not in r.stderr
-    assert time.time() - t0 < 30
 
 
 # ------------------------------------------------------------------------------------------------ export
@@ -610,7 +520,8 @@ def test_export_round_trip_into_timm(tmp_path, src, fmt):
         wrapper = _ClipWrapper(_clip_visual(seed=15, quick_gelu=True))
         path = _save(wrapper.state_dict(), str(tmp_path / "in.pt"))
     directory = str(tmp_path / "ours")
-    convert.import_checkpoint(src, path, directory, heads=HEADS, log=lambda s: None)
+    norm = IMNET if src == "timm" else {}
+    convert.import_checkpoint(src, path, directory, heads=HEADS, **norm, log=lambda s: None)
     out_path = str(tmp_path / f"student.{fmt}")
     assert cli_main(["export", "--input", directory, "--output", out_path]) == 0
     _, kwargs, name = convert.export_timm(directory, out_path, log=lambda s: None)
@@ -651,12 +562,3 @@ def test_layouts_round_trip_exactly():
 def test_save_state_dict_rejects_unknown_suffix(tmp_path):
     with pytest.raises(ConfigError, match="safetensors or .pth"):
         torch_io.save_state_dict({"a": np.zeros(2, np.float32)}, str(tmp_path / "x.npz"))
-
-
-def test_zz_report_measured_errors():
-    """Prints the per-family maxima gathered above (pytest -s), the numbers in docs/CONVERT.md."""
-    if not MEASURED:
-        pytest.skip("run with the parity tests")
-    print("\n| checkpoint | tokens max abs err | attention probs max abs err |")
-    for name, (tok, attn) in sorted(MEASURED.items()):
-        print(f"| {name} | {tok:.1e} | {attn:.1e} |")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import os
-import time
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from hybrid_distill_jax.data import (
     embedded,
     ensure_prepared,
     eval_iterator,
-    pipeline,
+    sources,
     train_iterator,
     validate_data_config,
 )
@@ -75,9 +74,16 @@ def test_split_hashes():
 
 
 def test_embedded_builder_prepares_and_reads_through_tfds(data_dir):
-    t0 = time.time()
-    builder = ensure_prepared(data_dir)  # already prepared: must be quick and not rewrite anything
-    assert time.time() - t0 < 2.0
+    def files():
+        return {
+            os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+            for d, _, names in os.walk(data_dir)
+            for f in names
+        }
+
+    before = files()
+    builder = ensure_prepared(data_dir)  # already prepared: rewrites nothing
+    assert files() == before
     assert builder.info.splits["train"].num_examples == 10000
     assert builder.info.splits["test"].num_examples == 2000
     assert builder.info.features["label"].num_classes == 10
@@ -109,11 +115,11 @@ def test_train_iterator_shapes_dtypes_range(data_dir):
         _cfg(data_dir=data_dir), image_size=32, global_batch=16, seed=0, process_index=0, process_count=1
     )
     for batch in _take(it, 2):
-        assert set(batch) == {"image", "label"}
-        assert batch["image"].shape == (16, 32, 32, 3) and batch["image"].dtype == np.float32
+        assert set(batch) == {"image", "label", "index"}
+        assert batch["image"].shape == (16, 32, 32, 3) and batch["image"].dtype == np.uint8
         assert batch["label"].shape == (16,) and batch["label"].dtype == np.int32
-        assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
-        assert batch["image"].max() > 0.5  # not all black
+        assert batch["index"].shape == (16,) and batch["index"].dtype == np.int64
+        assert batch["image"].max() > 128  # not all black
         np.testing.assert_array_equal(batch["image"][..., 0], batch["image"][..., 2])  # gray -> 3 channels
         assert ((0 <= batch["label"]) & (batch["label"] < 10)).all()
 
@@ -134,7 +140,7 @@ def test_train_iterator_is_deterministic_and_seeded(data_dir):
 @pytest.mark.parametrize("streamed", [False, True])
 def test_start_step_resumes_exactly_across_epochs(data_dir, monkeypatch, streamed):
     if streamed:  # the path used for datasets too large to hold in memory (e.g. ImageNet)
-        monkeypatch.setattr(pipeline, "IN_MEMORY_MAX_BYTES", 0)
+        monkeypatch.setattr(sources, "IN_MEMORY_MAX_BYTES", 0)
     cfg = _cfg(data_dir=data_dir, train_split="test")  # 2000 examples, 64 per batch: epoch ends in batch 31
     kw = dict(image_size=16, global_batch=64, seed=7, process_index=0, process_count=1)
     full = _take(train_iterator(cfg, **kw), 34)
@@ -148,7 +154,7 @@ def test_start_step_resumes_exactly_across_epochs(data_dir, monkeypatch, streame
 @pytest.mark.parametrize("streamed", [False, True])
 def test_one_epoch_is_a_permutation_split_over_processes(data_dir, test_split_hashes, monkeypatch, streamed):
     if streamed:
-        monkeypatch.setattr(pipeline, "IN_MEMORY_MAX_BYTES", 0)
+        monkeypatch.setattr(sources, "IN_MEMORY_MAX_BYTES", 0)
     cfg = _cfg(data_dir=data_dir, train_split="test", **_IDENTITY)
     per_process = []
     for p in range(2):
@@ -163,6 +169,19 @@ def test_one_epoch_is_a_permutation_split_over_processes(data_dir, test_split_ha
     # Every example exactly once per epoch over the two processes, none shared.
     assert per_process[0] + per_process[1] == test_split_hashes
     assert not (set(per_process[0]) & set(per_process[1]))
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_index_is_the_examples_place_in_the_split(data_dir, monkeypatch, streamed):
+    if streamed:
+        monkeypatch.setattr(sources, "IN_MEMORY_MAX_BYTES", 0)
+    stored = tfds.as_numpy(ensure_prepared(data_dir).as_dataset(split="test", shuffle_files=False))
+    stored_hashes = _hashes(np.repeat(np.stack([ex["image"] for ex in stored]), 3, axis=-1))
+    cfg = _cfg(data_dir=data_dir, train_split="test", **_IDENTITY)
+    for p in range(2):
+        it = train_iterator(cfg, image_size=28, global_batch=100, seed=0, process_index=p, process_count=2)
+        batch = next(it)
+        assert _hashes(batch["image"]) == [stored_hashes[i] for i in batch["index"]]
 
 
 def test_small_images_are_upscaled(data_dir):
@@ -186,7 +205,7 @@ def test_eval_iterator_covers_split_once_with_padding(data_dir, test_split_hashe
     batches = list(eval_iterator(_cfg(data_dir=data_dir), "test", image_size=28, batch_size=300))
     assert len(batches) == 7
     for b in batches:
-        assert b["image"].shape == (300, 28, 28, 3) and b["image"].dtype == np.float32
+        assert b["image"].shape == (300, 28, 28, 3) and b["image"].dtype == np.uint8
         assert b["label"].dtype == np.int32 and b["mask"].dtype == np.bool_
     last = batches[-1]
     assert last["mask"][:200].all() and not last["mask"][200:].any()
@@ -202,8 +221,7 @@ def test_eval_iterator_covers_split_once_with_padding(data_dir, test_split_hashe
 
 def test_eval_iterator_resizes_to_image_size(data_dir):
     b = next(eval_iterator(_cfg(data_dir=data_dir), "test", image_size=32, batch_size=4, max_examples=4))
-    assert b["image"].shape == (4, 32, 32, 3) and b["mask"].all()
-    assert 0.0 <= b["image"].min() and b["image"].max() <= 1.0
+    assert b["image"].shape == (4, 32, 32, 3) and b["mask"].all() and b["image"].dtype == np.uint8
 
 
 # --------------------------------------------------------------------------------------------- folder
@@ -235,9 +253,11 @@ def test_folder_dataset(tmp_path, capfd):
 
     kw = dict(image_size=16, global_batch=4, seed=0, process_index=0, process_count=1)
     a = _take(train_iterator(cfg, **kw), 8)  # > 2 epochs: the corrupt file comes up and is replaced
+    _, file_labels, _ = sources.list_folder(cfg, "train")
     for b in a:
-        assert b["image"].shape == (4, 16, 16, 3) and b["image"].dtype == np.float32
+        assert b["image"].shape == (4, 16, 16, 3) and b["image"].dtype == np.uint8
         assert set(b["label"].tolist()) <= {0, 1}
+        np.testing.assert_array_equal(file_labels[b["index"]], b["label"])  # index: place in the file list
     b2 = _take(train_iterator(cfg, **kw), 8)
     for x, y in zip(a, b2, strict=True):
         np.testing.assert_array_equal(x["image"], y["image"])
@@ -285,13 +305,16 @@ def test_folder_processes_are_disjoint(tmp_path):
         (dict(shuffle_buffer=0), "config.data.shuffle_buffer"),
         (dict(prefetch=-1), "config.data.prefetch"),
         (dict(train_split=""), "config.data.train_split"),
+        (dict(max_consecutive_unreadable=0), "config.data.max_consecutive_unreadable"),
+        (dict(max_unreadable_fraction=1.5), "config.data.max_unreadable_fraction"),
+        (dict(stall_timeout_s=0), "config.data.stall_timeout_s"),
+        (dict(resize_method="nearest"), "config.data.resize_method"),
+        (dict(antialias="yes"), "config.data.antialias"),
     ],
 )
 def test_config_errors_name_the_field(overrides, field):
-    t0 = time.time()
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         validate_data_config(_cfg(**overrides))
-    assert time.time() - t0 < 5.0
 
 
 def test_global_batch_not_divisible_by_processes(data_dir):
@@ -329,7 +352,6 @@ def test_dataset_too_small_for_a_batch(data_dir, tmp_path):
 
 
 def test_unprepared_tfds_dataset_is_a_data_error_without_download(tmp_path):
-    t0 = time.time()
     with pytest.raises(DataError) as e:
         dataset_info(_cfg(name="cifar10", data_dir=str(tmp_path)))
     assert "cifar10" in str(e.value) and str(tmp_path) in str(e.value)
@@ -343,5 +365,25 @@ def test_unprepared_tfds_dataset_is_a_data_error_without_download(tmp_path):
             process_count=1,
         )
     assert "imagenet2012" in str(e.value)
-    assert time.time() - t0 < 10.0
     assert not any(os.scandir(tmp_path))  # nothing was downloaded or written
+
+
+def test_prepared_tfds_dataset_without_builder_code_is_read_from_its_directory(data_dir, tmp_path):
+    """A dataset prepared elsewhere (e.g. a custom ImageNet-21K) whose builder is not importable: by its
+    version directory, or by NAME with data_dir holding NAME/VERSION/."""
+    import shutil
+
+    prepared = os.path.join(data_dir, embedded.NAME, str(ensure_prepared(data_dir).version))
+    custom = tmp_path / "my_custom_images" / "2.0.1"
+    shutil.copytree(prepared, custom)
+    for cfg in (_cfg(name=str(custom)), _cfg(name="my_custom_images", data_dir=str(tmp_path))):
+        validate_data_config(cfg)
+        info = dataset_info(cfg)
+        assert info.num_classes == 10 and info.num_examples == {"train": 10000, "test": 2000}
+        kw = dict(image_size=16, global_batch=8, seed=0, process_index=0, process_count=1)
+        batch = next(train_iterator(cfg, **kw))
+        assert batch["image"].shape == (8, 16, 16, 3) and batch["image"].dtype == np.uint8
+        reference = next(train_iterator(_cfg(data_dir=data_dir), **kw))
+        np.testing.assert_array_equal(batch["image"], reference["image"])  # the same examples, same stream
+    with pytest.raises(ConfigError, match=r"config\.data\.name: unknown dataset 'not_prepared_here'"):
+        validate_data_config(_cfg(name="not_prepared_here", data_dir=str(tmp_path)))

@@ -234,4 +234,4 @@ def test_diagnostics_every_must_sit_on_log_boundaries(tmp_path, tfds_dir):
         config_lib.validate(c)
 
 
-# The trainer's periodic hook (eval.diagnostics_every) is exercised by tests/integration/test_study.py's smoke run.
+# The trainer's periodic hook (eval.diagnostics_every) is exercised by test_study.py's smoke run.

@@ -104,7 +104,8 @@ assert distributed.initialize(f"127.0.0.1:{port}", 2, int(pid), initialization_t
 assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
 import time; t0 = time.time(); log = lambda m: print(f"[{pid}] {time.time() - t0:.1f}s {m}", file=sys.stderr)
 from hybrid_distill_jax.train import Trainer
-from tests.integration.test_sharding import equivalence_config, fixed_batches, gathered_params, run_fixed_steps
+from tests.integration.test_sharding import equivalence_config, fixed_batches, gathered_params
+from tests.integration.test_sharding import run_fixed_steps
 cfg = equivalence_config(tmp, tfds_dir, dict(data=2, fsdp=4), "fsdp")
 trainer = Trainer(cfg, os.path.join(tmp, "loop"))
 losses, state = run_fixed_steps(trainer, fixed_batches())

@@ -2,12 +2,12 @@
 
 import importlib.util
 import os
-import time
 
 import nbformat
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import REPO
+
 NOTEBOOK = os.path.join(REPO, "notebooks", "hybrid_distill.ipynb")
 
 
@@ -39,7 +39,6 @@ def test_notebook_runs_top_to_bottom_in_smoke_mode(tmp_path, tfds_dir):
         TFDS_DATA_DIR=tfds_dir,
         XLA_FLAGS="--xla_force_host_platform_device_count=1",
     )
-    start = time.perf_counter()
     try:
         nbclient.NotebookClient(
             nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": REPO}}
@@ -47,7 +46,6 @@ def test_notebook_runs_top_to_bottom_in_smoke_mode(tmp_path, tfds_dir):
     finally:
         os.environ.clear()
         os.environ.update(env_before)
-    print(f"notebook ran in {time.perf_counter() - start:.0f} s")
     assert os.path.getsize(tmp_path / "run" / "student_timm.safetensors") > 0
     assert os.path.getsize(tmp_path / "run" / "diagnostics" / "nmi.png") > 0
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]

@@ -1,11 +1,11 @@
-"""Faults: SIGKILL and resume, SIGTERM, truncated checkpoints, NaN steps, corrupt images, workdir faults."""
+"""Faults: SIGKILL and resume, SIGTERM, truncated checkpoints, NaN steps, corrupt images, workdir faults,
+bad command lines and files through the real CLI."""
 
 import errno
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import flax.serialization
@@ -19,9 +19,8 @@ from hybrid_distill_jax.data import pipeline
 from hybrid_distill_jax.errors import CheckpointError, ConfigError, DataError, NonFiniteError, Preempted
 from hybrid_distill_jax.train import Trainer, metrics, train
 from hybrid_distill_jax.train import checkpoint as checkpoint_lib
-from tests.helpers import make_teacher, tiny_distill_config
+from tests.helpers import REPO, make_teacher, tiny_cli, tiny_distill_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LOSS_KEYS = ("loss", "feature_loss", "relation_loss", "grad_norm", "lr", "keep", "nonfinite_steps")
 
 
@@ -29,20 +28,6 @@ LOSS_KEYS = ("loss", "feature_loss", "relation_loss", "grad_norm", "lr", "keep",
 def teachers(tmp_path_factory):
     root = tmp_path_factory.mktemp("teachers")
     return make_teacher(root / "feature", seed=1), make_teacher(root / "relation", seed=2)
-
-
-def _command(workdir, tfds_dir, teachers):
-    return [
-        sys.executable,
-        "-m",
-        "hybrid_distill_jax.main",
-        "--config",
-        os.path.join(REPO, "tests", "tiny_config.py"),
-        f"--workdir={workdir}",
-        f"--config.data.data_dir={tfds_dir}",
-        f"--config.teachers.feature.checkpoint={teachers[0]}",
-        f"--config.teachers.relation.checkpoint={teachers[1]}",
-    ]
 
 
 def _env():
@@ -83,17 +68,17 @@ def _loss_rows(workdir):
 def test_sigkill_at_random_steps_then_resume_is_bit_identical(tmp_path, tfds_dir, teachers):
     reference = tmp_path / "reference"
     done = subprocess.run(
-        _command(reference, tfds_dir, teachers), cwd=REPO, env=_env(), capture_output=True, timeout=300
+        tiny_cli(reference, tfds_dir, teachers), cwd=REPO, env=_env(), capture_output=True, timeout=300
     )
     assert done.returncode == 0, done.stderr.decode()[-3000:]
 
     killed = tmp_path / "killed"
     kill_steps = sorted(np.random.default_rng(0).choice(np.arange(2, 11), size=3, replace=False))
     for step in kill_steps:
-        code, err = _run_until(_command(killed, tfds_dir, teachers), killed, int(step), signal.SIGKILL)
+        code, err = _run_until(tiny_cli(killed, tfds_dir, teachers), killed, int(step), signal.SIGKILL)
         assert code == -signal.SIGKILL, err[-3000:]
     final = subprocess.run(
-        _command(killed, tfds_dir, teachers), cwd=REPO, env=_env(), capture_output=True, timeout=300
+        tiny_cli(killed, tfds_dir, teachers), cwd=REPO, env=_env(), capture_output=True, timeout=300
     )
     assert final.returncode == 0, final.stderr.decode()[-3000:]
     assert "resumed from" in final.stderr.decode()
@@ -105,14 +90,14 @@ def test_sigkill_at_random_steps_then_resume_is_bit_identical(tmp_path, tfds_dir
 
 def test_sigterm_checkpoints_and_exits_with_documented_code(tmp_path, tfds_dir, teachers):
     workdir = tmp_path / "run"
-    code, err = _run_until(_command(workdir, tfds_dir, teachers), workdir, 3, signal.SIGTERM)
+    code, err = _run_until(tiny_cli(workdir, tfds_dir, teachers), workdir, 3, signal.SIGTERM)
     assert code == Preempted.exit_code == 75, err[-3000:]
     assert "Preempted: preempted: checkpoint written at step" in err
     steps = checkpoint_lib.Checkpointer(str(workdir / "checkpoints"), every=2).all_steps()
     stopped_at = int(err.split("checkpoint written at step ")[1].split()[0])
     assert stopped_at in steps and 3 <= stopped_at < 12
     done = subprocess.run(
-        _command(workdir, tfds_dir, teachers), cwd=REPO, env=_env(), capture_output=True, timeout=300
+        tiny_cli(workdir, tfds_dir, teachers), cwd=REPO, env=_env(), capture_output=True, timeout=300
     )
     assert done.returncode == 0 and f"resumed from {workdir}/checkpoints/{stopped_at}" in done.stderr.decode()
 
@@ -128,6 +113,9 @@ def test_truncated_latest_checkpoint_is_skipped(tmp_path, tfds_dir):
     trainer = Trainer(c, str(tmp_path / "run"))
     _, start = trainer.initial_state()
     assert start == 4
+    trainer.run()  # resumes from 4 and replaces the damaged checkpoint 6 rather than keeping it
+    _, start = Trainer(c, str(tmp_path / "run")).initial_state()
+    assert start == 6
 
 
 @pytest.mark.parametrize("policy", ["skip", "stop"])
@@ -214,3 +202,32 @@ def test_failed_checkpoint_write_names_it_and_keeps_earlier_ones(tmp_path, tfds_
     resumed = Trainer(c, str(tmp_path / "run"))
     _, start = resumed.initial_state()
     assert start == 2
+
+
+@pytest.mark.parametrize(
+    "case", ["misspelled config", "config syntax error", "unknown override", "cut teacher"]
+)
+def test_cli_bad_inputs_print_one_line_and_exit_2(tmp_path, tfds_dir, teachers, case):
+    """The reported cases through the real command line (test_bad_files.py has the whole table)."""
+    command = tiny_cli(tmp_path / "run", tfds_dir, teachers)
+    if case == "misspelled config":
+        command[4], expected = "tests/tiny_confg.py", "error: --config=tests/tiny_confg.py: no such file"
+    elif case == "config syntax error":
+        (tmp_path / "bad.py").write_text("def get_config(:\n")
+        command[4], expected = str(tmp_path / "bad.py"), "not a valid Python config file: line 1: "
+    elif case == "unknown override":
+        command.append("--config.no_such=1")
+        expected = "error: --config.no_such: no such field in the config; fields there: "
+    else:
+        cut = tmp_path / "teacher"
+        shutil.copytree(teachers[1], cut)
+        data = (cut / "params.msgpack").read_bytes()
+        (cut / "params.msgpack").write_bytes(data[: len(data) // 2])
+        command[-1] = f"--config.teachers.relation.checkpoint={cut}"
+        expected = (
+            f"error: teachers.relation.checkpoint: {cut}/params.msgpack is not a readable parameter file"
+        )
+    proc = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert expected in errors[0], errors[0]

@@ -19,9 +19,7 @@ from hybrid_distill_jax.config_lib import validate
 from hybrid_distill_jax.errors import ConfigError
 from hybrid_distill_jax.models.vit import make_vit
 from hybrid_distill_jax.parallel import sharding
-from tests.helpers import tiny_distill_config
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import REPO, tiny_distill_config
 
 
 def subprocess_env(devices: int) -> dict:
@@ -38,7 +36,7 @@ def subprocess_env(devices: int) -> dict:
 BATCH = 32
 
 
-# ---- shared with tests/integration/test_distributed.py and the subprocesses ---------------------------------------
+# ---- shared with tests/integration/test_distributed.py and the subprocesses -----------------------------
 def equivalence_config(tmp_path, tfds_dir, mesh, strategy="replicated", accum=1):
     c = tiny_distill_config(str(tmp_path), tfds_dir, steps=4, batch=BATCH)
     c.masking.selection = "topk"  # deterministic: no random stream differs between layouts
@@ -257,7 +255,8 @@ import jax, numpy as np
 jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_threefry_partitionable", True)
 from hybrid_distill_jax.train import Trainer
-from tests.integration.test_sharding import equivalence_config, fixed_batches, gathered_params, run_fixed_steps
+from tests.integration.test_sharding import equivalence_config, fixed_batches, gathered_params
+from tests.integration.test_sharding import run_fixed_steps
 tmp, tfds_dir, workdir, out = sys.argv[1:5]
 assert jax.device_count() == 1
 trainer = Trainer(equivalence_config(tmp, tfds_dir, dict(data=-1), "replicated"), workdir)

@@ -1,9 +1,14 @@
-"""The study chain end to end at smoke size: stages, fine-tunes, diagnostics, plots and RESULTS.md."""
+"""The study chain end to end at smoke size: teachers once, students, fine-tunes and the untrained student
+per seed (2 seeds), diagnostics, the masking timing, paired intervals and verdicts, plots and RESULTS.md."""
 
 import importlib.util
 import json
 import os
 
+import pytest
+
+from hybrid_distill_jax.errors import ConfigError
+from hybrid_distill_jax.experiments import report
 from hybrid_distill_jax.experiments.study import run_study
 
 
@@ -23,31 +28,82 @@ def test_full_config_lists_the_paper_ablation():
     assert c.hybrid_random.masking.selection == "random"
     assert c.hybrid_progressive.masking.selection == "gumbel"
     assert c.hybrid_progressive.masking.score_source == "feature_teacher"
-    assert "random_init" in c.finetune_models
+    assert c.seeds == 3 and {"teacher_supervised", "teacher_mae"} <= set(c.finetune_models)
+    # An 8x8 patch grid: attention distance has room between 0 (self) and ~16.5 px (uniform).
+    assert report.distance_bounds(c.image_size, c.variant)["grid"] >= 8
+
+
+@pytest.mark.parametrize(
+    "field,value", [("seeds", 0), ("masking_cost.mask_ratio", 1.0), ("masking_cost.image_size", 30)]
+)
+def test_bad_study_fields_are_named(tmp_path, field, value):
+    c = _study_config()
+    section, _, key = field.rpartition(".")
+    (c[section] if section else c)[key] = value
+    with pytest.raises(ConfigError, match=f"^{field}: "):
+        run_study(c, str(tmp_path / "study"))
+    assert not (tmp_path / "study" / "teacher_supervised").exists()
 
 
 def test_smoke_study_writes_results(tmp_path, tfds_dir):
     c = _study_config()
     c.data.data_dir = tfds_dir
     c.report_dir = str(tmp_path / "docs")
-    summary = run_study(c, str(tmp_path / "study"))
+    work = tmp_path / "study"
+    summary = run_study(c, str(work))
     models = summary["models"]
     assert set(models) == {"teacher_supervised", "teacher_mae", "hybrid_progressive", "random_init"}
-    assert 0 < models["hybrid_progressive"]["finetune_top1"] <= 100
-    for r in models.values():
-        assert 0 < r["knn_top1"] <= 100 and 0 <= r["nmi_last"] <= 1
-    report = (tmp_path / "docs" / "RESULTS.md").read_text()
-    assert "## The paper's claims at this scale" in report and "configs/study.py" in report
-    for png in ("accuracy", "attention_distance_teachers_vs_students", "nmi_all"):
+    assert summary["seeds"] == 2 and all(len(rows) == 2 for rows in models.values())
+    # Teachers trained once, everything else per seed.
+    assert (work / "teacher_mae").is_dir() and not (work / "teacher_mae_seed0").exists()
+    for name in (
+        "hybrid_progressive",
+        "random_init",
+        "finetune_hybrid_progressive",
+        "finetune_teacher_supervised",
+    ):
+        assert (work / f"{name}_seed0" / "eval.json").exists() and (
+            work / f"{name}_seed1" / "eval.json"
+        ).exists()
+    student = models["hybrid_progressive"]
+    assert (
+        student[0]["knn_top1"] != student[1]["knn_top1"] or student[0]["nmi_last"] != student[1]["nmi_last"]
+    )
+    teacher = models["teacher_supervised"]
+    assert teacher[0]["knn_top1"] == teacher[1]["knn_top1"]  # one teacher, evaluated once
+    for rows in models.values():
+        for r in rows:
+            assert 0 < r["knn_top1"] <= 100 and 0 <= r["nmi_last"] <= 1 and len(r["nmi_layers"]) == 2
+    for key in ("teacher_supervised", "hybrid_progressive"):
+        assert all(0 < r["finetune_top1"] <= 100 for r in models[key])
+
+    # Every claim's tests follow the rule on the stored per-seed numbers.
+    claims = {c["claim"].split(" (")[0]: c for c in summary["claims"]}
+    for claim in summary["claims"]:
+        for t in claim["tests"]:
+            assert t["verdict"] == report.verdict(t) and t["low"] <= t["mean"] <= t["high"]
+    (level,) = claims["The Hybrid student reaches the supervised teacher's discrimination"]["tests"][:1]
+    hyb = [r["knn_top1"] for r in student]
+    expected = report.paired_interval(hyb, [r["knn_top1"] for r in teacher])
+    assert level["low"] == expected["low"] and level["high"] == expected["high"]
+    (cost,) = claims["Progressive redundant masking cuts the distillation cost"]["tests"]
+    assert cost["n"] == 2 and summary["masking_cost"]["kept_tokens"] < summary["masking_cost"]["tokens"]
+    assert all(r["masked"] > 0 and r["unmasked"] > 0 for r in summary["masking_cost"]["rounds"])
+
+    report_md = (tmp_path / "docs" / "RESULTS.md").read_text()
+    assert "## The paper's claims at this scale" in report_md and "configs/study.py" in report_md
+    assert " ± " in report_md and "95% CI" in report_md and "uniform attention" in report_md
+    for png in ("accuracy", "attention_distance_per_layer", "nmi_per_layer"):
         assert os.path.getsize(tmp_path / "docs" / "results" / f"{png}.png") > 5000
-        assert f"results/{png}.png" in report or png == "nmi_all"
+        assert f"results/{png}.png" in report_md
     # The trainer's diagnostics hook ran inside the Hybrid stage.
-    with open(tmp_path / "study" / "hybrid_progressive" / "metrics.jsonl") as f:
+    with open(work / "hybrid_progressive_seed1" / "metrics.jsonl") as f:
         rows = [r for r in map(json.loads, f) if "diag/nmi/mean" in r]
     assert [r["step"] for r in rows] == [2, 4, 6]  # every 2 steps, at log boundaries
     for r in rows:
         assert 0.0 <= r["diag/nmi/layer1"] <= 1.0 and r["diag/distance/layer2"] > 0.0
-    # A re-run reuses every stage.
-    again = run_study(c, str(tmp_path / "study"))
-    assert again["models"]["teacher_mae"]["knn_top1"] == models["teacher_mae"]["knn_top1"]
+    # A re-run reuses every stage and the timing.
+    again = run_study(c, str(work))
+    assert again["models"]["hybrid_progressive"][1]["knn_top1"] == student[1]["knn_top1"]
+    assert again["masking_cost"] == summary["masking_cost"]
     assert again["wall_seconds"] < summary["wall_seconds"]

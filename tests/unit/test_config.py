@@ -1,6 +1,8 @@
 """Every bad input the core checks up front, each with a one-line error naming the field."""
 
+import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -50,6 +52,8 @@ def _set(c, dotted, value):
         ("eval.pool", "max", "eval.pool"),
         ("teachers.feature.attn_impl", "flash", "teachers.feature.attn_impl"),
         ("teachers.relation.attn_impl", "cudnn", None),  # valid (used on NVIDIA GPUs)
+        ("faults.pause_at", "lunch", "faults.pause_at"),
+        ("faults.pause_at", "compile", None),
     ],
 )
 def test_bad_values_name_their_field(cfg, field, value, expected):
@@ -124,3 +128,111 @@ def test_cli_prints_one_line_error_and_exits_2(tmp_path):
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "error: mae.mask_ratio must lie in (0, 1)" in proc.stderr
+
+
+# ------------------------------------------------------------- command line: config file and overrides
+
+
+def _parse(monkeypatch, *args, config="tests/tiny_config.py"):
+    """``main.parse_flags`` on a fresh set of flags; returns the config or raises ConfigError."""
+    from absl import flags
+
+    from hybrid_distill_jax import main
+
+    argv = ["main", f"--config={config}", "--workdir=/tmp/unused", *args]
+    monkeypatch.setattr(sys, "argv", argv)  # ml_collections reads the overrides from sys.argv
+    flag_values = flags.FlagValues()
+    main.define_flags(flag_values)
+    main.parse_flags(argv, flag_values)
+    return flag_values.config
+
+
+REPO = os.path.join(os.path.dirname(__file__), "..", "..")
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (
+            ["--config.no_such=1"],
+            r"^--config\.no_such: no such field in the config; fields there: batch_size, .*, teachers, ",
+        ),
+        (
+            ["--config.data.on_corupt=fail"],
+            r"^--config\.data\.on_corupt: .*did you mean --config\.data\.on_corrupt",
+        ),
+        (["--config.lossx.beta=0"], r"^--config\.lossx\.beta: .*did you mean --config\.loss\.beta"),
+        (["--config.batch_size=abc"], r"^--config\.batch_size=abc: expected int "),
+        (["--config.optim.lr=fast"], r"^--config\.optim\.lr=fast: expected float "),
+        (["--config.tensorboard=maybe"], r"^--config\.tensorboard=maybe: expected bool "),
+        (
+            ["--config.data.crop_scale=(0.2"],
+            r"^--config\.data\.crop_scale=\('\(0\.2',\): expected a tuple of numbers",
+        ),
+        (
+            ["--config.masking.stage_ratios=(0.1,"],
+            r"^--config\.masking\.stage_ratios=\(0\.1,: expected tuple ",
+        ),
+        (["--wrkdir=x"], r"Unknown command line flag 'wrkdir'"),
+    ],
+)
+def test_bad_overrides_are_one_line_naming_the_field(monkeypatch, args, expected):
+    with pytest.raises(ConfigError) as err:
+        _parse(monkeypatch, *args)
+    assert re.search(expected, str(err.value)) and "\n" not in str(err.value), str(err.value)
+
+
+def test_documented_overrides_work(monkeypatch):
+    c = _parse(monkeypatch, "--config.data.on_corrupt=fail", "--config.data.crop_scale=(0.3, 1.0)")
+    assert c.data.on_corrupt == "fail" and c.data.crop_scale == (0.3, 1.0)
+
+
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        (None, r"^--config=.*cfg\.py: no such file$"),
+        ("def get_config(:\n", r"^--config=.*cfg\.py: not a valid Python config file: line 1: "),
+        ("", r"^--config=.*cfg\.py: defines no get_config\(\) function$"),
+        (
+            "def get_config():\n    return 1 / 0\n",
+            r"^--config=.*cfg\.py: line 2: ZeroDivisionError: division by zero$",
+        ),
+        (
+            "def get_config():\n    return {}\n",
+            r"^--config=.*cfg\.py: get_config\(\) returned dict, not a ConfigDict$",
+        ),
+        (b"\x00\xff\x13binary", r"^--config=.*cfg\.py: not a valid Python config file"),
+    ],
+)
+def test_bad_config_files_are_one_line_naming_the_file(monkeypatch, tmp_path, content, expected):
+    path = tmp_path / "cfg.py"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError) as err:
+        _parse(monkeypatch, config=str(path))
+    assert re.search(expected, str(err.value)), str(err.value)
+
+
+def test_every_config_field_the_docs_name_exists():
+    """Each ``config.x.y`` in README.md and docs/*.md is a field of base_config (in some mode)."""
+    from hybrid_distill_jax.config_lib import MODES
+    from hybrid_distill_jax.main import field_names
+
+    fields = {name for mode in MODES for name in field_names(base_config(mode))}
+    docs = [os.path.join(REPO, "README.md"), *glob.glob(os.path.join(REPO, "docs", "*.md"))]
+    named = set()
+    for path in docs:
+        with open(path) as f:
+            text = f.read()
+        # `config.x.y` / `--config.x.y=...`; not file names (`config.py`, `config.json`), the placeholder
+        # `--config.field`
+        # or the misspelled example of the 'no such field' message
+        pattern = r"(?<![\w/])config\.([a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)*)(?![\w.]|: no such field)"
+        for ref in re.findall(pattern, text):
+            if ref not in ("py", "json", "field"):
+                named.add((os.path.basename(path), ref))
+    assert len(named) >= 20  # the docs do name fields: the check below is not vacuous
+    missing = sorted(f"{doc}: config.{ref}" for doc, ref in named if ref not in fields)
+    assert not missing, missing

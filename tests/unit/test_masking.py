@@ -1,5 +1,8 @@
+import re
+
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -46,11 +49,10 @@ def test_topk_random_and_sorted_without_duplicates():
         masking.select_tokens(jax.random.key(2), scores, 10, "nope")
 
 
-def test_keep_schedule_is_piecewise_constant():
-    s = masking.KeepSchedule((0.0, 0.3, 0.6), (0.0, 0.25, 0.5))
+def test_mask_ratio_schedule_is_piecewise_constant():
+    s = masking.MaskRatioSchedule((0.0, 0.3, 0.6), (0.0, 0.25, 0.5))
     ratios = [s.mask_ratio(step, 100) for step in range(100)]
     assert ratios[:30] == [0.0] * 30 and ratios[30:60] == [0.25] * 30 and ratios[60:] == [0.5] * 40
-    assert [s.stage_start_step(i, 100) for i in range(3)] == [0, 30, 60]
     assert masking.keep_count(196, 0.5) == 98 and masking.keep_count(64, 0.25) == 48
     assert masking.keep_count(4, 0.99) == 1
 
@@ -67,7 +69,7 @@ def test_keep_schedule_is_piecewise_constant():
 )
 def test_bad_schedules(starts, ratios):
     with pytest.raises(ConfigError, match="masking.stage"):
-        masking.KeepSchedule(starts, ratios)
+        masking.MaskRatioSchedule(starts, ratios)
 
 
 def test_nested_selection_gives_nested_subsets():
@@ -82,8 +84,72 @@ def test_nested_selection_gives_nested_subsets():
         prev = np.asarray(a)
 
 
-def test_with_prefix_and_scores():
-    idx = jnp.array([[0, 3], [1, 2]])
-    np.testing.assert_array_equal(np.asarray(masking.with_prefix(idx, 2)), [[0, 1, 2, 5], [0, 1, 3, 4]])
+def test_redundancy_scores_average_heads():
     attn = jnp.ones((2, 3, 5)) * jnp.arange(3)[None, :, None]
     np.testing.assert_allclose(np.asarray(masking.redundancy_scores(attn)), np.ones((2, 5)))
+
+
+def _cfg(**kw):
+    base = dict(
+        mode="over_training",
+        selection="topk",
+        temperature=1.0,
+        stage_starts=(0.0, 0.5),
+        stage_ratios=(0.0, 0.5),
+        drop_layers=(1, 3),
+        drop_ratios=(0.25, 0.5),
+    )
+    return ml_collections.ConfigDict({**base, **kw})
+
+
+def test_over_training_plan_counts_and_selection():
+    plan = masking.keep_plan(_cfg(), num_patches=16, depth=4)
+    assert isinstance(plan, masking.OverTrainingPlan)
+    assert [plan.stage(s, 10) for s in (0, 4, 5, 9)] == [16, 16, 8, 8]
+    assert plan.stage_metrics(8) == {"keep": 8}
+    assert plan.score_layers(6) == (6,)
+    scores = jax.random.uniform(jax.random.key(0), (2, 16))
+    kept = plan.select(jax.random.key(1), {6: scores}, 8)
+    expected = np.sort(np.argsort(-np.asarray(scores), axis=1)[:, :8], axis=1)
+    np.testing.assert_array_equal(np.asarray(kept.input_indices), expected)
+    assert kept.drop_after is None
+    for layer in (1, 2, 4):
+        np.testing.assert_array_equal(np.asarray(kept.patches_at(layer)), expected)
+    np.testing.assert_array_equal(np.asarray(kept.final_indices), expected)
+
+
+def test_over_depth_plan_nests_sets_after_each_drop():
+    plan = masking.keep_plan(_cfg(mode="over_depth"), num_patches=16, depth=4)
+    assert isinstance(plan, masking.OverDepthPlan)
+    assert plan.stage(0, 10) == plan.stage(9, 10) == (12, 8)
+    assert plan.stage_metrics((12, 8)) == {"keep": 8}
+    assert plan.score_layers(6) == (1, 3)
+    s1, s3 = (jax.random.uniform(jax.random.key(i), (2, 16)) for i in (2, 3))
+    kept = plan.select(jax.random.key(1), {1: s1, 3: s3}, (12, 8))
+    assert kept.input_indices is None and set(kept.drop_after) == {1, 3}
+    # Independent top-k: 12 best of layer 1's scores, then 8 best (by layer 3's scores) among those.
+    first = np.sort(np.argsort(-np.asarray(s1), axis=1)[:, :12], axis=1)
+    second = np.stack([np.sort(row[np.argsort(-np.asarray(s3)[i, row])[:8]]) for i, row in enumerate(first)])
+    np.testing.assert_array_equal(np.asarray(kept.patches_at(1)), np.tile(np.arange(16), (2, 1)))
+    for layer in (2, 3):
+        np.testing.assert_array_equal(np.asarray(kept.patches_at(layer)), first)
+    np.testing.assert_array_equal(np.asarray(kept.patches_at(4)), second)
+    np.testing.assert_array_equal(np.asarray(kept.final_indices), second)
+    # drop_after holds indices relative to the previous set.
+    np.testing.assert_array_equal(np.take_along_axis(first, np.asarray(kept.drop_after[3]), 1), second)
+
+
+@pytest.mark.parametrize(
+    "changes,expected",
+    [
+        (dict(drop_layers=(1,)), "masking.drop_layers and masking.drop_ratios"),
+        (dict(drop_layers=(3, 1)), "masking.drop_layers=[3, 1]"),
+        (dict(drop_layers=(1, 4)), "masking.drop_layers=[1, 4]: expected increasing layers in 1..3"),
+        (dict(drop_ratios=(0.5, 0.25)), "masking.drop_ratios=[0.5, 0.25]: expected non-decreasing"),
+        (dict(drop_ratios=(0.5, 1.0)), "masking.drop_ratios"),
+        (dict(mode="sideways"), "masking.mode='sideways'"),
+    ],
+)
+def test_bad_over_depth_plans(changes, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        masking.keep_plan(_cfg(**{"mode": "over_depth", **changes}), num_patches=16, depth=4)

@@ -62,15 +62,43 @@ def test_all_tokens_in_identity_order_equals_plain_forward():
     np.testing.assert_array_equal(np.asarray(plain["logits"]), np.asarray(kept["logits"]))
 
 
-def test_kept_subset_equals_forward_on_gathered_tokens_by_hand():
+def test_kept_subset_equals_blocks_on_tokens_embedded_and_gathered_by_hand():
+    """keep_indices == numpy patch embedding + position embedding, gathered by hand, then the blocks."""
+    from hybrid_distill_jax.models.vit import Block
+
+    model = _tiny()
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    params = model.init(jax.random.key(0), x)["params"]
+    idx = np.array([[0, 5, 9, 63], [1, 2, 3, 40]])
+    out = model.apply({"params": params}, x, keep_indices=jnp.asarray(idx), attn_layers=(2,))
+    assert out["attn_logits"][2].shape == (2, model.num_heads, 5, 5)
+
+    p, w = model.patch_size, model.width
+    patches = np.asarray(x).reshape(2, 8, p, 8, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, 64, p * p * 3)
+    kernel = np.asarray(params["patch_embed"]["kernel"]).reshape(p * p * 3, w)
+    pos = np.asarray(params["pos_embed"])[0]
+    tokens = patches @ kernel + np.asarray(params["patch_embed"]["bias"]) + pos[1:]
+    kept = np.stack([tokens[i, idx[i]] for i in range(2)])
+    cls = np.broadcast_to(np.asarray(params["cls_token"])[0] + pos[:1], (2, 1, w))
+    seq = jnp.asarray(np.concatenate([cls, kept], axis=1))
+    for layer in range(1, model.depth + 1):
+        block = Block(model.num_heads, model.mlp_dim, model.act, model.qkv_bias, model.norm_eps)
+        seq, _ = block.apply({"params": params[f"block{layer}"]}, seq)
+    seq = np.asarray(seq)
+    mean, var = seq.mean(-1, keepdims=True), seq.var(-1, keepdims=True)
+    norm = params["norm"]
+    expected = (seq - mean) / np.sqrt(var + model.norm_eps) * np.asarray(norm["scale"]) + np.asarray(
+        norm["bias"]
+    )
+    np.testing.assert_allclose(np.asarray(out["tokens"]), expected, atol=2e-5)
+
+
+def test_permuting_kept_tokens_permutes_outputs():
     model = _tiny()
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
     params = model.init(jax.random.key(0), x)
     idx = jnp.array([[0, 5, 9, 63], [1, 2, 3, 40]])
-    out = model.apply(params, x, keep_indices=idx, attn_layers=(2,))
-    assert out["tokens"].shape == (2, 5, 64)
-    assert out["attn_logits"][2].shape == (2, 4, 5, 5)
-    # Permuting the kept tokens permutes the outputs: attention has no order of its own.
+    out = model.apply(params, x, keep_indices=idx)
     perm = jnp.array([3, 1, 0, 2])
     out_p = model.apply(params, x, keep_indices=idx[:, perm])
     np.testing.assert_allclose(
@@ -102,7 +130,7 @@ def test_bf16_compute_keeps_fp32_attention_and_params():
 
 
 def test_remat_and_drop_path_options():
-    model, remat = _tiny(drop_path=0.5), _tiny(drop_path=0.5, remat=True)
+    model, remat = _tiny(drop_path=0.5), _tiny(drop_path=0.5, remat_policy="full")
     x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
     params = model.init(jax.random.key(0), x)
     np.testing.assert_allclose(

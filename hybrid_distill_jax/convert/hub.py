@@ -1,0 +1,337 @@
+"""Teachers by name: ``hf-hub:ORG/NAME[@REVISION]`` -> a converted model directory, converted once.
+
+Resolution (:func:`resolve`):
+
+1. Local first. The repo's ``config.json`` and ``model.safetensors`` are looked up in huggingface_hub's
+   cache (``try_to_load_from_cache``: ``$HF_HUB_CACHE``, by default ``$HF_HOME/hub``), a branch or tag
+   through its ``refs/`` entry. If they are there and their conversion is in our cache, that directory
+   is the answer: no network, no conversion. If the hub cache no longer holds the files (pruned after
+   conversion), our own ``refs/`` entry names the last conversion of that revision.
+2. Otherwise ``hf_hub_download`` fetches both files (honouring ``HF_HUB_OFFLINE``, ``HF_HOME``,
+   ``HF_HUB_CACHE``, ``HF_TOKEN``), the weights pinned to the commit the config came from.
+3. Both files are checked against the hash they are stored under: huggingface_hub names a blob by the
+   hub's ETag, the sha256 of an LFS file (the weights) or the git blob sha1 of a small one (the config).
+   A file whose content does not hash to it is removed from the hub cache and the run fails.
+4. The weights are converted with timm's ``config.json`` (``convert.timm_config``) into
+   ``$HYBRID_DISTILL_JAX_CACHE/teachers/models--ORG--NAME/<commit>-<sha256[:16]>`` (default
+   ``$HF_HOME/hybrid_distill_jax``), the repo, revision, commit and sha256 recorded in its
+   ``model.json`` under ``converted_from.hub``. The conversion is written to a temporary directory and
+   renamed into place under a file lock, so processes that start together (multi-host) produce one
+   complete directory; a loser of the race discards its copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+
+from hybrid_distill_jax.errors import CheckpointError, ConfigError
+
+PREFIX = "hf-hub:"
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+CACHE_ENV = "HYBRID_DISTILL_JAX_CACHE"
+_NAME = re.compile(r"^hf-hub:([\w.-]+/[\w.-]+)(?:@([\w./-]+))?$")
+_SHA256, _SHA1 = re.compile(r"^[0-9a-f]{64}$"), re.compile(r"^[0-9a-f]{40}$")
+_logger = logging.getLogger("hybrid_distill_jax")
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    name: str
+    role: str  # 'feature' | 'relation'
+    recipes: tuple
+    what: str
+
+
+TEACHERS = (
+    Teacher(
+        "hf-hub:timm/deit_base_patch16_224.fb_in1k",
+        "feature",
+        ("hd_vitb16_deit_mae",),
+        "DeiT-B/16, supervised ImageNet-1k",
+    ),
+    Teacher(
+        "hf-hub:timm/vit_base_patch16_clip_224.openai",
+        "feature",
+        ("hd_vitb16_clip_mae",),
+        "CLIP ViT-B/16 image tower (OpenAI, QuickGELU)",
+    ),
+    Teacher(
+        "hf-hub:timm/vit_large_patch14_clip_224.openai",
+        "feature",
+        ("hd_vitl16_clipl14_mae",),
+        "CLIP ViT-L/14 image tower (OpenAI, QuickGELU); run at 196 px beside a /16 student",
+    ),
+    Teacher(
+        "hf-hub:timm/vit_base_patch16_224.dino",
+        "feature",
+        (),
+        "DINO ViT-B/16 (self-supervised contrastive), an alternative feature teacher",
+    ),
+    Teacher(
+        "hf-hub:timm/vit_base_patch16_224.mae",
+        "relation",
+        ("hd_vitb16_deit_mae", "hd_vitb16_clip_mae"),
+        "MAE ViT-B/16 encoder",
+    ),
+    Teacher(
+        "hf-hub:timm/vit_large_patch16_224.mae",
+        "relation",
+        ("hd_vitl16_clipl14_mae",),
+        "MAE ViT-L/16 encoder",
+    ),
+)
+
+
+def teacher(recipe: str, role: str) -> str:
+    """The known teacher name a recipe uses for ``role`` (the recipes' defaults)."""
+    (found,) = [t.name for t in TEACHERS if t.role == role and recipe in t.recipes]
+    return found
+
+
+def is_hub_name(path) -> bool:
+    return isinstance(path, str) and path.startswith(PREFIX)
+
+
+def parse(name: str, field: str = "checkpoint") -> tuple[str, str | None]:
+    """``hf-hub:ORG/NAME[@REVISION]`` -> (repo id, revision or None)."""
+    m = _NAME.match(name)
+    if not m:
+        raise ConfigError(f"{field}={name!r}: expected hf-hub:ORG/NAME or hf-hub:ORG/NAME@REVISION")
+    return m.group(1), m.group(2)
+
+
+def cache_root() -> str:
+    """``$HYBRID_DISTILL_JAX_CACHE``, else ``hybrid_distill_jax`` under huggingface_hub's ``HF_HOME``."""
+    try:
+        from huggingface_hub.constants import HF_HOME as home
+    except ImportError:  # `convert list` without huggingface_hub: its default, for the message
+        home = os.environ.get("HF_HOME", "~/.cache/huggingface")
+    return os.path.expanduser(os.environ.get(CACHE_ENV) or os.path.join(home, "hybrid_distill_jax"))
+
+
+def _repo_dir(repo: str) -> str:
+    return os.path.join(cache_root(), "teachers", "models--" + repo.replace("/", "--"))
+
+
+def _download_hint(repo: str, revision: str | None) -> str:
+    rev = f" --revision {revision}" if revision else ""
+    return (
+        f"run `hf download {repo} {CONFIG} {WEIGHTS}{rev}` where the hub is reachable (same HF_HOME), "
+        "or pass a local converted directory instead"
+    )
+
+
+def resolve(name: str, field: str = "checkpoint", log=_logger.info) -> str:
+    """The local converted directory of a hub name (see the module docstring); converts at most once."""
+    repo, revision = parse(name, field)
+    try:
+        import huggingface_hub  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            f"{field}={name!r}: hub names need huggingface_hub and safetensors: "
+            "pip install 'hybrid_distill_jax[hub]' (no torch needed)"
+        ) from None
+    files = _cached_files(repo, revision)
+    if files is None:
+        remembered = _read_ref(repo, revision)
+        if remembered:
+            log(f"{name}: using {remembered} (the hub cache no longer holds its files)")
+            return remembered
+        files = _download(name, repo, revision, field)
+    config_path, weights_path, commit = files
+    sha256 = os.path.basename(os.path.realpath(weights_path))
+    key = f"{commit}-{sha256[:16]}" if _SHA256.match(sha256) else commit
+    target = os.path.join(_repo_dir(repo), key)
+    if not _complete(target):
+        _convert_once(name, repo, revision, commit, config_path, weights_path, target, log)
+    else:
+        log(f"{name}: cached conversion {target} (commit {commit[:12]})")
+    _write_ref(repo, revision, key)
+    return target
+
+
+def _complete(directory: str) -> bool:
+    return all(os.path.isfile(os.path.join(directory, f)) for f in ("model.json", "params.msgpack"))
+
+
+def _cached_files(repo: str, revision: str | None):
+    """(config path, weights path, commit) from huggingface_hub's cache, without the network; or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(repo, CONFIG, revision=revision or "main")
+    if not isinstance(config, str):
+        return None
+    commit = os.path.basename(os.path.dirname(config))
+    weights = try_to_load_from_cache(repo, WEIGHTS, revision=commit)
+    return (config, weights, commit) if isinstance(weights, str) else None
+
+
+def _download(name: str, repo: str, revision: str | None, field: str):
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    paths = {}
+    pin = revision
+    for filename in (CONFIG, WEIGHTS):
+        try:
+            paths[filename] = hf_hub_download(repo, filename, revision=pin)
+        except GatedRepoError:
+            raise ConfigError(
+                f"{field}={name!r}: {repo} is gated: accept its terms and `hf auth login`"
+            ) from None
+        except RepositoryNotFoundError:
+            raise ConfigError(
+                f"{field}={name!r}: no repository {repo} on the hub (or it is private: `hf auth login`)"
+            ) from None
+        except RevisionNotFoundError:
+            raise ConfigError(f"{field}={name!r}: {repo} has no revision {revision!r}") from None
+        except LocalEntryNotFoundError:
+            state = "offline (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "unreachable"
+            raise ConfigError(
+                f"{field}={name!r}: {filename} of {repo} is not in the hub cache {constants.HF_HUB_CACHE} "
+                f"and the hub is {state}: {_download_hint(repo, revision)}"
+            ) from None
+        except EntryNotFoundError:
+            raise ConfigError(
+                f"{field}={name!r}: {repo} has no {filename} (only timm repos with safetensors weights "
+                "resolve by name; convert other files with `convert import --family ... --input FILE`)"
+            ) from None
+        except OSError as e:  # HTTP errors, disk full, ...
+            raise ConfigError(f"{field}={name!r}: cannot fetch {filename} of {repo}: {e}") from None
+        pin = os.path.basename(os.path.dirname(paths[filename]))  # the weights of the config's commit
+    return paths[CONFIG], paths[WEIGHTS], pin
+
+
+def _git_blob_sha1(path: str) -> str:
+    h = hashlib.sha1(f"blob {os.path.getsize(path)}\0".encode())
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(path: str, repo: str, filename: str) -> str:
+    """Checks a cached hub file against the hash its blob is named by; removes it if they differ."""
+    blob = os.path.realpath(path)
+    expected = os.path.basename(blob)
+    if _SHA256.match(expected):
+        actual, kind = _sha256(blob), "sha256"
+    elif _SHA1.match(expected):
+        actual, kind = _git_blob_sha1(blob), "git sha1"
+    else:
+        raise CheckpointError(
+            f"{path}: cannot verify {filename} of {repo}: the hub cache does not name it by its hash "
+            "(a cache without symlinks); convert the file with `convert import --family timm` instead"
+        )
+    if actual != expected:
+        for p in {path, blob}:
+            if os.path.lexists(p):
+                os.remove(p)
+        raise CheckpointError(
+            f"{filename} of {repo} has {kind} {actual[:16]}..., the hub says {expected[:16]}...: removed "
+            f"it from the hub cache; {_download_hint(repo, None)}"
+        )
+    return actual
+
+
+def _convert_once(name, repo, revision, commit, config_path, weights_path, target, log) -> None:
+    from filelock import FileLock
+
+    from hybrid_distill_jax import convert
+
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    lock = os.path.join(cache_root(), "teachers", ".locks", os.path.basename(os.path.dirname(target)))
+    os.makedirs(lock, exist_ok=True)
+    with FileLock(os.path.join(lock, os.path.basename(target) + ".lock")):
+        if _complete(target):  # another process converted it while we waited
+            log(f"{name}: converted by another process: {target}")
+            return
+        config_sha1 = verify(config_path, repo, CONFIG)
+        sha256 = verify(weights_path, repo, WEIGHTS)
+        log(f"{name}: converting commit {commit[:12]} ({WEIGHTS} sha256 {sha256[:16]}...) into {target}")
+        tmp = tempfile.mkdtemp(prefix=".converting-", dir=os.path.dirname(target))
+        try:
+            hub = {
+                "repo": repo,
+                "revision": revision or "main",
+                "commit": commit,
+                "sha256": sha256,
+                "config_sha1": config_sha1,
+            }
+            convert.import_checkpoint("timm", weights_path, tmp, provenance={"hub": hub}, log=log)
+            try:
+                os.rename(tmp, target)
+                log(f"{name}: converted into {target}")
+            except OSError:  # a process without the lock (another host, no shared locking) won
+                if not _complete(target):
+                    raise
+        finally:
+            if os.path.isdir(tmp):
+                shutil.rmtree(tmp)
+
+
+def _ref_path(repo: str, revision: str | None) -> str:
+    return os.path.join(_repo_dir(repo), "refs", revision or "main")
+
+
+def _write_ref(repo: str, revision: str | None, key: str) -> None:
+    """Remembers which conversion ``revision`` resolved to (a cache read by many: write only changes)."""
+    path = _ref_path(repo, revision)
+    if os.path.isfile(path):
+        with open(path) as f:
+            if f.read().strip() == key:
+                return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(key)
+    os.replace(tmp, path)
+
+
+def _read_ref(repo: str, revision: str | None) -> str | None:
+    if revision and _SHA1.match(revision):
+        found = [d for d in _listdir(_repo_dir(repo)) if d.split("-")[0] == revision]
+        return os.path.join(_repo_dir(repo), sorted(found)[-1]) if found else None
+    path = _ref_path(repo, revision)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        target = os.path.join(_repo_dir(repo), f.read().strip())
+    return target if _complete(target) else None
+
+
+def _listdir(path: str) -> list[str]:
+    return [d for d in os.listdir(path) if _complete(os.path.join(path, d))] if os.path.isdir(path) else []
+
+
+def list_teachers(print_fn=print) -> None:
+    """The known teacher names, their role and the recipes that use them."""
+    width = max(len(t.name) for t in TEACHERS)
+    print_fn(f"{'name':{width}}  {'role':8}  recipes / what")
+    for t in TEACHERS:
+        recipes = ", ".join(f"configs/{r}.py" for r in t.recipes) or "-"
+        print_fn(f"{t.name:{width}}  {t.role:8}  {recipes}: {t.what}")
+    print_fn(
+        f"\nconverted once into {os.path.join(cache_root(), 'teachers')} ({CACHE_ENV} to move it); "
+        "files come from huggingface_hub's cache (HF_HOME, HF_HUB_OFFLINE)"
+    )

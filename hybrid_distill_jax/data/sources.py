@@ -1,0 +1,556 @@
+"""Where the examples come from: a TFDS dataset (registered, or prepared on disk without its code), the
+packaged ``embedded_fashion_mnist`` or a local image folder, behind one factory (``train_source``).
+
+A source is one process's share of a split as *encoded* examples (file paths or image bytes), either held in
+memory (random access: every epoch is a full permutation, skipping is free) or streamed as contiguous
+pieces of a large TFDS split (see ``pipeline``). Nothing here decodes an image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from hybrid_distill_jax.config_lib import DATA_DEFAULTS
+from hybrid_distill_jax.data import embedded
+from hybrid_distill_jax.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+def _hide_accelerators_from_tensorflow() -> None:
+    """TensorFlow only feeds data here; it must never allocate GPU memory that JAX needs."""
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except (RuntimeError, ValueError):  # TF devices already initialised; nothing more can be done.
+        log.debug("could not hide GPUs from TensorFlow (already initialised)")
+
+
+_hide_accelerators_from_tensorflow()
+# The pipeline's functions are plain tensor code: AutoGraph has nothing to convert, and its
+# "could not transform <lambda>" warnings would bury the progress lines.
+tf.autograph.set_verbosity(0)
+tf.get_logger().setLevel(logging.ERROR)
+
+FOLDER = "folder"
+EMBEDDED = embedded.NAME
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# A TFDS split whose per-process share is at most this many bytes is held in memory (encoded).
+IN_MEMORY_MAX_BYTES = 1 << 30
+# A streamed split is read as this many pieces per process, merged in a new random order every epoch.
+STREAM_CHUNKS = 16
+ON_CORRUPT = ("skip", "fail")
+RESIZE_METHODS = ("bilinear", "bicubic")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What the rest of the code needs to know about a dataset."""
+
+    name: str
+    num_classes: int
+    num_examples: dict[str, int]
+    class_names: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass
+class Source:
+    """One process's share of a split: either held in memory (``items``) or streamed (``chunks``).
+
+    Example ids (``index`` of a train batch): in memory, item ``i`` is example ``id_start + i * id_stride``
+    of the split (folders: its position in the sorted file list); streamed, the records of chunk ``c`` are
+    examples ``chunk_starts[c], chunk_starts[c] + 1, ...``.
+    """
+
+    description: str
+    num_examples: int
+    from_files: bool  # items are file paths (read them), else encoded images
+    items: tf.Tensor | None = None  # tf.string [N]
+    labels: tf.Tensor | None = None  # tf.int64 [N]
+    id_start: int = 0
+    id_stride: int = 1
+    chunks: list[tf.data.Dataset] | None = None  # streamed: (encoded, label, id) triples in a fixed order
+    chunk_sizes: list[int] | None = None
+    fallible: bool = False  # reading may fail (files on disk): guard it
+    on_corrupt: str = "skip"  # what an unreadable image does: 'skip' (replaced, counted) or 'fail'
+
+    def item_name(self, position: int) -> str:
+        """A readable name of item ``position`` (its path, or its example id)."""
+        item = self.items[position].numpy() if self.from_files else None
+        if item is not None:
+            return item.decode("utf-8", "replace")
+        return f"example {self.id_start + position * self.id_stride} of {self.description}"
+
+
+# --------------------------------------------------------------------------------------------- config
+
+
+def field(data_cfg: Any, name: str) -> Any:
+    """``config.data.<name>``, or its default from ``config_lib.DATA_DEFAULTS``."""
+    if isinstance(data_cfg, Mapping):
+        if name in data_cfg:
+            return data_cfg[name]
+    else:
+        try:
+            return getattr(data_cfg, name)
+        except AttributeError:
+            pass
+    if name in DATA_DEFAULTS:
+        return DATA_DEFAULTS[name]
+    raise ConfigError(f"config.data.{name}: missing (required)")
+
+
+def _base_name(name: str) -> str:
+    """'cifar10:3.0.2' / 'imagenet2012/subset' -> the registered builder name."""
+    return name.split(":")[0].split("/")[0]
+
+
+def pair(data_cfg: Any, name: str) -> tuple[float, float]:
+    value = field(data_cfg, name)
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"config.data.{name}: expected a (min, max) pair of numbers, got {value!r}"
+        ) from None
+    return lo, hi
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _prepared_dir(data_cfg: Any) -> str | None:
+    """The directory of a TFDS dataset prepared on disk whose builder code is not registered, if any.
+
+    ``name`` may be that directory itself (holding ``dataset_info.json``), or ``NAME[:VERSION]`` with
+    ``data_dir/NAME/VERSION/dataset_info.json`` (the newest version when none is given).
+    """
+    name = field(data_cfg, "name")
+    expanded = os.path.expanduser(name)
+    if os.path.isfile(os.path.join(expanded, "dataset_info.json")):
+        return expanded
+    data_dir = (
+        _data_dir(data_cfg) or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+    )
+    base, _, version = name.partition(":")
+    root = os.path.join(data_dir, *base.split("/"))
+    if version:
+        candidates = [version]
+    elif os.path.isdir(root):
+        candidates = sorted(
+            (v for v in os.listdir(root) if re.fullmatch(r"\d+\.\d+\.\d+", v)),
+            key=lambda v: tuple(int(x) for x in v.split(".")),
+            reverse=True,
+        )
+    else:
+        candidates = []
+    for v in candidates:
+        if os.path.isfile(os.path.join(root, v, "dataset_info.json")):
+            return os.path.join(root, v)
+    return None
+
+
+def validate_data_config(data_cfg: Any) -> None:
+    """Checks ``config.data`` without reading any data or touching the network; raises ``ConfigError``."""
+    name = field(data_cfg, "name")
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"config.data.name: expected a dataset name, got {name!r}")
+    data_dir = field(data_cfg, "data_dir")
+    if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
+        raise ConfigError(f"config.data.data_dir: expected a path or None, got {data_dir!r}")
+    if name == FOLDER:
+        if data_dir is None or not str(data_dir).strip():
+            raise ConfigError(
+                "config.data.data_dir: required when config.data.name='folder' "
+                "(the root holding <split>/<class>/*.jpg|jpeg|png)"
+            )
+        if not os.path.isdir(os.path.expanduser(str(data_dir))):
+            raise ConfigError(
+                f"config.data.data_dir: folder dataset root {str(data_dir)!r} is not a directory"
+            )
+    elif (
+        _base_name(name) != EMBEDDED
+        and _base_name(name) not in tfds.list_builders(with_community_datasets=False)
+        and _prepared_dir(data_cfg) is None
+    ):
+        raise ConfigError(
+            f"config.data.name: unknown dataset {name!r}: not a registered TFDS builder nor a dataset "
+            f"prepared in data_dir (no {name}/<version>/dataset_info.json there); use a TFDS name "
+            f"(e.g. 'cifar10', 'imagenet2012'), a prepared dataset's directory, "
+            f"'{EMBEDDED}' or '{FOLDER}'"
+        )
+    for name_ in ("train_split", "eval_split"):
+        split = field(data_cfg, name_)
+        if not isinstance(split, str) or not split.strip():
+            raise ConfigError(f"config.data.{name_}: expected a split name, got {split!r}")
+    lo, hi = pair(data_cfg, "crop_scale")
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ConfigError(f"config.data.crop_scale: must satisfy 0 < min <= max <= 1, got ({lo}, {hi})")
+    lo, hi = pair(data_cfg, "crop_ratio")
+    if not 0.0 < lo <= hi:
+        raise ConfigError(f"config.data.crop_ratio: must satisfy 0 < min <= max, got ({lo}, {hi})")
+    for name_ in ("flip", "antialias"):
+        value = field(data_cfg, name_)
+        if not isinstance(value, (bool, np.bool_)):
+            raise ConfigError(f"config.data.{name_}: expected a bool, got {value!r}")
+    method = field(data_cfg, "resize_method")
+    if method not in RESIZE_METHODS:
+        raise ConfigError(
+            f"config.data.resize_method: expected one of {list(RESIZE_METHODS)}, got {method!r}"
+        )
+    for name_, low in (("shuffle_buffer", 1), ("prefetch", 0), ("max_consecutive_unreadable", 1)):
+        value = field(data_cfg, name_)
+        if not is_int(value) or value < low:
+            raise ConfigError(f"config.data.{name_}: expected an int >= {low}, got {value!r}")
+    fraction = field(data_cfg, "max_unreadable_fraction")
+    if not _is_number(fraction) or not 0.0 <= fraction <= 1.0:
+        raise ConfigError(
+            f"config.data.max_unreadable_fraction: expected a number in [0, 1], got {fraction!r}"
+        )
+    stall = field(data_cfg, "stall_timeout_s")
+    if not _is_number(stall) or stall <= 0:
+        raise ConfigError(f"config.data.stall_timeout_s: expected a number of seconds > 0, got {stall!r}")
+    on_corrupt = field(data_cfg, "on_corrupt")
+    if on_corrupt not in ON_CORRUPT:
+        raise ConfigError(f"config.data.on_corrupt: expected one of {list(ON_CORRUPT)}, got {on_corrupt!r}")
+
+
+def _data_dir(data_cfg: Any) -> str | None:
+    data_dir = field(data_cfg, "data_dir")
+    return None if data_dir is None else os.path.expanduser(str(data_dir))
+
+
+def split_field(data_cfg: Any, split: str) -> str:
+    """The config field a split came from, for error messages."""
+    return "config.data.train_split" if split == field(data_cfg, "train_split") else "config.data.eval_split"
+
+
+# ----------------------------------------------------------------------------------------------- TFDS
+
+
+def _not_prepared_message(builder: tfds.core.DatasetBuilder, name: str, data_dir: str | None) -> str:
+    root = data_dir or embedded.default_data_dir()
+    msg = (
+        f"dataset '{name}' is not prepared in data_dir '{root}' (expected {builder.data_dir}); "
+        "nothing is downloaded automatically. "
+    )
+    instructions = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
+    if instructions:
+        manual_dir = os.path.join(root, "downloads", "manual")
+        how = " ".join(str(instructions).split())[:300]
+        base = _base_name(name)
+        msg += (
+            f"'{name}' needs a manual download: {how} Put those files in {manual_dir} and run "
+            f"`tfds build {base} --data_dir {root} --manual_dir {manual_dir}`."
+        )
+    else:
+        msg += (
+            f"Prepare it with `tfds build {_base_name(name)} --data_dir {root}` on a machine with internet "
+            f"access, or copy a prepared '{_base_name(name)}' folder into {root}."
+        )
+    return msg
+
+
+def tfds_builder(data_cfg: Any) -> tfds.core.DatasetBuilder:
+    """A prepared builder; never downloads (the embedded dataset is prepared from the packaged file).
+
+    A registered builder is used when its data is prepared; otherwise a dataset prepared on disk is read
+    from its directory without its code (``tfds.builder_from_directory``).
+    """
+    name = field(data_cfg, "name")
+    data_dir = _data_dir(data_cfg)
+    if _base_name(name) == EMBEDDED:
+        return embedded.ensure_prepared(data_dir)
+    builder = None
+    if _base_name(name) in tfds.list_builders(with_community_datasets=False):
+        builder = tfds.builder(name, data_dir=data_dir)
+    if builder is None or not builder.is_prepared():
+        directory = _prepared_dir(data_cfg)
+        if directory is not None:
+            try:
+                builder = tfds.builder_from_directory(directory)
+            except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+                raise DataError(
+                    f"dataset directory {directory}: cannot be read as a TFDS dataset: {e}"
+                ) from e
+        elif builder is None:
+            raise ConfigError(f"config.data.name: unknown dataset {name!r}: not a registered TFDS builder")
+        else:
+            raise DataError(_not_prepared_message(builder, name, data_dir))
+    features = builder.info.features
+    for key in ("image", "label"):
+        if key not in features:
+            raise DataError(
+                f"dataset '{name}' has no '{key}' feature (features: {sorted(features.keys())}); "
+                "only image classification datasets with 'image' and 'label' are supported"
+            )
+    return builder
+
+
+def _split_base(split: str) -> str:
+    return re.split(r"[\[+]", split)[0].strip()
+
+
+def check_tfds_split(builder: tfds.core.DatasetBuilder, data_cfg: Any, split: str) -> int:
+    """Number of examples of ``split`` (which may carry a slice, e.g. 'train[:90%]')."""
+    if _split_base(split) not in builder.info.splits:
+        raise ConfigError(
+            f"{split_field(data_cfg, split)}: split {split!r} not in dataset '{builder.name}' "
+            f"(available: {sorted(builder.info.splits.keys())})"
+        )
+    try:
+        return int(builder.info.splits[split].num_examples)
+    except (ValueError, KeyError, AssertionError) as e:
+        raise ConfigError(f"{split_field(data_cfg, split)}: invalid split {split!r}: {e}") from e
+
+
+def _first_example(builder: tfds.core.DatasetBuilder, split: str, piece: Any) -> int:
+    """Index, in the whole split, of the first example of ``piece`` (a contiguous part of it)."""
+    whole = builder.info.splits[_split_base(split)]
+    instructions = builder.info.splits[piece].file_instructions
+    if not instructions:
+        return 0
+    names = [os.path.basename(str(f)) for f in whole.filenames]
+    shard = names.index(os.path.basename(str(instructions[0].filename)))
+    return int(sum(whole.shard_lengths[:shard]) + instructions[0].skip)
+
+
+def _read_config() -> tfds.ReadConfig:
+    options = tf.data.Options()
+    options.deterministic = True
+    return tfds.ReadConfig(options=options, try_autocache=False, skip_prefetch=True)
+
+
+def tfds_encoded(builder: tfds.core.DatasetBuilder, split: Any) -> tf.data.Dataset:
+    """(encoded image bytes, int64 label) pairs of ``split`` in stored order."""
+    ds = builder.as_dataset(
+        split=split,
+        shuffle_files=False,
+        decoders={"image": tfds.decode.SkipDecoding()},
+        read_config=_read_config(),
+    )
+    return ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int64)))
+
+
+# --------------------------------------------------------------------------------------------- folder
+
+
+def _folder_root(data_cfg: Any) -> str:
+    return _data_dir(data_cfg) or ""
+
+
+def _subdirs(path: str) -> list[str]:
+    with os.scandir(path) as it:
+        return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+
+
+def _folder_classes(data_cfg: Any, split: str) -> list[str]:
+    """Class names (sorted): the class folders of the train split, else of ``split``."""
+    root = _folder_root(data_cfg)
+    for s in (field(data_cfg, "train_split"), split):
+        d = os.path.join(root, s)
+        if os.path.isdir(d):
+            classes = _subdirs(d)
+            if classes:
+                return classes
+    raise DataError(f"folder dataset {root}: no class folders under {os.path.join(root, split)}")
+
+
+def list_folder(data_cfg: Any, split: str) -> tuple[list[str], np.ndarray, list[str]]:
+    """(sorted file paths, int64 labels, class names) of ``root/<split>/<class>/*.{jpg,jpeg,png}``."""
+    root = _folder_root(data_cfg)
+    split_dir = os.path.join(root, split)
+    if not os.path.isdir(split_dir):
+        raise DataError(
+            f"folder dataset {root}: split folder {split_dir} does not exist "
+            f"({split_field(data_cfg, split)}={split!r})"
+        )
+    classes = _folder_classes(data_cfg, split)
+    label_of = {c: i for i, c in enumerate(classes)}
+    paths: list[str] = []
+    labels: list[int] = []
+    for cname in _subdirs(split_dir):
+        if cname not in label_of:
+            raise DataError(
+                f"folder dataset {root}: class folder {os.path.join(split_dir, cname)} is not one of the "
+                f"{len(classes)} classes found in the train split"
+            )
+        cdir = os.path.join(split_dir, cname)
+        with os.scandir(cdir) as it:
+            files = sorted(
+                e.name for e in it if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
+            )
+        paths.extend(os.path.join(cdir, f) for f in files)
+        labels.extend([label_of[cname]] * len(files))
+    if not paths:
+        raise DataError(f"folder dataset {root}: no .jpg/.jpeg/.png images in {split_dir}/<class>/")
+    return paths, np.asarray(labels, np.int64), classes
+
+
+def folder_description(data_cfg: Any, split: str) -> str:
+    return f"folder dataset {os.path.join(_folder_root(data_cfg), split)}"
+
+
+# ------------------------------------------------------------------------------------------ dataset info
+
+
+def dataset_info(data_cfg: Any) -> DatasetInfo:
+    """Number of classes and examples per split.
+
+    Never downloads: a TFDS dataset that is not prepared in ``config.data.data_dir`` is a ``DataError``.
+    """
+    validate_data_config(data_cfg)
+    name = field(data_cfg, "name")
+    if name == FOLDER:
+        root = _folder_root(data_cfg)
+        splits = [s for s in _subdirs(root) if _subdirs(os.path.join(root, s))]
+        wanted = [field(data_cfg, "train_split"), field(data_cfg, "eval_split")]
+        if not any(s in splits for s in wanted):
+            raise DataError(
+                f"folder dataset {root}: neither {wanted[0]!r} nor {wanted[1]!r} exists as <split>/<class>/"
+            )
+        classes: list[str] = []
+        counts = {}
+        for split in splits:
+            paths, _, classes = list_folder(data_cfg, split)
+            counts[split] = len(paths)
+        return DatasetInfo(
+            name=name, num_classes=len(classes), num_examples=counts, class_names=tuple(classes)
+        )
+    builder = tfds_builder(data_cfg)
+    label = builder.info.features["label"]
+    counts = {str(k): int(v.num_examples) for k, v in builder.info.splits.items()}
+    return DatasetInfo(
+        name=name,
+        num_classes=int(label.num_classes),
+        num_examples=counts,
+        class_names=tuple(getattr(label, "names", ()) or ()),
+    )
+
+
+# -------------------------------------------------------------------------------------------- sources
+
+
+def _load_encoded(ds: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = [], []
+    for enc, lab in tfds.as_numpy(ds.batch(4096)):
+        images.append(enc)
+        labels.append(lab)
+    if not images:
+        return np.zeros([0], object), np.zeros([0], np.int64)
+    return np.concatenate(images), np.concatenate(labels).astype(np.int64)
+
+
+def _too_small(
+    description: str, n_local: int, local_batch: int, global_batch: int, process_count: int
+) -> str:
+    return (
+        f"{description} has {n_local} examples per process ({process_count} process(es)), fewer than one "
+        f"per-process batch of {local_batch} (global batch {global_batch}); use a smaller global batch "
+        "or a larger dataset"
+    )
+
+
+def folder_source(data_cfg: Any, split: str, process_index: int = 0, process_count: int = 1) -> Source:
+    """Every ``process_count``-th file of a folder split from ``process_index`` on (every class on every
+    process, since the list is sorted by class)."""
+    paths, labels, _ = list_folder(data_cfg, split)
+    usable = len(paths) // process_count * process_count
+    paths = paths[process_index:usable:process_count]
+    return Source(
+        description=folder_description(data_cfg, split),
+        num_examples=len(paths),
+        from_files=True,
+        items=tf.constant(np.asarray(paths, dtype=object), tf.string),
+        labels=tf.constant(labels[process_index:usable:process_count], tf.int64),
+        id_start=process_index,
+        id_stride=process_count,
+        fallible=True,
+        on_corrupt=field(data_cfg, "on_corrupt"),
+    )
+
+
+def train_source(
+    data_cfg: Any, *, local_batch: int, global_batch: int, process_index: int, process_count: int
+) -> Source:
+    """This process's share of the train split, in memory or streamed."""
+    name = field(data_cfg, "name")
+    split = field(data_cfg, "train_split")
+    if name == FOLDER:
+        source = folder_source(data_cfg, split, process_index, process_count)
+        if source.num_examples < local_batch:
+            raise DataError(
+                _too_small(source.description, source.num_examples, local_batch, global_batch, process_count)
+            )
+        return source
+
+    builder = tfds_builder(data_cfg)
+    total = check_tfds_split(builder, data_cfg, split)
+    description = f"dataset '{name}' split '{split}'"
+    if total // process_count < local_batch:
+        raise DataError(
+            _too_small(description, total // process_count, local_batch, global_batch, process_count)
+        )
+    sub = tfds.split_for_jax_process(
+        split, process_index=process_index, process_count=process_count, drop_remainder=True
+    )
+    n_local = int(builder.info.splits[sub].num_examples)
+    whole = builder.info.splits[_split_base(split)]
+    num_bytes = int(whole.num_bytes or 0)
+    share = num_bytes * n_local / max(1, int(whole.num_examples))  # estimated bytes held by this process
+    in_memory = share <= IN_MEMORY_MAX_BYTES if num_bytes > 0 else n_local <= 200_000
+    if in_memory:
+        items, labels = _load_encoded(tfds_encoded(builder, sub))
+        if items.shape[0] != n_local:
+            raise DataError(f"{description}: read {items.shape[0]} examples, dataset_info says {n_local}")
+        return Source(
+            description=description,
+            num_examples=n_local,
+            from_files=False,
+            items=tf.constant(items, tf.string),
+            labels=tf.constant(labels, tf.int64),
+            id_start=_first_example(builder, split, sub),
+        )
+    # Streamed: this process reads its own STREAM_CHUNKS contiguous pieces of the split; every epoch merges
+    # them in a random (seeded) interleaving, so any example can come at any point of an epoch.
+    num_chunks = max(1, min(STREAM_CHUNKS, n_local // 1000))
+    pieces = tfds.even_splits(split, n=process_count * num_chunks, drop_remainder=True)
+    pieces = pieces[process_index * num_chunks : (process_index + 1) * num_chunks]
+    sizes = [int(builder.info.splits[p].num_examples) for p in pieces]
+    chunks = []
+    for piece in pieces:
+        start = _first_example(builder, split, piece)
+        chunks.append(
+            tfds_encoded(builder, piece).enumerate(start).map(lambda i, record: (record[0], record[1], i))
+        )
+    log.info("%s: streaming %d examples per process (too large to hold in memory)", description, sum(sizes))
+    return Source(
+        description=description,
+        num_examples=sum(sizes),
+        from_files=False,
+        chunks=chunks,
+        chunk_sizes=sizes,
+    )
+
+
+def eval_source(data_cfg: Any, split: str) -> tuple[Source | None, tf.data.Dataset | None]:
+    """A folder split as an in-memory source, or a TFDS split as a (encoded, label) dataset."""
+    if field(data_cfg, "name") == FOLDER:
+        return folder_source(data_cfg, split), None
+    builder = tfds_builder(data_cfg)
+    check_tfds_split(builder, data_cfg, split)
+    return None, tfds_encoded(builder, split)

@@ -1,0 +1,266 @@
+"""``DistillTask.loss_fn`` against an independent numpy computation of the objective.
+
+The frozen teachers and the student are run as models (their forward passes are tested elsewhere); the
+kept sets (top-K of the scoring teacher's CLS attention, mean over heads, nested for over_depth), the
+gathers, whitening, SmoothL1, softmax/KL over kept keys and every mean are recomputed here in float64
+numpy and compared with the task's jitted loss.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hybrid_distill_jax.config_lib import validate
+from hybrid_distill_jax.models import io as model_io
+from hybrid_distill_jax.models.build import normalize
+from hybrid_distill_jax.models.vit import make_vit
+from hybrid_distill_jax.tasks.distill import DistillTask
+from tests.helpers import ARCH, tiny_distill_config
+
+GRID, N, B = 4, 16, 3  # pico/8 at 32 px
+
+
+def _perturb(params, seed):
+    """Non-trivial weights (peaked attention, no near-ties between patch scores)."""
+    paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(jax.random.key(seed), len(paths))
+    out = []
+    for key, (path, x) in zip(keys, paths):
+        r = jax.random.normal(key, x.shape, jnp.float32)
+        if x.ndim >= 2:
+            fan_in = x.shape[0] if "qkv" in jax.tree_util.keystr(path) else x.size / x.shape[-1]
+            out.append(r * 2.0 / np.sqrt(fan_in))
+        else:
+            out.append(0.1 * r)
+    return jax.tree.unflatten(treedef, out)
+
+
+def _export(directory, seed, depth):
+    model = make_vit({**ARCH, "image_size": 32, "depth": depth})
+    params = model.init(jax.random.key(seed), jnp.zeros((1, 32, 32, 3)))["params"]
+    return model_io.save_model(str(directory), model, _perturb(params, seed + 100))
+
+
+def _config(tmp_path, student_depth, feature_depth, relation_depth, **changes):
+    c = tiny_distill_config(tmp_path, str(tmp_path))
+    c.student.depth = student_depth
+    c.teachers.feature.checkpoint = _export(tmp_path / f"f{feature_depth}", 1, feature_depth)
+    c.teachers.relation.checkpoint = _export(tmp_path / f"r{relation_depth}", 2, relation_depth)
+    c.masking.selection = "topk"
+    for dotted, value in changes.items():
+        section, leaf = dotted.split("__")
+        c[section][leaf] = value
+    return c
+
+
+# ---- numpy reference --------------------------------------------------------------------------------
+
+
+def softmax(x):
+    x = np.asarray(x, np.float64)
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def cls_scores(logits):
+    """[B, H, 1+N, 1+N] attention logits -> the CLS row's probabilities over patches, mean over heads."""
+    return softmax(logits)[:, :, 0, 1:].mean(axis=1)
+
+
+def top_k(scores, k):
+    return np.sort(np.argsort(-scores, axis=1)[:, :k], axis=1)
+
+
+def gather_square(logits, token_idx):
+    """Rows and columns ``token_idx[b]`` of each image's [H, T, T] logits."""
+    return np.stack([lg[:, idx][:, :, idx] for lg, idx in zip(np.asarray(logits, np.float64), token_idx)])
+
+
+def with_cls(patch_idx):
+    return np.concatenate([np.zeros((len(patch_idx), 1), int), patch_idx + 1], axis=1)
+
+
+def whiten(x):
+    x = np.asarray(x, np.float64)
+    return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+
+
+def smooth_l1(pred, target, beta):
+    d = np.abs(pred - target)
+    return np.mean(np.where(d < beta, 0.5 * d**2 / beta, d - 0.5 * beta))
+
+
+def kl_rows(t_logits, s_logits):
+    """KL(softmax(t) || softmax(s)) per query row, mean over images, heads and rows."""
+    pt, ps = softmax(t_logits), softmax(s_logits)
+    return np.mean(np.sum(pt * (np.log(pt) - np.log(ps)), axis=-1))
+
+
+def reference(task, params, frozen, images):
+    """(total, feature term, relation term) recomputed from the models' raw outputs."""
+    c = task.config
+    lc, mc = c.loss, c.masking
+    full = {
+        role: jax.device_get(t(frozen[role], images, attn_layers=tuple(range(1, t.model.depth + 1))))
+        for role, t in task.teachers.items()
+    }
+    rel_layers = tuple(lc.relation_layers or range(1, task.depth)) if lc.beta > 0 else ()
+    scorer = {"feature_teacher": "feature", "relation_teacher": "relation"}[mc.score_source]
+    scorer_logits = full[scorer]["attn_logits"]
+
+    # Kept sets, from the CLS attention, by hand.
+    student_kwargs = {}
+    if mc.mode == "over_training":
+        k = int(round(N * (1 - mc.stage_ratios[0])))
+        keep = top_k(cls_scores(scorer_logits[len(scorer_logits)]), k)
+        sets = [(1, keep)]
+        student_kwargs["keep_indices"] = jnp.asarray(keep)
+        teacher_kept = dict(keep_indices=jnp.asarray(keep))
+    else:
+        current = np.tile(np.arange(N), (B, 1))
+        sets, relative = [(1, current)], {}
+        for layer, ratio in zip(mc.drop_layers, mc.drop_ratios):
+            k = int(round(N * (1 - ratio)))
+            scores = cls_scores(scorer_logits[layer])
+            rel = np.stack([np.sort(np.argsort(-scores[b, current[b]])[:k]) for b in range(B)])
+            current = np.take_along_axis(current, rel, axis=1)
+            relative[layer] = rel
+            sets.append((layer + 1, current))
+        student_kwargs["drop_after"] = {k: jnp.asarray(v) for k, v in relative.items()}
+        teacher_kept = dict(
+            drop_after={k: jnp.asarray(v) for k, v in relative.items() if k < max(rel_layers)}
+        )
+
+    def patches_at(layer):
+        return [idx for first, idx in sets if first <= layer][-1]
+
+    student = jax.device_get(
+        task.student.apply(
+            {"params": params["student"]},
+            normalize(images, task.mean, task.std, 32),
+            attn_layers=rel_layers,
+            **student_kwargs,
+        )
+    )
+    feat = rel = 0.0
+    if lc.alpha > 0:
+        ftok = np.asarray(full["feature"]["tokens"], np.float64)
+        final = sets[-1][1]
+        target = np.concatenate([ftok[:, :1], np.stack([t[1:][i] for t, i in zip(ftok, final)])], axis=1)
+        target = whiten(target)
+        head = jax.device_get(params["head"])
+        pred = np.asarray(student["tokens"], np.float64) @ head["kernel"] + head["bias"]
+        feat = smooth_l1(pred, target, lc.smooth_l1_beta)
+    if rel_layers:
+        if lc.relation_teacher_on_kept:
+            kept_run = jax.device_get(
+                task.teachers["relation"](frozen["relation"], images, attn_layers=rel_layers, **teacher_kept)
+            )
+            targets = {layer: kept_run["attn_logits"][layer] for layer in rel_layers}
+        else:
+            targets = {
+                layer: gather_square(full["relation"]["attn_logits"][layer], with_cls(patches_at(layer)))
+                for layer in rel_layers
+            }
+        for layer in rel_layers:
+            tokens = 1 + patches_at(layer).shape[1]
+            assert targets[layer].shape[-1] == student["attn_logits"][layer].shape[-1] == tokens
+        rel = np.mean([kl_rows(targets[layer], student["attn_logits"][layer]) for layer in rel_layers])
+    return lc.alpha * feat + lc.beta * rel, feat, rel
+
+
+def _check(task, expected_stage, expected_keep):
+    stage = task.stage(0, 10)
+    assert stage == expected_stage
+    assert task.stage_metrics(stage) == {"keep": expected_keep}
+    params = task.init_params(jax.random.key(0))
+    params["student"] = _perturb(params["student"], 7)
+    images = jax.random.uniform(jax.random.key(3), (B, 32, 32, 3))
+    loss, metrics = jax.jit(task.loss_fn, static_argnums=4)(
+        params, task.frozen, {"image": images}, jax.random.key(5), stage
+    )
+    total, feat, rel = reference(task, params, task.frozen, images)
+    lc = task.config.loss
+    assert ("feature_loss" in metrics) == (lc.alpha > 0)
+    assert ("relation_loss" in metrics) == (lc.beta > 0)
+    if lc.alpha > 0:
+        np.testing.assert_allclose(float(metrics["feature_loss"]), feat, rtol=2e-5)
+    if lc.beta > 0:
+        assert rel > 1e-3  # the student's attention differs from the teacher's: the check can fail
+        np.testing.assert_allclose(float(metrics["relation_loss"]), rel, rtol=2e-5)
+    np.testing.assert_allclose(float(loss), total, rtol=2e-5)
+    np.testing.assert_allclose(float(metrics["loss"]), total, rtol=2e-5)
+    return metrics
+
+
+@pytest.mark.parametrize("score_source", ["feature_teacher", "relation_teacher"])
+def test_over_training(tmp_path, score_source):
+    c = _config(
+        tmp_path,
+        3,
+        3,
+        4,
+        masking__stage_starts=(0.0,),
+        masking__stage_ratios=(0.5,),
+        masking__score_source=score_source,
+        loss__relation_layers=(1, 2),
+    )
+    _check(DistillTask(c), 8, 8)
+
+
+@pytest.mark.parametrize("on_kept", [False, True])
+def test_over_depth_relation_layer_after_the_drops(tmp_path, tfds_dir, on_kept):
+    """on_kept: the relation teacher follows the student's drops (its layer 3 sees the 8 kept patches)."""
+    c = _config(
+        tmp_path,
+        4,
+        4,
+        3,
+        masking__mode="over_depth",
+        masking__drop_layers=(1, 2),
+        masking__drop_ratios=(0.25, 0.5),
+        loss__relation_layers=(1, 2, 3),  # 16, 12 then 8 patches
+        loss__relation_teacher_on_kept=on_kept,
+    )
+    c.data.data_dir = tfds_dir
+    validate(c)  # accepted up front too
+    _check(DistillTask(c), (12, 8), 8)
+
+
+def test_relation_teacher_on_kept_tokens(tmp_path):
+    c = _config(
+        tmp_path,
+        3,
+        3,
+        3,
+        masking__stage_starts=(0.0,),
+        masking__stage_ratios=(0.25,),
+        loss__relation_layers=(1, 2),
+        loss__relation_teacher_on_kept=True,
+    )
+    _check(DistillTask(c), 12, 12)
+
+
+def test_fd_only(tmp_path):
+    c = _config(tmp_path, 2, 2, 2, masking__stage_starts=(0.0,), masking__stage_ratios=(0.5,), loss__beta=0.0)
+    task = DistillTask(c)
+    assert set(task.teachers) == {"feature"}  # no relation teacher is loaded
+    _check(task, 8, 8)
+
+
+def test_relation_only(tmp_path):
+    c = _config(
+        tmp_path,
+        3,
+        2,
+        3,
+        masking__stage_starts=(0.0,),
+        masking__stage_ratios=(0.5,),
+        loss__alpha=0.0,
+        loss__relation_layers=(1, 2),
+    )
+    task = DistillTask(c)
+    assert set(task.teachers) == {"feature", "relation"}  # the feature teacher still scores patches
+    assert "head" not in task.init_params(jax.random.key(0))
+    _check(task, 8, 8)
