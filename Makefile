@@ -32,7 +32,7 @@ test: install-dev
 	$(PY) -m pytest -q -rs --durations=10 tests
 
 lint: install-dev
-	$(VENV)/bin/ruff check hybrid_distill_jax configs tests scripts
+	$(VENV)/bin/ruff check hybrid_distill_jax configs tests scripts benchmarks
 
 clean:
 	rm -rf $(VENV) .cache runs

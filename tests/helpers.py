@@ -68,3 +68,10 @@ def tiny_cli(workdir, tfds_dir, teachers) -> list[str]:
         f"--config.teachers.feature.checkpoint={teachers[0]}",
         f"--config.teachers.relation.checkpoint={teachers[1]}",
     ]
+
+
+def tiny_cli_env() -> dict:
+    """The environment of a ``tiny_cli`` subprocess: one CPU device, this checkout importable."""
+    return dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu", PYTHONPATH=REPO
+    )

@@ -21,7 +21,8 @@ Unreadable files (folder datasets) never break the stream: a file that is not an
 decoding, one that fails to decode is dropped by ``ignore_errors``; the host side (``_UnreadableGuard``)
 puts the next readable file of the source in its place, so every element index keeps exactly one example
 and resuming stays exact. Too many unreadable files, and a source that yields nothing for
-``config.data.stall_timeout_s``, end the run with a ``DataError`` instead of a silent hang.
+``config.data.stall_timeout_s``, end the run with a ``DataError`` instead of a silent hang. A TFDS split's
+damaged record shards (missing, cut short, not TFRecords, unreadable) are a ``DataError`` naming them.
 """
 
 from __future__ import annotations
@@ -284,6 +285,16 @@ def _repaired(
             pending = [{k: v[batch_size:] for k, v in merged.items()}] if pending_rows else []
 
 
+def _naming_files(batches: Iterator[Any], source: sources.Source) -> Iterator[Any]:
+    """``batches``, where a TensorFlow error reading ``source``'s records is a DataError naming its files."""
+    try:
+        yield from batches
+    except (tf.errors.ResourceExhaustedError, tf.errors.CancelledError):  # the host's trouble, not the files'
+        raise
+    except tf.errors.OpError as e:
+        raise sources.read_error(e, source.description, source.files) from e
+
+
 def _watched(
     batches: Iterator[dict[str, np.ndarray]], description: str, timeout_s: float, first_timeout_s: float
 ) -> Iterator[dict[str, np.ndarray]]:
@@ -467,6 +478,8 @@ def train_iterator(
 
         guard = _UnreadableGuard(source, data_cfg, tf.function(example))
         batches = _repaired(batches, guard, position_of, first, local_batch)
+    else:
+        batches = _naming_files(batches, source)
     timeout = float(field(data_cfg, "stall_timeout_s"))
     return _watched(
         batches, source.description, timeout, timeout + skipped_records * _SKIP_SECONDS_PER_RECORD
@@ -526,12 +539,12 @@ def eval_iterator(
         _check_positive_int(max_examples, "max_examples")
     if not isinstance(split, str) or not split.strip():
         raise ConfigError(f"config.data.eval_split: expected a split name, got {split!r}")
-    source, encoded = sources.eval_source(data_cfg, split)
+    source = sources.eval_source(data_cfg, split)
 
     def crop(image, label):
         return {"image": _center_crop(image, image_size), "label": tf.cast(label, tf.int32)}
 
-    if source is not None:
+    if source.records is None:
         # A fixed (seed-independent) order that mixes the classes: a max_examples prefix is representative.
         order = np.random.default_rng(0).permutation(source.num_examples)[:max_examples]
         items, labels = source.items, source.labels
@@ -546,6 +559,7 @@ def eval_iterator(
         ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
         ds = ds.filter(lambda ex: ex["_ok"]).map(lambda ex: {k: v for k, v in ex.items() if k != "_ok"})
     else:
+        encoded = source.records
         if max_examples is not None:
             encoded = encoded.take(max_examples)
         ds = encoded.map(
@@ -555,6 +569,8 @@ def eval_iterator(
         )
     ds = ds.batch(batch_size).prefetch(max(1, int(field(data_cfg, "prefetch"))))
     batches = iter(tfds.as_numpy(ds.with_options(_options())))
-    if source is not None:
+    if source.records is None:
         batches = _reporting_skips(batches, _UnreadableGuard(source, data_cfg), order)
+    else:
+        batches = _naming_files(batches, source)
     return _pad_batches(batches, batch_size)

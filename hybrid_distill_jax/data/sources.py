@@ -2,23 +2,28 @@
 packaged ``embedded_fashion_mnist`` or a local image folder, behind one factory (``train_source``).
 
 A source is one process's share of a split as *encoded* examples (file paths or image bytes), either held in
-memory (random access: every epoch is a full permutation, skipping is free) or streamed as contiguous
-pieces of a large TFDS split (see ``pipeline``). Nothing here decodes an image.
+memory (random access: every epoch is a full permutation, skipping is free), streamed as contiguous
+pieces of a large TFDS split (see ``pipeline``) or, for evaluation, a TFDS split read once in stored order.
+Nothing here decodes an image.
+
+A prepared TFDS dataset's damaged files are a ``DataError`` naming them: its metadata (``dataset_info.json``)
+when the builder is opened, its record shards when they are read (``read_error``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from google.protobuf import json_format
 
 from hybrid_distill_jax.config_lib import DATA_DEFAULTS
 from hybrid_distill_jax.data import embedded
@@ -50,6 +55,10 @@ IN_MEMORY_MAX_BYTES = 1 << 30
 STREAM_CHUNKS = 16
 ON_CORRUPT = ("skip", "fail")
 RESIZE_METHODS = ("bilinear", "bicubic")
+INFO_FILE = "dataset_info.json"
+# What TFDS raises opening a prepared dataset whose metadata is damaged: unreadable or a directory (OSError,
+# tf.errors.OpError), not UTF-8 or not JSON (ValueError, json_format.ParseError), incomplete (KeyError).
+_METADATA_ERRORS = (OSError, ValueError, KeyError, json_format.ParseError, tf.errors.OpError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +89,8 @@ class Source:
     id_stride: int = 1
     chunks: list[tf.data.Dataset] | None = None  # streamed: (encoded, label, id) triples in a fixed order
     chunk_sizes: list[int] | None = None
+    records: tf.data.Dataset | None = None  # evaluation: (encoded, label) pairs of a TFDS split, stored order
+    files: tuple[str, ...] = ()  # the TFDS shards the examples are read from, named when reading fails
     fallible: bool = False  # reading may fail (files on disk): guard it
     on_corrupt: str = "skip"  # what an unreadable image does: 'skip' (replaced, counted) or 'fail'
 
@@ -141,7 +152,7 @@ def _prepared_dir(data_cfg: Any) -> str | None:
     """
     name = field(data_cfg, "name")
     expanded = os.path.expanduser(name)
-    if os.path.isfile(os.path.join(expanded, "dataset_info.json")):
+    if os.path.isfile(os.path.join(expanded, INFO_FILE)):
         return expanded
     data_dir = (
         _data_dir(data_cfg) or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
@@ -159,7 +170,7 @@ def _prepared_dir(data_cfg: Any) -> str | None:
     else:
         candidates = []
     for v in candidates:
-        if os.path.isfile(os.path.join(root, v, "dataset_info.json")):
+        if os.path.isfile(os.path.join(root, v, INFO_FILE)):
             return os.path.join(root, v)
     return None
 
@@ -265,6 +276,76 @@ def _not_prepared_message(builder: tfds.core.DatasetBuilder, name: str, data_dir
     return msg
 
 
+def _reason(e: BaseException) -> str:
+    """'Type: first line' of a TensorFlow/TFDS error, without TensorFlow's function and op decorations;
+    an OSError that TFDS wraps (its DatasetInfoFileError) by its own type and reason."""
+    if isinstance(e, OSError) and isinstance(e.__cause__, OSError):
+        e = e.__cause__
+    if isinstance(e, OSError) and e.strerror:
+        return f"{type(e).__name__}: {e.strerror}"
+    message = e.message if isinstance(e, tf.errors.OpError) else str(e)
+    message = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", message)
+    message = re.sub(r"\s*\[Op:[^\]]*\].*", "", message, flags=re.S)
+    message = re.sub(r'^Failed to construct dataset "[^"]*", builder_kwargs "[^"]*": ', "", message)
+    return f"{type(e).__name__}: {(message.strip().splitlines() or [''])[0][:300]}"
+
+
+def _advice(e: BaseException, what: str) -> str:
+    """What to do about ``e``: nothing to add for a permission error, else prepare the dataset again."""
+    if isinstance(e, (PermissionError, tf.errors.PermissionDeniedError)) or isinstance(
+        e.__cause__, PermissionError
+    ):
+        return ""
+    return f"; the prepared dataset is damaged or incomplete: {what}"
+
+
+def _metadata_error(info_file: str, e: BaseException) -> DataError:
+    return DataError(
+        f"{info_file}: cannot be read as a prepared TFDS dataset's metadata ({_reason(e)})"
+        + _advice(e, f"remove {os.path.dirname(info_file)} and prepare it again")
+    )
+
+
+def _opened(make: Callable[[], tfds.core.DatasetBuilder], info_file: str) -> tfds.core.DatasetBuilder:
+    """``make()``, which reads the prepared dataset's metadata ``info_file``; damaged, a DataError."""
+    try:
+        builder = make()
+        builder.info.features  # noqa: B018 - read here, so that damaged metadata fails here
+    except _METADATA_ERRORS as e:
+        raise _metadata_error(info_file, e) from e
+    return builder
+
+
+def _registered_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+    """``tfds.builder``; when the metadata it finds prepared in ``data_dir`` is damaged, a DataError naming
+    that file (a wrong version or config name fails as before, building the same builder without data)."""
+    try:
+        return tfds.builder(name, data_dir=data_dir)
+    except _METADATA_ERRORS as e:
+        with tempfile.TemporaryDirectory() as nowhere:
+            try:
+                variant = os.path.relpath(tfds.builder(name, data_dir=nowhere).data_dir, nowhere)
+            except Exception:  # noqa: BLE001 - the name itself is wrong: its own error, as before
+                raise e from None
+        info_file = os.path.join(data_dir or embedded.default_data_dir(), variant, INFO_FILE)
+        raise _metadata_error(info_file, e) from e
+
+
+def _embedded_builder(data_dir: str | None) -> tfds.core.DatasetBuilder:
+    """The embedded dataset, prepared in ``data_dir`` unless it is there; a damaged one is a DataError."""
+    version_dir = os.path.join(
+        data_dir or embedded.default_data_dir(), EMBEDDED, str(embedded.EmbeddedFashionMnist.VERSION)
+    )
+    info_file = os.path.join(version_dir, INFO_FILE)
+    builder = _opened(lambda: embedded.ensure_prepared(data_dir), info_file)
+    if not (builder.data_path / INFO_FILE).exists():  # TFDS reuses a folder without one, with no splits
+        raise DataError(
+            f"{info_file}: missing, so {version_dir} is an incompletely prepared dataset; remove that "
+            "directory to prepare it again"
+        )
+    return builder
+
+
 def tfds_builder(data_cfg: Any) -> tfds.core.DatasetBuilder:
     """A prepared builder; never downloads (the embedded dataset is prepared from the packaged file).
 
@@ -274,19 +355,16 @@ def tfds_builder(data_cfg: Any) -> tfds.core.DatasetBuilder:
     name = field(data_cfg, "name")
     data_dir = _data_dir(data_cfg)
     if _base_name(name) == EMBEDDED:
-        return embedded.ensure_prepared(data_dir)
+        return _embedded_builder(data_dir)
     builder = None
     if _base_name(name) in tfds.list_builders(with_community_datasets=False):
-        builder = tfds.builder(name, data_dir=data_dir)
+        builder = _registered_builder(name, data_dir)
     if builder is None or not builder.is_prepared():
         directory = _prepared_dir(data_cfg)
         if directory is not None:
-            try:
-                builder = tfds.builder_from_directory(directory)
-            except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-                raise DataError(
-                    f"dataset directory {directory}: cannot be read as a TFDS dataset: {e}"
-                ) from e
+            builder = _opened(
+                lambda: tfds.builder_from_directory(directory), os.path.join(directory, INFO_FILE)
+            )
         elif builder is None:
             raise ConfigError(f"config.data.name: unknown dataset {name!r}: not a registered TFDS builder")
         else:
@@ -333,6 +411,27 @@ def _read_config() -> tfds.ReadConfig:
     options = tf.data.Options()
     options.deterministic = True
     return tfds.ReadConfig(options=options, try_autocache=False, skip_prefetch=True)
+
+
+def shard_files(builder: tfds.core.DatasetBuilder, splits: Sequence[Any]) -> tuple[str, ...]:
+    """The TFDS shard files that hold the records of ``splits``, in reading order."""
+    files = (str(f.filename) for s in splits for f in builder.info.splits[s].file_instructions)
+    return tuple(dict.fromkeys(files))
+
+
+def read_error(e: tf.errors.OpError, description: str, files: Sequence[str]) -> DataError:
+    """``e``, raised reading or decoding the records of ``files``, as a DataError naming the file(s) TF's
+    message names, else all of them (a corrupt or missing record names none)."""
+    named = [f for f in files if f in e.message] or list(files)
+    reason = _reason(e)
+    for f in named:  # 'PATH; No such file or directory': the path is named once, below
+        reason = reason.replace(f"{f}; ", "")
+    if len(named) > 3:
+        first = named[0]
+        shown = f"the {len(named)} shard files in {os.path.dirname(first)} ({os.path.basename(first)}, ...)"
+    else:
+        shown = ", ".join(named)
+    return DataError(f"{description}: cannot read {shown} ({reason})" + _advice(e, "prepare it again"))
 
 
 def tfds_encoded(builder: tfds.core.DatasetBuilder, split: Any) -> tf.data.Dataset:
@@ -514,7 +613,11 @@ def train_source(
     share = num_bytes * n_local / max(1, int(whole.num_examples))  # estimated bytes held by this process
     in_memory = share <= IN_MEMORY_MAX_BYTES if num_bytes > 0 else n_local <= 200_000
     if in_memory:
-        items, labels = _load_encoded(tfds_encoded(builder, sub))
+        files = shard_files(builder, [sub])
+        try:
+            items, labels = _load_encoded(tfds_encoded(builder, sub))
+        except tf.errors.OpError as e:
+            raise read_error(e, description, files) from e
         if items.shape[0] != n_local:
             raise DataError(f"{description}: read {items.shape[0]} examples, dataset_info says {n_local}")
         return Source(
@@ -524,6 +627,7 @@ def train_source(
             items=tf.constant(items, tf.string),
             labels=tf.constant(labels, tf.int64),
             id_start=_first_example(builder, split, sub),
+            files=files,
         )
     # Streamed: this process reads its own STREAM_CHUNKS contiguous pieces of the split; every epoch merges
     # them in a random (seeded) interleaving, so any example can come at any point of an epoch.
@@ -544,13 +648,19 @@ def train_source(
         from_files=False,
         chunks=chunks,
         chunk_sizes=sizes,
+        files=shard_files(builder, pieces),
     )
 
 
-def eval_source(data_cfg: Any, split: str) -> tuple[Source | None, tf.data.Dataset | None]:
-    """A folder split as an in-memory source, or a TFDS split as a (encoded, label) dataset."""
+def eval_source(data_cfg: Any, split: str) -> Source:
+    """A folder split in memory (``items``), or a TFDS split read once in stored order (``records``)."""
     if field(data_cfg, "name") == FOLDER:
-        return folder_source(data_cfg, split), None
+        return folder_source(data_cfg, split)
     builder = tfds_builder(data_cfg)
-    check_tfds_split(builder, data_cfg, split)
-    return None, tfds_encoded(builder, split)
+    return Source(
+        description=f"dataset '{field(data_cfg, 'name')}' split '{split}'",
+        num_examples=check_tfds_split(builder, data_cfg, split),
+        from_files=False,
+        records=tfds_encoded(builder, split),
+        files=shard_files(builder, [split]),
+    )

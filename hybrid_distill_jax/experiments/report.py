@@ -202,6 +202,7 @@ def claims(per_seed: Mapping[str, list[dict]], cost: Mapping | None = None) -> l
             "masked student is measurably better, contradicted if measurably worse)",
             ("fine-tune", same("hybrid_progressive", "hybrid_nomask", "finetune_top1"), 1),
             ("k-NN", same("hybrid_progressive", "hybrid_nomask", "knn_top1"), 1),
+            ("linear probe", same("hybrid_progressive", "hybrid_nomask", "linear_top1"), 1),
         ),
         _claim(
             "Redundancy-guided masking beats random masking at the same ratios (redundant - random)",

@@ -1,7 +1,8 @@
-"""Metric writers (JSONL + TensorBoard) and a progress line with throughput and ETA."""
+"""Metric writers (JSONL + TensorBoard), the example-id log and a progress line with throughput and ETA."""
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -9,6 +10,7 @@ import time
 from collections.abc import Mapping
 
 import jax
+import numpy as np
 
 log = logging.getLogger("hybrid_distill_jax")
 
@@ -110,3 +112,31 @@ class Progress:
             f"[{name}] step {step}/{self.total_steps} | {terms} | lr {scalars.get('lr', 0):.3g} | "
             f"{rate['img_per_s']:.0f} img/s | ETA {_duration(rate['eta_s'])}"
         )
+
+
+class ExampleLog:
+    """Which examples this process fed at each step: ``{"step": s, "index": [...]}`` lines appended to
+    ``WORKDIR/examples.process{i}.jsonl`` (``config.data.log_example_ids``; each batch's ``index``).
+
+    Host batches are read ahead of the step that uses them (prefetch), so their indices wait in a queue
+    until that step ran. A resumed run drops the lines written after its checkpoint.
+    """
+
+    def __init__(self, workdir: str, start_step: int):
+        self.path = os.path.join(workdir, f"examples.process{jax.process_index()}.jsonl")
+        self._queue: collections.deque = collections.deque()
+        kept = []
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+        with open(self.path, "w") as f:
+            f.writelines(kept)
+
+    def track(self, batches):
+        for batch in batches:
+            self._queue.append(np.asarray(batch["index"]).tolist())
+            yield batch
+
+    def write(self, step: int) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "index": self._queue.popleft()}) + "\n")

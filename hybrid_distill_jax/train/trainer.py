@@ -7,7 +7,6 @@ export -> final evaluation.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import logging
@@ -29,7 +28,7 @@ from hybrid_distill_jax.eval import diagnostics
 from hybrid_distill_jax.eval.features import probe_frozen_features
 from hybrid_distill_jax.parallel import sharding
 from hybrid_distill_jax.train.checkpoint import Checkpointer, abstract_like
-from hybrid_distill_jax.train.metrics import MetricWriter, Progress
+from hybrid_distill_jax.train.metrics import ExampleLog, MetricWriter, Progress
 from hybrid_distill_jax.train.step import jit_step, make_init_fn, make_train_step
 
 log = logging.getLogger("hybrid_distill_jax")
@@ -283,34 +282,6 @@ class Trainer:
         signals.pause_for_fault(self.config, "eval")
         out = probe_frozen_features(self.config, self.task.feature_fn, params, self.info.num_classes)
         return {**out, **self.task.final_metrics(params)}
-
-
-class ExampleLog:
-    """Which examples this process fed at each step: ``{"step": s, "index": [...]}`` lines appended to
-    ``WORKDIR/examples.process{i}.jsonl`` (``config.data.log_example_ids``; each batch's ``index``).
-
-    Host batches are read ahead of the step that uses them (prefetch), so their indices wait in a queue
-    until that step ran. A resumed run drops the lines written after its checkpoint.
-    """
-
-    def __init__(self, workdir: str, start_step: int):
-        self.path = os.path.join(workdir, f"examples.process{jax.process_index()}.jsonl")
-        self._queue: collections.deque = collections.deque()
-        kept = []
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
-        with open(self.path, "w") as f:
-            f.writelines(kept)
-
-    def track(self, batches):
-        for batch in batches:
-            self._queue.append(np.asarray(batch["index"]).tolist())
-            yield batch
-
-    def write(self, step: int) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, "index": self._queue.popleft()}) + "\n")
 
 
 def train(config, workdir: str) -> TrainResult:

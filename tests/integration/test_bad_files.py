@@ -5,7 +5,8 @@ intact fixture, then runs the same entry point the command line runs (``main.run
 the converter's ``main``) in this process. An intact copy of every kind must run cleanly (the control).
 As root, permission bits do not stop reads, so the ``unreadable`` column runs in one subprocess without
 the capabilities that let root read anything (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH). The prepared TFDS
-dataset's own files (``DATASET_KINDS``) are a strict xfail until data/ reports their read errors in one line.
+dataset's own files (``DATASET_KINDS``: its ``dataset_info.json`` and record shards, read by TFDS and tf.data)
+have a table of their own.
 """
 
 from __future__ import annotations
@@ -223,7 +224,7 @@ KINDS = {
     "evaluate model.json": Kind("teachers", "teachers/feature/model.json", _evaluate),
     "evaluate params.msgpack": Kind("teachers", "teachers/feature/params.msgpack", _evaluate),
 }
-# Read by TensorFlow/TFDS inside data/ (pipeline.py, sources.py): their errors are not yet one line.
+# Read by TensorFlow/TFDS inside data/ (sources.py, pipeline.py).
 DATASET_KINDS = {
     "dataset info": Kind("data", "data/embedded_fashion_mnist/1.0.0/dataset_info.json", _dataset),
     "dataset records": Kind("data", "data/embedded_fashion_mnist/1.0.0/*train.tfrecord*", _dataset),
@@ -296,7 +297,6 @@ def test_every_corruption_of_every_file_kind_is_one_line_and_exit_2(fixture_root
     assert failures == {}, json.dumps(failures, indent=1)
 
 
-@pytest.mark.xfail(strict=True, reason="data/ does not yet turn TFDS/tf.data read errors into one line")
 def test_every_corruption_of_dataset_files_is_one_line_and_exit_2(fixture_root, tmp_path):
     failures = run_table(fixture_root, str(tmp_path), _corruptions(), DATASET_KINDS)
     assert failures == {}, json.dumps(failures, indent=1)
@@ -306,7 +306,8 @@ def test_every_corruption_of_dataset_files_is_one_line_and_exit_2(fixture_root, 
 def test_unreadable_files_as_root_without_read_capabilities(fixture_root, tmp_path):
     script = (
         "import json, sys; from tests.integration import test_bad_files as t; "
-        "print(json.dumps(t.run_table(sys.argv[1], sys.argv[2], ['unreadable'])))"
+        "kinds = {**t.KINDS, **t.DATASET_KINDS}; "
+        "print(json.dumps(t.run_table(sys.argv[1], sys.argv[2], ['unreadable'], kinds)))"
     )
     env = dict(
         os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8"

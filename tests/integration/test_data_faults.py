@@ -18,9 +18,7 @@ from hybrid_distill_jax.data import train_iterator
 from hybrid_distill_jax.errors import DataError
 from hybrid_distill_jax.models.build import normalize
 from hybrid_distill_jax.train import Trainer
-from tests.helpers import REPO, make_teacher, tiny_distill_config
-from tests.integration.test_reliability import _command as reliability_command
-from tests.integration.test_reliability import _env as reliability_env
+from tests.helpers import REPO, make_teacher, tiny_cli, tiny_cli_env, tiny_distill_config
 
 GARBAGE = b"not an image at all"
 TRUNCATED_JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 16  # passes the signature check, fails to decode
@@ -92,8 +90,8 @@ def test_a_source_that_yields_nothing_is_a_data_error_naming_it(tmp_path):
 def test_cli_on_a_folder_of_unreadable_images_exits_2_with_one_line(tmp_path):
     root = _folder(tmp_path / "images", good=0, bad={i: GARBAGE for i in range(24)})
     teachers = [make_teacher(tmp_path / role, seed=s) for s, role in enumerate(("feature", "relation"))]
-    cmd = reliability_command(tmp_path / "run", root, teachers) + ["--config.data.name=folder"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=reliability_env(), timeout=120)
+    cmd = tiny_cli(tmp_path / "run", root, teachers) + ["--config.data.name=folder"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=tiny_cli_env(), timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "unreadable" in errors[0] and ".jpg" in errors[0], proc.stderr[-2000:]

@@ -19,7 +19,7 @@ from hybrid_distill_jax.data import pipeline
 from hybrid_distill_jax.errors import CheckpointError, ConfigError, DataError, NonFiniteError, Preempted
 from hybrid_distill_jax.train import Trainer, metrics, train
 from hybrid_distill_jax.train import checkpoint as checkpoint_lib
-from tests.helpers import REPO, make_teacher, tiny_cli, tiny_distill_config
+from tests.helpers import REPO, make_teacher, tiny_cli, tiny_cli_env, tiny_distill_config
 
 LOSS_KEYS = ("loss", "feature_loss", "relation_loss", "grad_norm", "lr", "keep", "nonfinite_steps")
 
@@ -30,12 +30,6 @@ def teachers(tmp_path_factory):
     return make_teacher(root / "feature", seed=1), make_teacher(root / "relation", seed=2)
 
 
-def _env():
-    return dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu", PYTHONPATH=REPO
-    )
-
-
 def _last_logged_step(workdir):
     rows = metrics.read_metrics(str(workdir))
     return rows[-1]["step"] if rows else 0
@@ -43,7 +37,9 @@ def _last_logged_step(workdir):
 
 def _run_until(cmd, workdir, step, sig):
     """Starts training, sends ``sig`` once the run has logged ``step``; returns the exit code."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=tiny_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.time() + 240
     while proc.poll() is None and _last_logged_step(workdir) < step and time.time() < deadline:
         time.sleep(0.05)
@@ -68,7 +64,11 @@ def _loss_rows(workdir):
 def test_sigkill_at_random_steps_then_resume_is_bit_identical(tmp_path, tfds_dir, teachers):
     reference = tmp_path / "reference"
     done = subprocess.run(
-        tiny_cli(reference, tfds_dir, teachers), cwd=REPO, env=_env(), capture_output=True, timeout=300
+        tiny_cli(reference, tfds_dir, teachers),
+        cwd=REPO,
+        env=tiny_cli_env(),
+        capture_output=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr.decode()[-3000:]
 
@@ -78,7 +78,7 @@ def test_sigkill_at_random_steps_then_resume_is_bit_identical(tmp_path, tfds_dir
         code, err = _run_until(tiny_cli(killed, tfds_dir, teachers), killed, int(step), signal.SIGKILL)
         assert code == -signal.SIGKILL, err[-3000:]
     final = subprocess.run(
-        tiny_cli(killed, tfds_dir, teachers), cwd=REPO, env=_env(), capture_output=True, timeout=300
+        tiny_cli(killed, tfds_dir, teachers), cwd=REPO, env=tiny_cli_env(), capture_output=True, timeout=300
     )
     assert final.returncode == 0, final.stderr.decode()[-3000:]
     assert "resumed from" in final.stderr.decode()
@@ -97,7 +97,7 @@ def test_sigterm_checkpoints_and_exits_with_documented_code(tmp_path, tfds_dir, 
     stopped_at = int(err.split("checkpoint written at step ")[1].split()[0])
     assert stopped_at in steps and 3 <= stopped_at < 12
     done = subprocess.run(
-        tiny_cli(workdir, tfds_dir, teachers), cwd=REPO, env=_env(), capture_output=True, timeout=300
+        tiny_cli(workdir, tfds_dir, teachers), cwd=REPO, env=tiny_cli_env(), capture_output=True, timeout=300
     )
     assert done.returncode == 0 and f"resumed from {workdir}/checkpoints/{stopped_at}" in done.stderr.decode()
 
@@ -227,7 +227,7 @@ def test_cli_bad_inputs_print_one_line_and_exit_2(tmp_path, tfds_dir, teachers, 
         expected = (
             f"error: teachers.relation.checkpoint: {cut}/params.msgpack is not a readable parameter file"
         )
-    proc = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(command, cwd=REPO, env=tiny_cli_env(), capture_output=True, text=True, timeout=300)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert expected in errors[0], errors[0]
