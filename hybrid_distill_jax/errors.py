@@ -6,6 +6,7 @@ NonFiniteError -> 3, Preempted -> 75 (SIGTERM) or 130 (SIGINT) (docs/ERRORS.md).
 
 import signal
 import sys
+from collections.abc import Callable
 
 
 class ConfigError(ValueError):
@@ -59,3 +60,15 @@ def report(e: BaseException) -> int | None:
         return None
     print(message, file=sys.stderr)
     return status
+
+
+def exit_status_of(run: Callable[[], object]) -> int:
+    """Calls ``run()``: 0 when it returns, the reported status of an expected failure (``report``)."""
+    try:
+        run()
+    except Exception as e:
+        status = report(e)
+        if status is None:
+            raise
+        return status
+    return 0

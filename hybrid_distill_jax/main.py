@@ -294,17 +294,14 @@ def main(argv) -> int:
 
 def run_config(config, workdir: str, start_up=None) -> int:
     """Runs ``config`` in ``workdir``: every expected failure is one line on stderr and its exit status."""
-    try:
+
+    def run():
         signals.pause_for_fault(config, "startup")
         if start_up is not None:
             start_up()
         RUNNERS.get(config.get("mode"), _train)(config, workdir)
-    except Exception as e:
-        status = errors.report(e)
-        if status is None:
-            raise
-        return status
-    return 0
+
+    return errors.exit_status_of(run)
 
 
 def run() -> None:

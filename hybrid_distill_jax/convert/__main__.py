@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from hybrid_distill_jax import convert
 
-    try:
+    def run():
         if args.command == "import":
             _import(args)
         elif args.command == "list":
@@ -139,12 +139,8 @@ def main(argv=None) -> int:
             hub.list_teachers()
         else:
             convert.export_timm(args.input, args.output, timm_name=args.timm_name)
-    except Exception as e:
-        status = errors.report(e)
-        if status is None:
-            raise
-        return status
-    return 0
+
+    return errors.exit_status_of(run)
 
 
 if __name__ == "__main__":

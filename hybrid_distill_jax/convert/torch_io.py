@@ -83,7 +83,6 @@ def declare_torchvision_ops() -> None:
             pass
 
 
-
 def _np_dtype(name):
     if name == "bfloat16":
         import ml_dtypes  # shipped with jax

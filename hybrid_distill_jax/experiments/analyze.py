@@ -94,7 +94,8 @@ def main(argv=None) -> int:
     p.add_argument("--image_size", type=int, default=0, help="0 = each model's own input resolution")
     p.add_argument("--out", required=True, help="output directory")
     args = p.parse_args(argv)
-    try:
+
+    def run():
         models = dict(_name_of(m) for m in args.model)
         if len(models) != len(args.model):
             raise ConfigError("--model: two models share a name; use NAME=DIR")
@@ -108,16 +109,12 @@ def main(argv=None) -> int:
             batch_size=args.batch_size,
             image_size=args.image_size,
         )
-    except Exception as e:
-        status = errors.report(e)
-        if status is None:
-            raise
-        return status
-    for name, r in out["results"].items():
-        s = diagnostics.summary_scalars(r)
-        print(f"{name}: mean distance {s['distance/mean']:.2f} px, mean NMI {s['nmi/mean']:.3f}")
-    print(f"wrote {os.path.join(args.out, 'diagnostics.json')}, {', '.join(out['plots'].values())}")
-    return 0
+        for name, r in out["results"].items():
+            s = diagnostics.summary_scalars(r)
+            print(f"{name}: mean distance {s['distance/mean']:.2f} px, mean NMI {s['nmi/mean']:.3f}")
+        print(f"wrote {os.path.join(args.out, 'diagnostics.json')}, {', '.join(out['plots'].values())}")
+
+    return errors.exit_status_of(run)
 
 
 # ------------------------------------------------------------------------------------- evaluate mode

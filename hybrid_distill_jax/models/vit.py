@@ -378,8 +378,7 @@ class VisionTransformer(nn.Module):
 ARCH_FIELDS = tuple(
     f.name
     for f in dataclasses.fields(VisionTransformer)
-    if f.name
-    not in ("parent", "name", "dtype", "param_dtype", "drop_path", "remat_policy", "attn_impl")
+    if f.name not in ("parent", "name", "dtype", "param_dtype", "drop_path", "remat_policy", "attn_impl")
 )
 
 
