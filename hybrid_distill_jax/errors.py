@@ -72,3 +72,12 @@ def exit_status_of(run: Callable[[], object]) -> int:
             raise
         return status
     return 0
+
+
+def read_bytes(path: str, error: type[Exception], where: str) -> bytes:
+    """The contents of ``path``; ``error`` naming ``where`` when the system cannot read it."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise error(f"{where}: cannot read {path} ({e.strerror})") from None

@@ -80,11 +80,7 @@ def load_config_file(spec: str) -> ConfigDict:
         raise ConfigError(f"{where}: no such file")
     if os.path.isdir(path):
         raise ConfigError(f"{where} is a directory; pass a config file such as configs/demo.py")
-    try:
-        with open(path, "rb") as f:
-            source = f.read()
-    except OSError as e:
-        raise ConfigError(f"{where}: cannot read it ({e.strerror})") from None
+    source = errors.read_bytes(path, ConfigError, where)
     try:
         code = compile(source, path, "exec", dont_inherit=True)
     except (SyntaxError, ValueError) as e:  # ValueError: null bytes (a binary file)

@@ -373,13 +373,7 @@ def train_iterator(
             f"global_batch: {global_batch} is not divisible by the number of processes ({process_count})"
         )
     local_batch = global_batch // process_count
-    source = sources.train_source(
-        data_cfg,
-        local_batch=local_batch,
-        global_batch=global_batch,
-        process_index=process_index,
-        process_count=process_count,
-    )
+    source = sources.train_source(data_cfg, local_batch, global_batch, process_index, process_count)
     scale = sources.pair(data_cfg, "crop_scale")
     ratio = sources.pair(data_cfg, "crop_ratio")
     flip = bool(field(data_cfg, "flip"))

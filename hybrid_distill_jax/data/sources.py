@@ -584,7 +584,7 @@ def folder_source(data_cfg: Any, split: str, process_index: int = 0, process_cou
 
 
 def train_source(
-    data_cfg: Any, *, local_batch: int, global_batch: int, process_index: int, process_count: int
+    data_cfg: Any, local_batch: int, global_batch: int, process_index: int, process_count: int
 ) -> Source:
     """This process's share of the train split, in memory or streamed."""
     name = field(data_cfg, "name")

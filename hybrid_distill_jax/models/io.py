@@ -14,7 +14,7 @@ import flax.serialization
 import jax
 import numpy as np
 
-from hybrid_distill_jax.errors import CheckpointError, ConfigError
+from hybrid_distill_jax.errors import CheckpointError, ConfigError, read_bytes
 from hybrid_distill_jax.models.vit import ARCH_FIELDS, VisionTransformer, arch_dict, make_vit
 
 FORMAT = "hybrid_distill_jax.vit/1"
@@ -111,11 +111,7 @@ def load_model(
 
 def read_params(path: str, field: str = "checkpoint") -> dict:
     """The parameter tree in a ``params.msgpack``; CheckpointError naming the file and what is wrong."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise CheckpointError(f"{field}: cannot read {path} ({e.strerror})") from None
+    data = read_bytes(path, CheckpointError, field)
     try:
         params = flax.serialization.msgpack_restore(data)
     except Exception as e:  # msgpack and flax's array decoding raise many types on damaged bytes
