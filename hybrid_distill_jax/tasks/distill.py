@@ -247,7 +247,8 @@ class DistillTask(Task):
             return {}
         teacher = self.teachers["relation"]
         if on_kept:
-            drops = {k: v for k, v in (kept.drop_after or {}).items() if k < max(layers)}  # later: unused
+            # Drops after the last distilled layer change no target: the teacher stops needing tokens there.
+            drops = {k: v for k, v in (kept.drop_after or {}).items() if k < max(layers)}
             return teacher(
                 frozen["relation"],
                 images,
