@@ -9,7 +9,8 @@
 #   on_kept   ours at 0.5 with the relation teacher on the kept tokens (different work: compare as such)
 #   l16       the ViT-L/16 <- CLIP-L/14 + MAE-L/16 step at batch 128 with dots_saveable remat (does it fit?)
 #   e2e       ours at 0.5 fed by the input pipeline from 1,024 ImageNet-like JPEGs made on the host
-# Without an NVIDIA GPU visible to both nvidia-smi and JAX it stops at once with exit status 2.
+# Without an NVIDIA GPU visible to both nvidia-smi and JAX it stops at once with exit status 2; when the
+# tiny CPU smoke run fails (an API break with the installed JAX/Flax), with 3. e2e needs TensorFlow/TFDS.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -26,7 +27,14 @@ if ! "$PY" -c "import jax, sys; sys.exit(jax.default_backend() != 'gpu')" 2>/dev
   exit 2
 fi
 nvidia-smi -L
+"$PY" -c "import sys, jax, jaxlib, flax, optax; print('# python', sys.version.split()[0], '| jax', jax.__version__, '| jaxlib', jaxlib.__version__, '| flax', flax.__version__, '| optax', optax.__version__)"
 deadline=$((SECONDS + BUDGET_S))
+# A tiny CPU run first: an API break with this machine's JAX/Flax shows in seconds, not after the budget.
+if ! "$PY" benchmarks/throughput.py --cpu-smoke >"$OUT/smoke.txt" 2>"$OUT/smoke.err"; then
+  tail -n 20 "$OUT/smoke.err"
+  echo "accelerator_check: benchmarks/throughput.py --cpu-smoke failed (above); fix that first" >&2
+  exit 3
+fi
 
 run() {  # run NAME ARGS...: one throughput.py invocation, bounded by what is left of the budget
   local name=$1
@@ -47,8 +55,12 @@ run b16 --quick
 run cudnn --quick --no-peer --keep 0.5 --teacher_attn_impl cudnn
 run on_kept --quick --no-peer --keep 0.5 --relation_on_kept
 run l16 --quick --no-peer --keep 0.5 --preset l16 --batch 128 --remat_policy dots_saveable
-"$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); import input_pipeline; input_pipeline.make_jpegs('$OUT/jpegs', 1024)"
-run e2e --quick --no-peer --keep 0.5 --data "$OUT/jpegs"
+if "$PY" -c "import tensorflow, tensorflow_datasets" 2>/dev/null; then
+  "$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); import input_pipeline; input_pipeline.make_jpegs('$OUT/jpegs', 1024)"
+  run e2e --quick --no-peer --keep 0.5 --data "$OUT/jpegs"
+else
+  echo "# e2e: skipped, TensorFlow/TFDS are not installed for $PY (the input pipeline needs them)" | tee "$OUT/e2e.skipped"
+fi
 
 "$PY" - "$OUT" <<'EOF'
 import json, os, sys
@@ -58,7 +70,9 @@ rows, summary = [], {}
 for name in ("b16", "cudnn", "on_kept", "l16", "e2e"):
     path = os.path.join(out, f"{name}.json")
     if not os.path.exists(path):
-        rows.append(f"| {name} | (no result: see {name}.err) | | | | | | |")
+        skipped = os.path.join(out, f"{name}.skipped")
+        why = open(skipped).read().strip().lstrip("# ") if os.path.exists(skipped) else f"no result: see {name}.err"
+        rows.append(f"| {name} | ({why}) | | | | | | |")
         continue
     with open(path) as f:
         result = json.load(f)

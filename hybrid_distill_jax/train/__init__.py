@@ -1,5 +1,15 @@
-"""The training loop, its step, checkpoints, optimizer and metric logging."""
+"""The training loop, its step, checkpoints, optimizer and metric logging.
 
-from hybrid_distill_jax.train.trainer import Trainer, TrainResult, train
+``Trainer``, ``TrainResult`` and ``train`` are loaded on first use, so importing ``train.step`` or
+``train.optim`` (what a benchmark or a task needs) does not import the input pipeline and TensorFlow.
+"""
+
+import importlib
 
 __all__ = ["TrainResult", "Trainer", "train"]
+
+
+def __getattr__(name):
+    if name in __all__:
+        return getattr(importlib.import_module("hybrid_distill_jax.train.trainer"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
