@@ -105,6 +105,9 @@ def parse_args(argv=None):
         "--data", default="", help="also time the step fed by the input pipeline from this folder"
     )
     ap.add_argument("--json", default="", help="also write all results to this JSON file")
+    ap.add_argument(
+        "--teachers_dir", default="", help="export the random-init teachers here once and reuse them"
+    )
     a = ap.parse_args(argv)
     a.keeps = [float(k) for k in a.keep.split(",") if k]
     a.peer_compile = [float(k) for k in a.peer_compile_keeps.split(",") if k]
@@ -182,7 +185,8 @@ def matmul_peak(n: int, reps: int = 20) -> float:
 
 
 def export_teachers(args, tmp: str) -> dict:
-    """Random-init teachers of the preset exported to ``tmp`` (loaded back like real ones)."""
+    """Random-init teachers of the preset exported to ``tmp`` (loaded back like real ones); a teacher
+    already exported there (``--teachers_dir``, shared by several invocations) is reused."""
     import jax
     import jax.numpy as jnp
 
@@ -194,11 +198,15 @@ def export_teachers(args, tmp: str) -> dict:
     for i, (role, arch, size) in enumerate(
         (("feature", feature, feature_size), ("relation", relation, image_size))
     ):
+        directory = os.path.join(tmp, args.preset, role)
+        if os.path.exists(os.path.join(directory, "model.json")):
+            out[role] = directory
+            continue
         model = make_vit({**arch, "image_size": size}, dtype=jnp.bfloat16)  # exported at its own size
         params = jax.jit(model.init)(jax.random.key(10 + i), jnp.zeros((1, size, size, 3), jnp.float32))[
             "params"
         ]
-        out[role] = model_io.save_model(os.path.join(tmp, role), model, params)
+        out[role] = model_io.save_model(directory, model, params)
         del params
     return out
 
@@ -325,14 +333,14 @@ def run_jax(args) -> dict:
 
     global_batch = args.batch * chips
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        config = make_config(args, export_teachers(args, tmp), global_batch)
+    with tempfile.TemporaryDirectory() as scratch:
+        config = make_config(args, export_teachers(args, args.teachers_dir or scratch), global_batch)
         if args.data:  # the data fields need TensorFlow to check: only then
             from hybrid_distill_jax import config_lib
 
             config_lib.validate(config)
         task = build_task(config, num_classes=0)
-    print(f"# teachers exported and loaded in {time.perf_counter() - t0:.1f} s", flush=True)
+    print(f"# teachers ready (exported or reused) and loaded in {time.perf_counter() - t0:.1f} s", flush=True)
     mesh = sharding.make_mesh(config.mesh)
     tx, lr_schedule = task.make_optimizer(
         config.optim, global_batch, config.total_steps, config.optim.warmup_steps
