@@ -65,6 +65,23 @@ def test_throughput_runs_the_products_step_with_and_without_the_input_pipeline(t
     assert run["img_s"] > 0 and run["e2e_img_s"] > 0
 
 
+def test_throughput_runs_without_tensorflow_and_reuses_exported_teachers(tmp_path):
+    """The GPU machines the accelerator check runs on may lack TensorFlow: the synthetic-input benchmark
+    (the step, the task, the teachers) must not import it; --teachers_dir exports the teachers once."""
+    for name in ("tensorflow", "tensorflow_datasets"):
+        (tmp_path / "blocked" / name).mkdir(parents=True)
+        (tmp_path / "blocked" / name / "__init__.py").write_text(f"raise ImportError('{name} is blocked')\n")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=str(tmp_path / "blocked"))
+    teachers = tmp_path / "teachers"
+    cmd = [sys.executable, os.path.join(BENCH, "throughput.py"), "--cpu-smoke", "--keep", "0.5"]
+    cmd += ["--teachers_dir", str(teachers)]
+    (first,) = _json_lines(cmd, env=env)
+    assert first["finite"] and (teachers / "tiny" / "feature" / "model.json").exists()
+    stamp = os.path.getmtime(teachers / "tiny" / "relation" / "params.msgpack")
+    (second,) = _json_lines(cmd, env=env)
+    assert second["finite"] and os.path.getmtime(teachers / "tiny" / "relation" / "params.msgpack") == stamp
+
+
 def test_input_pipeline_benchmark_measures_each_implementation(tmp_path):
     cmd = [sys.executable, os.path.join(BENCH, "input_pipeline.py"), *"--quick --images 48 --batch 8".split()]
     cmd += ["--size", "32", "--workdir", str(tmp_path), "--impls", "ours-folder,ours-tfds,tfdata,torch"]
