@@ -1,8 +1,9 @@
 """Deterministic tf.data input pipelines for training and evaluation, fed from ``sources``.
 
 Training: a per-process source of *encoded* examples -> a per-epoch order that is a pure function of
-(seed, epoch, process) -> skip to ``start_step`` (before any decoding) -> RandomResizedCrop + flip with
-stateless ops seeded by (seed, global element index) -> uint8 batches. The stream therefore depends only on
+(seed, epoch, process) -> skip to ``start_step`` (before any decoding) -> RandomResizedCrop + flip driven
+by seeds that are a pure function of (seed, process, element index), drawn a block of elements at a time
+-> uint8 batches. The stream therefore depends only on
 the dataset, the seed and the process index/count, and a resumed iterator yields exactly what the
 uninterrupted one would have.
 
@@ -87,17 +88,21 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
 
 # ------------------------------------------------------------------------------------- image processing
 
+# File signatures, JPEG first: ``_file_kind`` returns the index of the first that matches, else this:
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF8", b"BM")
+_NOT_AN_IMAGE = len(_SIGNATURES)
+# Float resizes whose weights are all >= 0: their output stays within the input's [0, 255] (no clipping).
+_CONVEX_RESIZES = ("bilinear", "area")
+# Per-element augmentation seeds are drawn in blocks of this many elements (one Philox call per block).
+_SEED_BLOCK = 1024
 
 
-def _looks_like_image(encoded: tf.Tensor) -> tf.Tensor:
-    """Whether ``encoded`` starts like a JPEG/PNG/GIF/BMP file: never fails, decodes nothing."""
-    checks = [tf.equal(tf.strings.substr(encoded, 0, len(s)), s) for s in _SIGNATURES]
-    return tf.reduce_any(tf.stack(checks))
-
-
-def _is_jpeg(encoded: tf.Tensor) -> tf.Tensor:
-    return tf.equal(tf.strings.substr(encoded, 0, 3), _SIGNATURES[0])
+def _file_kind(encoded: tf.Tensor) -> tf.Tensor:
+    """0 for a JPEG, 1-3 for PNG/GIF/BMP, ``_NOT_AN_IMAGE`` otherwise, from the first bytes alone: never
+    fails, decodes nothing, a handful of ops (this runs once per training example)."""
+    heads = tf.strings.substr(encoded, [0] * len(_SIGNATURES), [len(s) for s in _SIGNATURES])
+    matches = tf.concat([tf.equal(heads, _SIGNATURES), [True]], 0)
+    return tf.argmax(tf.cast(matches, tf.int32), output_type=tf.int32)
 
 
 def _decode(encoded: tf.Tensor) -> tf.Tensor:
@@ -106,14 +111,24 @@ def _decode(encoded: tf.Tensor) -> tf.Tensor:
     return image
 
 
-def _to_uint8(image: tf.Tensor) -> tf.Tensor:
-    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+def _to_uint8(image: tf.Tensor, clip: bool = True) -> tf.Tensor:
+    """Rounded to uint8; ``clip=False`` for the output of a ``_CONVEX_RESIZES`` resize of uint8 pixels,
+    which cannot leave [0, 255] (two passes over the image fewer)."""
+    rounded = tf.round(image)
+    return tf.cast(tf.clip_by_value(rounded, 0.0, 255.0) if clip else rounded, tf.uint8)
 
 
 def _random_crop(
-    encoded: tf.Tensor, key: tf.Tensor, scale: tuple[float, float], ratio: tuple[float, float]
+    encoded: tf.Tensor,
+    kind: tf.Tensor,
+    key: tf.Tensor,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    blank: tf.Tensor | None = None,
 ) -> tf.Tensor:
-    """The RandomResizedCrop box of ``encoded`` (uint8 [h, w, 3]), decoding only the box of a JPEG."""
+    """The RandomResizedCrop box of ``encoded`` (uint8 [h, w, 3]) of ``_file_kind`` ``kind``, decoding
+    only the box of a JPEG; ``blank`` stands in for a file that is not an image (else it is decoded, and
+    fails)."""
 
     def box(shape):
         begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
@@ -138,7 +153,8 @@ def _random_crop(
         begin, size = box(tf.shape(image))
         return tf.slice(image, begin, tf.concat([size[:2], [3]], 0))
 
-    crop = tf.cond(_is_jpeg(encoded), jpeg, other)
+    branches = [jpeg] + [other] * (len(_SIGNATURES) - 1) + [other if blank is None else lambda: blank]
+    crop = tf.switch_case(kind, branches)
     crop.set_shape([None, None, 3])
     return crop
 
@@ -162,6 +178,25 @@ def _fold(key: tf.Tensor, data: Any) -> tf.Tensor:
 
 def _base_key(seed: int, domain: int) -> tf.Tensor:
     return tf.constant([int(seed) % (1 << 63), domain], tf.int64)
+
+
+def _seed_block(key: tf.Tensor, block: tf.Tensor) -> tf.Tensor:
+    """int64 [_SEED_BLOCK, 3]: row i holds element ``block * _SEED_BLOCK + i``'s crop seed (columns 0-1)
+    and flip bit (column 2, lowest bit)."""
+    return tf.random.stateless_uniform(
+        [_SEED_BLOCK, 3], seed=_fold(key, block), minval=None, maxval=None, dtype=tf.int64, alg=_ALG
+    )
+
+
+def _element_seeds(key: tf.Tensor, element: tf.Tensor) -> tf.Tensor:
+    """Row ``element`` of the ``_seed_block`` stream: what the pipeline uses for that element."""
+    return _seed_block(key, element // _SEED_BLOCK)[element % _SEED_BLOCK]
+
+
+def _seed_stream(key: tf.Tensor, first: int) -> tf.data.Dataset:
+    """``_element_seeds(key, e)`` for e = first, first + 1, ...: one Philox call per block of elements."""
+    blocks = tf.data.Dataset.range(first // _SEED_BLOCK, _FOREVER).map(lambda b: _seed_block(key, b))
+    return blocks.unbatch().skip(first % _SEED_BLOCK)
 
 
 def _options() -> tf.data.Options:
@@ -383,15 +418,15 @@ def train_iterator(
     first = int(start_step) * local_batch  # index (in this process's stream) of the first element to yield
     first_epoch, offset = divmod(first, n)
     perm_key = _fold(_fold(_base_key(seed, _PERM_DOMAIN), process_count), process_index)
-    aug_key = _base_key(seed, _AUG_DOMAIN)
+    aug_key = _fold(_fold(_base_key(seed, _AUG_DOMAIN), process_count), process_index)
+    exact_range = method in _CONVEX_RESIZES
 
-    def augment(element: tf.Tensor, encoded: tf.Tensor) -> tf.Tensor:
-        key = _fold(aug_key, element * process_count + process_index)  # global element index
-        keys = tf.random.experimental.stateless_split(key, 2, alg=_ALG)
-        crop = _random_crop(encoded, keys[0], scale, ratio)
-        out = _to_uint8(tf.image.resize(crop, [image_size, image_size], method=method, antialias=antialias))
-        if flip:
-            out = tf.image.stateless_random_flip_left_right(out, seed=keys[1])
+    def augment(encoded: tf.Tensor, kind: tf.Tensor, seeds: tf.Tensor, blank=None) -> tf.Tensor:
+        crop = _random_crop(encoded, kind, seeds[:2], scale, ratio, blank)
+        out = tf.image.resize(crop, [image_size, image_size], method=method, antialias=antialias)
+        out = _to_uint8(out, clip=not exact_range)
+        if flip:  # reverse the width axis, or no axis: no branch
+            out = tf.reverse(out, tf.range(1, 1 + seeds[2] % 2, dtype=tf.int32))
         out.set_shape([image_size, image_size, 3])
         return out
 
@@ -400,28 +435,28 @@ def train_iterator(
             tf.range(n, dtype=tf.int64), _fold(perm_key, e), alg=_ALG
         )
 
-    elements = tf.data.Dataset.range(first, _FOREVER)
     epochs = tf.data.Dataset.range(first_epoch, _FOREVER)
     skipped_records = 0
     if source.chunks is None:
         items, labels = source.items, source.labels
 
-        def example(element, position):
+        def example(element, position, seeds):
             item = tf.gather(items, position)
             encoded = tf.io.read_file(item) if source.from_files else item
             out = {
                 "label": tf.cast(tf.gather(labels, position), tf.int32),
                 "index": source.id_start + position * source.id_stride,
             }
+            kind = _file_kind(encoded)
             if not source.fallible:
-                return dict(out, image=augment(element, encoded))
-            ok = _looks_like_image(encoded)
-            blank = tf.zeros([image_size, image_size, 3], tf.uint8)
-            image = tf.cond(ok, lambda: augment(element, encoded), lambda: blank)
-            return dict(out, image=image, _element=element, _ok=ok)
+                return dict(out, image=augment(encoded, kind, seeds))
+            # A file that is not an image is flagged, not decoded, and replaced on the host.
+            image = augment(encoded, kind, seeds, blank=tf.zeros([1, 1, 3], tf.uint8))
+            return dict(out, image=image, _element=element, _ok=kind < _NOT_AN_IMAGE)
 
+        elements = tf.data.Dataset.range(first, _FOREVER)
         positions = epochs.flat_map(lambda e: tf.data.Dataset.from_tensor_slices(epoch_order(e))).skip(offset)
-        ds = tf.data.Dataset.zip(elements, positions).map(
+        ds = tf.data.Dataset.zip(elements, positions, _seed_stream(aug_key, first)).map(
             example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
         )
         if source.fallible:
@@ -445,9 +480,9 @@ def train_iterator(
         # Encoded records read ahead: decoding goes on while the next epoch's shuffle buffer fills.
         records = records.prefetch(2 * local_batch)
         skipped_records = offset
-        ds = tf.data.Dataset.zip(elements, records).map(
-            lambda element, record: {
-                "image": augment(element, record[0]),
+        ds = tf.data.Dataset.zip(records, _seed_stream(aug_key, first)).map(
+            lambda record, seeds: {
+                "image": augment(record[0], _file_kind(record[0]), seeds),
                 "label": tf.cast(record[1], tf.int32),
                 "index": record[2],
             },
@@ -470,7 +505,9 @@ def train_iterator(
                 orders[e] = epoch_order(tf.constant(e, tf.int64)).numpy()
             return int(orders[e][i])
 
-        guard = _UnreadableGuard(source, data_cfg, tf.function(example))
+        guard = _UnreadableGuard(
+            source, data_cfg, tf.function(lambda e, p: example(e, p, _element_seeds(aug_key, e)))
+        )
         batches = _repaired(batches, guard, position_of, first, local_batch)
     else:
         batches = _naming_files(batches, source)
@@ -545,7 +582,7 @@ def eval_iterator(
 
         def load(element, position):
             encoded = tf.io.read_file(tf.gather(items, position))
-            ok = _looks_like_image(encoded)
+            ok = _file_kind(encoded) < _NOT_AN_IMAGE
             image = tf.cond(ok, lambda: _decode(encoded), lambda: tf.zeros([1, 1, 3], tf.uint8))
             return dict(crop(image, tf.gather(labels, position)), _element=element, _ok=ok)
 

@@ -387,3 +387,30 @@ def test_prepared_tfds_dataset_without_builder_code_is_read_from_its_directory(d
         np.testing.assert_array_equal(batch["image"], reference["image"])  # the same examples, same stream
     with pytest.raises(ConfigError, match=r"config\.data\.name: unknown dataset 'not_prepared_here'"):
         validate_data_config(_cfg(name="not_prepared_here", data_dir=str(tmp_path)))
+
+
+def test_file_kind_reads_signatures_without_decoding():
+    import tensorflow as tf
+
+    from hybrid_distill_jax.data import pipeline
+
+    heads = [b"\xff\xd8\xff\xe0...", b"\x89PNG\r\n\x1a\n...", b"GIF89a", b"BM...", b"hello", b"", b"\xff\xd8"]
+    kinds = [int(pipeline._file_kind(tf.constant(h))) for h in heads]
+    assert kinds == [0, 1, 2, 3] + [pipeline._NOT_AN_IMAGE] * 3
+
+
+def test_convex_resizes_of_uint8_need_no_clipping():
+    """``_to_uint8(clip=False)`` follows bilinear/area resizes: their rounded output stays in [0, 255]."""
+    import tensorflow as tf
+
+    from hybrid_distill_jax.data import pipeline
+
+    rng = np.random.default_rng(0)
+    image = tf.constant(rng.choice([0, 255], size=(37, 23, 3)).astype(np.uint8))  # worst case: extremes only
+    for method in pipeline._CONVEX_RESIZES:
+        for antialias in (False, True):
+            for size in ([16, 16], [64, 50]):
+                rounded = tf.round(tf.image.resize(image, size, method=method, antialias=antialias)).numpy()
+                assert rounded.min() >= 0 and rounded.max() <= 255, (method, antialias, size)
+    overshoot = tf.round(tf.image.resize(image, [64, 50], method="bicubic")).numpy()  # negative lobes
+    assert overshoot.min() < 0 and overshoot.max() > 255
