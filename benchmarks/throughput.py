@@ -184,8 +184,8 @@ def matmul_peak(n: int, reps: int = 20) -> float:
     return 2 * n**3 * reps / best
 
 
-def export_teachers(args, tmp: str) -> dict:
-    """Random-init teachers of the preset exported to ``tmp`` (loaded back like real ones); a teacher
+def export_teachers(args, root: str) -> dict:
+    """Random-init teachers of the preset exported under ``root`` (loaded back like real ones); a teacher
     already exported there (``--teachers_dir``, shared by several invocations) is reused."""
     import jax
     import jax.numpy as jnp
@@ -198,7 +198,7 @@ def export_teachers(args, tmp: str) -> dict:
     for i, (role, arch, size) in enumerate(
         (("feature", feature, feature_size), ("relation", relation, image_size))
     ):
-        directory = os.path.join(tmp, args.preset, role)
+        directory = os.path.join(root, args.preset, role)
         if os.path.exists(os.path.join(directory, "model.json")):
             out[role] = directory
             continue
