@@ -425,8 +425,8 @@ def train_iterator(
         crop = _random_crop(encoded, kind, seeds[:2], scale, ratio, blank)
         out = tf.image.resize(crop, [image_size, image_size], method=method, antialias=antialias)
         out = _to_uint8(out, clip=not exact_range)
-        if flip:  # reverse the width axis, or no axis: no branch
-            out = tf.reverse(out, tf.range(1, 1 + seeds[2] % 2, dtype=tf.int32))
+        if flip:  # a branch: reversing costs twice as much as the cond, and reversing no axis still copies
+            out = tf.cond(seeds[2] % 2 == 1, lambda: tf.reverse(out, [1]), lambda: out)
         out.set_shape([image_size, image_size, 3])
         return out
 
@@ -477,17 +477,18 @@ def train_iterator(
             return merged.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
 
         records = epochs.flat_map(epoch_stream).skip(offset)  # skipped records are never decoded
-        # Encoded records read ahead: decoding goes on while the next epoch's shuffle buffer fills.
+        # Records read ahead: parsing and decoding go on while the next epoch's shuffle buffer fills.
         records = records.prefetch(2 * local_batch)
         skipped_records = offset
+
+        def parsed_example(numbered, seeds):
+            index, record = numbered
+            encoded, label = source.parse_record(record)
+            image = augment(encoded, _file_kind(encoded), seeds)
+            return {"image": image, "label": tf.cast(label, tf.int32), "index": index}
+
         ds = tf.data.Dataset.zip(records, _seed_stream(aug_key, first)).map(
-            lambda record, seeds: {
-                "image": augment(record[0], _file_kind(record[0]), seeds),
-                "label": tf.cast(record[1], tf.int32),
-                "index": record[2],
-            },
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
+            parsed_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
         )
 
     ds = ds.batch(local_batch, drop_remainder=True)

@@ -77,7 +77,7 @@ class Source:
 
     Example ids (``index`` of a train batch): in memory, item ``i`` is example ``id_start + i * id_stride``
     of the split (folders: its position in the sorted file list); streamed, the records of chunk ``c`` are
-    examples ``chunk_starts[c], chunk_starts[c] + 1, ...``.
+    consecutive examples of the split, each paired with its id.
     """
 
     description: str
@@ -87,8 +87,9 @@ class Source:
     labels: tf.Tensor | None = None  # tf.int64 [N]
     id_start: int = 0
     id_stride: int = 1
-    chunks: list[tf.data.Dataset] | None = None  # streamed: (encoded, label, id) triples in a fixed order
+    chunks: list[tf.data.Dataset] | None = None  # streamed: (id, record) pairs in a fixed order
     chunk_sizes: list[int] | None = None
+    parse_record: Callable | None = None  # streamed: record -> (encoded image, int64 label)
     records: tf.data.Dataset | None = None  # evaluation: (encoded, label) pairs of a TFDS split, stored order
     files: tuple[str, ...] = ()  # the TFDS shards the examples are read from, named when reading fails
     fallible: bool = False  # reading may fail (files on disk): guard it
@@ -408,9 +409,12 @@ def _first_example(builder: tfds.core.DatasetBuilder, split: str, piece: Any) ->
 
 
 def _read_config() -> tfds.ReadConfig:
+    """Records in stored order: one shard file at a time (TFDS otherwise interleaves 16 of them)."""
     options = tf.data.Options()
     options.deterministic = True
-    return tfds.ReadConfig(options=options, try_autocache=False, skip_prefetch=True)
+    return tfds.ReadConfig(
+        options=options, try_autocache=False, skip_prefetch=True, interleave_cycle_length=1
+    )
 
 
 def shard_files(builder: tfds.core.DatasetBuilder, splits: Sequence[Any]) -> tuple[str, ...]:
@@ -443,6 +447,33 @@ def tfds_encoded(builder: tfds.core.DatasetBuilder, split: Any) -> tf.data.Datas
         read_config=_read_config(),
     )
     return ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int64)))
+
+
+def _parse_image_and_label(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(encoded image bytes, int64 label) of one serialized TFDS example (what ``tfds_encoded`` yields)."""
+    spec = {"image": tf.io.FixedLenFeature([], tf.string), "label": tf.io.FixedLenFeature([], tf.int64)}
+    example = tf.io.parse_single_example(serialized, spec)
+    return example["image"], example["label"]
+
+
+def tfds_records(builder: tfds.core.DatasetBuilder, split: Any) -> tuple[tf.data.Dataset, Callable]:
+    """``split``'s records in stored order, and the function that turns one into (encoded image bytes,
+    int64 label).
+
+    TFRecord shards are read directly and left serialized: parsing then runs in the caller's parallel map
+    instead of ahead of its shuffle buffer, which otherwise waits for a whole buffer of parsed records at
+    every epoch start. Other file formats are read through TFDS, already parsed.
+    """
+    if builder.info.file_format != tfds.core.FileFormat.TFRECORD:
+        return tfds_encoded(builder, split), lambda record: record
+    parts = [
+        tf.data.TFRecordDataset(str(f.filename)).skip(f.skip).take(f.take)
+        for f in builder.info.splits[split].file_instructions
+    ]
+    records = parts[0]
+    for part in parts[1:]:
+        records = records.concatenate(part)
+    return records, _parse_image_and_label
 
 
 # --------------------------------------------------------------------------------------------- folder
@@ -637,10 +668,8 @@ def train_source(
     sizes = [int(builder.info.splits[p].num_examples) for p in pieces]
     chunks = []
     for piece in pieces:
-        start = _first_example(builder, split, piece)
-        chunks.append(
-            tfds_encoded(builder, piece).enumerate(start).map(lambda i, record: (record[0], record[1], i))
-        )
+        records, parse_record = tfds_records(builder, piece)
+        chunks.append(records.enumerate(_first_example(builder, split, piece)))
     log.info("%s: streaming %d examples per process (too large to hold in memory)", description, sum(sizes))
     return Source(
         description=description,
@@ -648,6 +677,7 @@ def train_source(
         from_files=False,
         chunks=chunks,
         chunk_sizes=sizes,
+        parse_record=parse_record,
         files=shard_files(builder, pieces),
     )
 

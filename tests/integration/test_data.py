@@ -184,6 +184,65 @@ def test_index_is_the_examples_place_in_the_split(data_dir, monkeypatch, streame
         assert _hashes(batch["image"]) == [stored_hashes[i] for i in batch["index"]]
 
 
+@pytest.fixture(scope="module")
+def numbered_tfds(tmp_path_factory) -> str:
+    """A prepared TFDS dataset in 4 shard files whose 160 examples are solid 8x8 PNGs of gray levels
+    0-159 with label ``level % 3`` (TFDS stores them in a hashed order); returns its version directory
+    (its builder class exists only here)."""
+    shards, per_shard = 4, 40
+
+    class NumberedImages(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            features = {
+                "image": tfds.features.Image(shape=(8, 8, 3), encoding_format="png"),
+                "label": tfds.features.ClassLabel(num_classes=3),
+            }
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i in range(shards * per_shard):
+                yield i, {"image": np.full((8, 8, 3), i, np.uint8), "label": i % 3}
+
+    builder = NumberedImages(data_dir=str(tmp_path_factory.mktemp("numbered")))
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=shards))
+    assert len(builder.info.splits["train"].filenames) == shards
+    return str(builder.data_dir)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_index_follows_stored_order_across_shard_files(numbered_tfds, monkeypatch, streamed):
+    """TFDS interleaves 16 shard files unless told not to: the ids must still be each example's place."""
+    import io
+
+    import tensorflow as tf
+
+    if streamed:
+        monkeypatch.setattr(sources, "IN_MEMORY_MAX_BYTES", 0)
+    version_dir = numbered_tfds
+    # The stored order, independently: the shard files one after another, each record as written.
+    stored = []
+    for shard in sorted(f for f in os.listdir(version_dir) if ".tfrecord-" in f):
+        for record in tf.data.TFRecordDataset(os.path.join(version_dir, shard)).as_numpy_iterator():
+            png = tf.train.Example.FromString(record).features.feature["image"].bytes_list.value[0]
+            stored.append(int(np.asarray(Image.open(io.BytesIO(png)))[0, 0, 0]))
+    assert sorted(stored) == list(range(160)) and stored != sorted(stored)
+    cfg = _cfg(name=version_dir, data_dir=None, train_split="train", **_IDENTITY)
+    seen = []
+    for p in range(2):
+        it = train_iterator(cfg, image_size=8, global_batch=40, seed=1, process_index=p, process_count=2)
+        for batch in _take(it, 4):  # one epoch of this process's 80 examples
+            levels = batch["image"][:, 3, 5, 1]
+            np.testing.assert_array_equal(levels, [stored[i] for i in batch["index"]])
+            np.testing.assert_array_equal(batch["label"], levels % 3)
+            seen += batch["index"].tolist()
+    assert sorted(seen) == list(range(160))
+
+
 def test_small_images_are_upscaled(data_dir):
     batch = next(
         train_iterator(
