@@ -14,12 +14,11 @@ The run writes WORKDIR/summary.json and ``report_dir``/RESULTS.md (mean ± sd ta
 and a verdict per claim: ``experiments.report``) with plots in ``report_dir``/results/. Finished stages are
 reused on a re-run.
 
-Measured (2026-11-28, quiet 2-core machine, docs/RESULTS.md): 37.6 min for the whole command. It reached
+Measured (2026-11-28, quiet 2-core machine, docs/RESULTS.md): 54.2 min for the whole command. It reached
 k-NN 71.3 (supervised teacher), 64.2 (MAE teacher), 59.8-63.1 (students, 3-seed means), 57.7 (untrained);
-fine-tuning 71.9 / 65.1 for the teachers (below the MAE teacher's linear probe, 69.2: the recipe is not
-yet right for MAE features). Per stage: supervised teacher 92 s and MAE teacher 51 s (300 steps each),
-a student 33-53 s (120 steps), a fine-tune ~92 s (300 steps), plus ~15 s of frozen-feature evaluation per
-stage; the budget left (~37 min) can go to longer student and fine-tuning runs.
+fine-tuning 80.0 / 80.2 for the teachers (linear probes 71.5 / 69.2), 77.4 (FD-only), 76.6 (Hybrid). Per
+stage: supervised teacher 91 s and MAE teacher 53 s (300 steps each), a student 33-53 s (120 steps), a
+fine-tune ~175 s (600 steps), plus ~15 s of frozen-feature evaluation per stage.
 
 Another dataset: ``--config.data.name=cifar10 --config.data.data_dir=$TFDS_DATA_DIR
 --config.data.train_split=train --config.data.eval_split=test`` (shared by every stage; ``--config.variant``
