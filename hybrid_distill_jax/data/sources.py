@@ -13,6 +13,7 @@ when the builder is opened, its record shards when they are read (``read_error``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -456,24 +457,30 @@ def _parse_image_and_label(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]
     return example["image"], example["label"]
 
 
-def tfds_records(builder: tfds.core.DatasetBuilder, split: Any) -> tuple[tf.data.Dataset, Callable]:
-    """``split``'s records in stored order, and the function that turns one into (encoded image bytes,
-    int64 label).
+def _stores_tfrecords(builder: tfds.core.DatasetBuilder) -> bool:
+    return builder.info.file_format == tfds.core.FileFormat.TFRECORD
+
+
+def tfds_records(builder: tfds.core.DatasetBuilder, split: Any) -> tf.data.Dataset:
+    """The records of ``split`` in stored order; ``record_parser(builder)`` turns one into (encoded image
+    bytes, int64 label).
 
     TFRecord shards are read directly and left serialized: parsing then runs in the caller's parallel map
     instead of ahead of its shuffle buffer, which otherwise waits for a whole buffer of parsed records at
     every epoch start. Other file formats are read through TFDS, already parsed.
     """
-    if builder.info.file_format != tfds.core.FileFormat.TFRECORD:
-        return tfds_encoded(builder, split), lambda record: record
+    if not _stores_tfrecords(builder):
+        return tfds_encoded(builder, split)
     parts = [
         tf.data.TFRecordDataset(str(f.filename)).skip(f.skip).take(f.take)
         for f in builder.info.splits[split].file_instructions
     ]
-    records = parts[0]
-    for part in parts[1:]:
-        records = records.concatenate(part)
-    return records, _parse_image_and_label
+    return functools.reduce(tf.data.Dataset.concatenate, parts)
+
+
+def record_parser(builder: tfds.core.DatasetBuilder) -> Callable:
+    """What turns a record of ``tfds_records(builder, ...)`` into (encoded image bytes, int64 label)."""
+    return _parse_image_and_label if _stores_tfrecords(builder) else lambda record: record
 
 
 # --------------------------------------------------------------------------------------------- folder
@@ -666,10 +673,7 @@ def train_source(
     pieces = tfds.even_splits(split, n=process_count * num_chunks, drop_remainder=True)
     pieces = pieces[process_index * num_chunks : (process_index + 1) * num_chunks]
     sizes = [int(builder.info.splits[p].num_examples) for p in pieces]
-    chunks = []
-    for piece in pieces:
-        records, parse_record = tfds_records(builder, piece)
-        chunks.append(records.enumerate(_first_example(builder, split, piece)))
+    chunks = [tfds_records(builder, p).enumerate(_first_example(builder, split, p)) for p in pieces]
     log.info("%s: streaming %d examples per process (too large to hold in memory)", description, sum(sizes))
     return Source(
         description=description,
@@ -677,7 +681,7 @@ def train_source(
         from_files=False,
         chunks=chunks,
         chunk_sizes=sizes,
-        parse_record=parse_record,
+        parse_record=record_parser(builder),
         files=shard_files(builder, pieces),
     )
 

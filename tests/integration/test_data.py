@@ -223,15 +223,14 @@ def test_index_follows_stored_order_across_shard_files(numbered_tfds, monkeypatc
 
     if streamed:
         monkeypatch.setattr(sources, "IN_MEMORY_MAX_BYTES", 0)
-    version_dir = numbered_tfds
     # The stored order, independently: the shard files one after another, each record as written.
     stored = []
-    for shard in sorted(f for f in os.listdir(version_dir) if ".tfrecord-" in f):
-        for record in tf.data.TFRecordDataset(os.path.join(version_dir, shard)).as_numpy_iterator():
+    for shard in sorted(f for f in os.listdir(numbered_tfds) if ".tfrecord-" in f):
+        for record in tf.data.TFRecordDataset(os.path.join(numbered_tfds, shard)).as_numpy_iterator():
             png = tf.train.Example.FromString(record).features.feature["image"].bytes_list.value[0]
             stored.append(int(np.asarray(Image.open(io.BytesIO(png)))[0, 0, 0]))
     assert sorted(stored) == list(range(160)) and stored != sorted(stored)
-    cfg = _cfg(name=version_dir, data_dir=None, train_split="train", **_IDENTITY)
+    cfg = _cfg(name=numbered_tfds, data_dir=None, train_split="train", **_IDENTITY)
     seen = []
     for p in range(2):
         it = train_iterator(cfg, image_size=8, global_batch=40, seed=1, process_index=p, process_count=2)
