@@ -6,7 +6,7 @@ WORKDIR ?= runs/demo
 export TFDS_DATA_DIR ?= $(CURDIR)/.cache/tfds
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
 
-.PHONY: install install-dev demo test lint clean
+.PHONY: install install-dev install-aot demo test lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,14 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	PYTHON=$(PY) bash scripts/install_torch_cpu.sh
 	touch $@
 
+# libtpu and the CUDA plugin: deviceless compiles for TPU slices and NVIDIA GPUs (docs/SCALING.md). The
+# tests of python -m hybrid_distill_jax.compile need them; without them those tests are skipped.
+$(VENV)/.installed-aot: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[aot]"
+	touch $@
+
+install-aot: $(VENV)/.installed-aot
+
 install: $(VENV)/.installed
 
 install-dev: $(VENV)/.installed-dev
@@ -28,7 +36,7 @@ install-dev: $(VENV)/.installed-dev
 demo: install
 	$(PY) -m hybrid_distill_jax.main --config configs/demo.py --workdir $(WORKDIR)
 
-test: install-dev
+test: install-dev install-aot
 	$(PY) -m pytest -q -rs --durations=10 tests
 
 lint: install-dev

@@ -119,33 +119,6 @@ def parse_args(argv=None):
     return a
 
 
-# ---- analytic FLOPs ----------------------------------------------------------------------------------
-def vit_forward_flops(arch: dict, image_size: int, tokens: int) -> float:
-    """Matmul FLOPs (2 per multiply-add) of one forward pass over ``tokens`` tokens (incl. CLS)."""
-    d, depth, mlp, patch = arch["width"], arch["depth"], arch["mlp_dim"], arch["patch_size"]
-    embed = 2 * (image_size // patch) ** 2 * patch * patch * 3 * d  # every patch is embedded, then gathered
-    per_layer = (
-        2 * tokens * (4 * d * d + 2 * d * mlp) + 2 * 2 * tokens * tokens * d
-    )  # qkv/proj/mlp + attention
-    proj = 2 * d * arch.get("proj_dim", 0) if arch.get("proj_dim") else 0
-    return embed + depth * per_layer + proj
-
-
-def step_flops_per_image(task, keep_k: int, relation_on_kept: bool) -> dict:
-    from hybrid_distill_jax.models.vit import arch_dict
-
-    s = arch_dict(task.student)
-    out = {"student_fwd_bwd": 3 * vit_forward_flops(s, task.image_size, 1 + keep_k)}
-    if task.head is not None:
-        out["student_fwd_bwd"] += 3 * 2 * (1 + keep_k) * s["width"] * task.feature_width
-    for role, t in task.teachers.items():
-        n = t.grid**2
-        tokens = 1 + (keep_k if role == "relation" and relation_on_kept else n)
-        out[f"{role}_teacher_fwd"] = vit_forward_flops(arch_dict(t.model), t.image_size, tokens)
-    out["total"] = sum(out.values())
-    return out
-
-
 # ---- PyTorch peers -----------------------------------------------------------------------------------
 def run_peer(path: str, batch: int, keep: float, steps: int, compile_: bool) -> dict:
     cmd = [sys.executable, path, "--batch", str(batch), "--keep", str(keep), "--steps", str(steps)]
@@ -262,16 +235,6 @@ def sig(x: float, digits: int = 4) -> float:
     return float(f"{x:.{digits}g}")
 
 
-def xla_flops(compiled) -> float | None:
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 -- not every backend reports costs
-        return None
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    return float(cost["flops"]) if cost and "flops" in cost else None
-
-
 def peak_memory_gb() -> float | None:
     import jax
 
@@ -315,14 +278,12 @@ def run_jax(args) -> dict:
 
     import jax
     import numpy as np
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
     from hybrid_distill_jax import masking
     from hybrid_distill_jax.data.prefetch import prefetch_to_device, to_devices
     from hybrid_distill_jax.parallel import sharding
     from hybrid_distill_jax.tasks import build_task
-    from hybrid_distill_jax.train.step import jit_step, make_init_fn, make_train_step
+    from hybrid_distill_jax.train.program import build_program, compiled_flops
 
     chips = jax.device_count()
     kind = jax.devices()[0].device_kind
@@ -342,16 +303,11 @@ def run_jax(args) -> dict:
         task = build_task(config, num_classes=0)
     print(f"# teachers ready (exported or reused) and loaded in {time.perf_counter() - t0:.1f} s", flush=True)
     mesh = sharding.make_mesh(config.mesh)
-    tx, lr_schedule = task.make_optimizer(
-        config.optim, global_batch, config.total_steps, config.optim.warmup_steps
+    program = build_program(
+        config, task, mesh, total_steps=config.total_steps, warmup_steps=config.optim.warmup_steps
     )
-    init_state = make_init_fn(task, tx)
-    abstract = jax.eval_shape(init_state, jax.random.key(0))
-    state_sh = sharding.state_shardings(abstract, mesh, config.sharding)
-    frozen_sh = sharding.teacher_shardings(task.frozen, mesh, config.sharding)
-    frozen = jax.device_put(task.frozen, frozen_sh)
-    batch_sh = sharding.batch_sharding(mesh)
-    step = make_train_step(task, tx, lr_schedule, grad_accum_steps=args.accum, mesh=mesh)
+    frozen = jax.device_put(task.frozen, program.frozen_shardings)
+    batch_sh = program.batch_sharding
     size = config.image_size
     rng = np.random.RandomState(0)
     synthetic = to_devices(  # uint8, as the input pipeline ships images
@@ -368,15 +324,8 @@ def run_jax(args) -> dict:
     results = []
     for keep in args.keeps:
         k = masking.keep_count(n, 1.0 - keep)
-        state = jax.jit(init_state, out_shardings=state_sh)(jax.random.key(0))
-        jitted = jit_step(
-            step,
-            k,
-            state_shardings=state_sh,
-            frozen_shardings=frozen_sh,
-            batch_sharding=batch_sh,
-            metrics_sharding=NamedSharding(mesh, P()),
-        )
+        state = program.jitted_init()(jax.random.key(0))
+        jitted = program.jitted(k)
         t0 = time.perf_counter()
         compiled = jitted.lower(state, frozen, synthetic).compile()
         compile_s = time.perf_counter() - t0
@@ -387,8 +336,8 @@ def run_jax(args) -> dict:
         if data is not None:
             state, e2e_loss, e2e_dt = timed_steps(compiled, state, frozen, data, args.warmup, args.steps)
             e2e = dict(e2e_img_s=round(global_batch / e2e_dt, 1), e2e_loss=e2e_loss)
-        analytic = step_flops_per_image(task, k, args.relation_on_kept)
-        xla = xla_flops(compiled) if args.accum == 1 else None  # XLA counts a scan body once
+        analytic = task.flops_per_example(k)
+        xla = compiled_flops(compiled) if args.accum == 1 else None  # XLA counts a scan body once
         img_s = global_batch / dt
         results.append(
             dict(

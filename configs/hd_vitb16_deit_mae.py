@@ -42,6 +42,7 @@ def get_config(arg=None):
     c.image_size = 224
     c.student.variant = "B/16"
     c.student.drop_path = 0.1
+    c.student.dtype = "bfloat16"  # compute in bf16; parameters, softmax and losses stay fp32
     c.teachers.feature.checkpoint = feature  # DeiT-B/16, 224 px, 14x14 grid
     c.teachers.relation.checkpoint = relation  # MAE-B/16, 224 px, 14x14 grid, 12 heads like the student
     c.total_epochs = 300.0

@@ -42,6 +42,7 @@ def get_config(arg=None):
     c.image_size = 224
     c.student.variant = "L/16"
     c.student.drop_path = 0.2
+    c.student.dtype = "bfloat16"  # compute in bf16; parameters, softmax and losses stay fp32
     c.student.remat_policy = "full"
     c.teachers.feature.checkpoint = feature  # CLIP ViT-L/14
     c.teachers.feature.image_size = 196  # 196 / 14 = 14x14 patches, the student's grid at 224 / 16

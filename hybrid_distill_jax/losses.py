@@ -40,15 +40,17 @@ def feature_loss(pred: jax.Array, target: jax.Array, kind: str = "smooth_l1", be
     raise ConfigError(f"loss.feature_loss={kind!r}: expected one of {FEATURE_LOSSES}")
 
 
-def gather_relation(logits: jax.Array, token_indices: jax.Array) -> jax.Array:
-    """Restricts attention logits [B, H, N, N] to kept tokens [B, K] (rows and columns): fp32 [B, H, K, K].
+def relation_logits(q: jax.Array, k: jax.Array, token_indices: jax.Array) -> jax.Array:
+    """The attention logits among kept tokens [B, K] (rows and columns): fp32 [B, H, K, K].
 
-    The rows and columns are gathered in the logits' own dtype and only the kept [B, H, K, K] block is
-    up-cast: a bf16 map is never copied to fp32 whole (gathering and casting commute, so the values are
-    the same as casting first).
+    ``q`` (already scaled by 1/sqrt(Dh)) and ``k`` are a block's [B, N, H, Dh] queries and keys. Only the
+    kept rows are gathered and multiplied, in their own dtype with fp32 accumulation: the same values as
+    the full [B, H, N, N] map restricted to those rows and columns, without ever forming that map.
     """
-    rows = jnp.take_along_axis(logits, token_indices[:, None, :, None], axis=2)
-    return jnp.take_along_axis(rows, token_indices[:, None, None, :], axis=3).astype(jnp.float32)
+    rows = token_indices[:, :, None, None]
+    q_kept = jnp.take_along_axis(q, rows, axis=1)
+    k_kept = jnp.take_along_axis(k, rows, axis=1)
+    return jnp.einsum("bqhd,bkhd->bhqk", q_kept, k_kept, preferred_element_type=jnp.float32)
 
 
 def relation_loss(teacher_logits: jax.Array, student_logits: jax.Array, kind: str = "kl") -> jax.Array:

@@ -14,6 +14,7 @@ registered in ``PLANS``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Hashable, Mapping, Sequence
 
 import jax
@@ -179,6 +180,14 @@ class KeepPlan:
         """Kept patches from scores [B, N] for each of ``score_layers``."""
         raise NotImplementedError
 
+    def stages(self, total_steps: int) -> tuple[Hashable, ...]:
+        """Every distinct stage of a run of ``total_steps`` steps, in order (one compilation each)."""
+        return (self.stage(0, total_steps),)
+
+    def patches_per_block(self, stage: Hashable, depth: int) -> tuple[int, ...]:
+        """How many patch tokens each of the student's ``depth`` blocks sees in ``stage``."""
+        raise NotImplementedError
+
     @staticmethod
     def _common(mcfg, num_patches: int) -> dict:
         return dict(num_patches=num_patches, selection=mcfg.selection, temperature=float(mcfg.temperature))
@@ -203,6 +212,15 @@ class OverTrainingPlan(KeepPlan):
 
     def stage_metrics(self, stage: int) -> dict[str, float]:
         return {"keep": stage}
+
+    def stages(self, total_steps: int) -> tuple[int, ...]:
+        firsts = [
+            min(math.ceil(start * total_steps - 1e-9), total_steps - 1) for start in self.schedule.starts
+        ]
+        return tuple(dict.fromkeys(self.stage(max(step, 0), total_steps) for step in firsts))
+
+    def patches_per_block(self, stage: int, depth: int) -> tuple[int, ...]:
+        return (stage,) * depth
 
     def score_layers(self, teacher_depth: int) -> tuple[int, ...]:
         return (teacher_depth,)
@@ -245,6 +263,14 @@ class OverDepthPlan(KeepPlan):
 
     def stage_metrics(self, stage: tuple[int, ...]) -> dict[str, float]:
         return {"keep": stage[-1]}
+
+    def patches_per_block(self, stage: tuple[int, ...], depth: int) -> tuple[int, ...]:
+        counts, current = [], self.num_patches
+        drops = dict(zip(self.drop_layers, stage))
+        for layer in range(1, depth + 1):
+            counts.append(current)
+            current = drops.get(layer, current)
+        return tuple(counts)
 
     def score_layers(self, teacher_depth: int) -> tuple[int, ...]:
         return self.drop_layers

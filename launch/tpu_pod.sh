@@ -4,6 +4,9 @@
 #   launch/tpu_pod.sh [--dry-run] create                # the TPU VM (all workers)
 #   launch/tpu_pod.sh [--dry-run] setup                 # copy this repository to every worker, build its venv
 #   launch/tpu_pod.sh [--dry-run] run CONFIG WORKDIR [--config.field=value ...]   # train on all workers
+#   launch/tpu_pod.sh --compile-only run CONFIG WORKDIR [--config.field=value ...]
+#                      # pre-flight, here and before any TPU exists: compile the run's step for
+#                      # ACCELERATOR_TYPE (or TOPOLOGY, e.g. v5e:16x16; NUM_SLICES) and report whether it fits
 #   launch/tpu_pod.sh [--dry-run] logs [WORKER]         # follow a worker's log (default 0)
 #   launch/tpu_pod.sh [--dry-run] stop                  # SIGTERM: checkpoint at the next step, exit, no restart
 #   launch/tpu_pod.sh [--dry-run] delete                # delete the TPU VM
@@ -18,10 +21,12 @@
 # and restarts it after exit 75 (SIGTERM, e.g. a maintenance event: checkpointed, resumes).
 set -euo pipefail
 DRY_RUN="${DRY_RUN:-0}"
-if [[ "${1:-}" == --dry-run ]]; then
-  DRY_RUN=1
+COMPILE_ONLY=0
+while [[ "${1:-}" == --dry-run || "${1:-}" == --compile-only ]]; do
+  [[ "$1" == --dry-run ]] && DRY_RUN=1
+  [[ "$1" == --compile-only ]] && COMPILE_ONLY=1
   shift
-fi
+done
 TPU_NAME="${TPU_NAME:-hybrid-distill}"
 ZONE="${ZONE:-us-central2-b}"
 ACCELERATOR_TYPE="${ACCELERATOR_TYPE:-v4-32}"
@@ -86,6 +91,13 @@ case "$cmd" in
       echo "usage: $0 run CONFIG WORKDIR [--config.field=value ...]" >&2
       exit 2
     fi
+    if [[ "$COMPILE_ONLY" == 1 ]]; then  # on this host: python -m hybrid_distill_jax.compile, no gcloud
+      config="$1"
+      shift 2
+      x "${PYTHON:-$repo/.venv/bin/python}" -m hybrid_distill_jax.compile --config "$config" \
+        --target "${TOPOLOGY:-$ACCELERATOR_TYPE}" --num_slices "${NUM_SLICES:-1}" "$@"
+      exit 0
+    fi
     workdir_q="$(printf '%q' "$2")"
     args="$(quote_args "$@")"
     # The storage check runs in the foreground (its error reaches this terminal); training runs detached.
@@ -105,7 +117,7 @@ $workdir_q && { nohup launch/tpu_worker.sh train$args > train.log 2>&1 < /dev/nu
     tpu delete "$TPU_NAME" --quiet
     ;;
   *)
-    sed -n '2,19p' "$0"
+    sed -n '2,22p' "$0"
     exit 2
     ;;
 esac

@@ -31,6 +31,7 @@ import shutil
 import tempfile
 
 from hybrid_distill_jax.errors import CheckpointError, ConfigError
+from hybrid_distill_jax.models.io import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 
 PREFIX = "hf-hub:"
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -46,6 +47,10 @@ class Teacher:
     role: str  # 'feature' | 'relation'
     recipes: tuple
     what: str
+    # What the repo's config.json says beyond its name (timm/ARCHITECTURE.TAG): its head's size and the
+    # input mean/std. With the name this describes the model without a download (:func:`describe`).
+    num_classes: int = 0
+    clip_input: bool = False
 
 
 TEACHERS = (
@@ -54,18 +59,23 @@ TEACHERS = (
         "feature",
         ("hd_vitb16_deit_mae",),
         "DeiT-B/16, supervised ImageNet-1k",
+        num_classes=1000,
     ),
     Teacher(
         "hf-hub:timm/vit_base_patch16_clip_224.openai",
         "feature",
         ("hd_vitb16_clip_mae",),
         "CLIP ViT-B/16 image tower (OpenAI, QuickGELU)",
+        num_classes=512,
+        clip_input=True,
     ),
     Teacher(
         "hf-hub:timm/vit_large_patch14_clip_224.openai",
         "feature",
         ("hd_vitl16_clipl14_mae",),
         "CLIP ViT-L/14 image tower (OpenAI, QuickGELU); run at 196 px beside a /16 student",
+        num_classes=768,
+        clip_input=True,
     ),
     Teacher(
         "hf-hub:timm/vit_base_patch16_224.dino",
@@ -92,6 +102,59 @@ def teacher(recipe: str, role: str) -> str:
     """The known teacher name a recipe uses for ``role`` (the recipes' defaults)."""
     (found,) = [t.name for t in TEACHERS if t.role == role and recipe in t.recipes]
     return found
+
+
+def known_config(repo: str) -> dict | None:
+    """The timm ``config.json`` fields a listed teacher's shapes depend on, from :data:`TEACHERS`."""
+    listed = [t for t in TEACHERS if t.name == PREFIX + repo]
+    if not listed:
+        return None
+    architecture, _, tag = repo.split("/", 1)[1].partition(".")
+    mean, std = (CLIP_MEAN, CLIP_STD) if listed[0].clip_input else (IMAGENET_MEAN, IMAGENET_STD)
+    return {
+        "architecture": architecture,
+        "num_classes": listed[0].num_classes,
+        "pretrained_cfg": {"tag": tag, "input_size": [3, 224, 224], "mean": list(mean), "std": list(std)},
+    }
+
+
+def describe(name: str, field: str = "checkpoint") -> dict:
+    """The ``model.json`` of a hub teacher, without downloading or converting anything.
+
+    In order: the conversion already in our cache; the repo's ``config.json`` in huggingface_hub's cache;
+    the listed teachers' known configs (:func:`known_config`). A name none of them describes is a
+    ConfigError saying which file to fetch.
+    """
+    from hybrid_distill_jax.convert import timm_config
+    from hybrid_distill_jax.models import io as model_io
+
+    repo, revision = parse(name, field)
+    converted = _read_ref(repo, revision)
+    config_path = None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        try_to_load_from_cache = None
+    if converted is None and try_to_load_from_cache is not None:
+        files = _cached_files(repo, revision)
+        if files is not None:
+            config_path = files[0]
+            target = _conversion_of(repo, files)
+            converted = target if _complete(target) else None
+    if converted is not None:
+        return model_io.read_model_json(converted, field)
+    if config_path is None and try_to_load_from_cache is not None:
+        cached = try_to_load_from_cache(repo, CONFIG, revision=revision or "main")
+        config_path = cached if isinstance(cached, str) else None
+    if config_path is not None:
+        return timm_config.description(timm_config.read_config(config_path), config_path)
+    known = known_config(repo)
+    if known is None:
+        raise ConfigError(
+            f"{field}={name!r}: its architecture is unknown without its {CONFIG}: run `hf download {repo} "
+            f"{CONFIG}` (a few KB), or pass a converted directory"
+        )
+    return timm_config.description(known, f"{field}={name}")
 
 
 def is_hub_name(path) -> bool:
@@ -135,7 +198,7 @@ def resolve(name: str, field: str = "checkpoint", log=_logger.info) -> str:
     except ImportError:
         raise ConfigError(
             f"{field}={name!r}: hub names need huggingface_hub and safetensors: "
-            "pip install 'hybrid_distill_jax[hub]' (no torch needed)"
+            "pip install huggingface_hub safetensors (no torch needed)"
         ) from None
     files = _cached_files(repo, revision)
     if files is None:
@@ -145,15 +208,22 @@ def resolve(name: str, field: str = "checkpoint", log=_logger.info) -> str:
             return remembered
         files = _download(name, repo, revision, field)
     config_path, weights_path, commit = files
-    sha256 = os.path.basename(os.path.realpath(weights_path))
-    key = f"{commit}-{sha256[:16]}" if _SHA256.match(sha256) else commit
-    target = os.path.join(_repo_dir(repo), key)
+    target = _conversion_of(repo, files)
+    key = os.path.basename(target)
     if not _complete(target):
         _convert_once(name, repo, revision, commit, config_path, weights_path, target, log)
     else:
         log(f"{name}: cached conversion {target} (commit {commit[:12]})")
     _write_ref(repo, revision, key)
     return target
+
+
+def _conversion_of(repo: str, files) -> str:
+    """Our cache directory for the conversion of (config, weights, commit): ``<commit>-<sha256[:16]>``."""
+    _, weights_path, commit = files
+    sha256 = os.path.basename(os.path.realpath(weights_path))
+    key = f"{commit}-{sha256[:16]}" if _SHA256.match(sha256) else commit
+    return os.path.join(_repo_dir(repo), key)
 
 
 def _complete(directory: str) -> bool:

@@ -172,6 +172,54 @@ def settings(cfg: dict, where: str) -> TimmSettings:
     )
 
 
+def description(cfg: dict, where: str) -> dict:
+    """The ``model.json`` (architecture + input) that converting weights of this config would write,
+    read from the config alone: what compiling for a teacher needs when its weights are not here.
+
+    Shapes follow from timm's own rules: a pre-norm (CLIP-style) tower has no patch-embedding bias,
+    the MLP is ``mlp_ratio`` (4) times the width, ``num_classes`` sizes the head.
+    """
+    from hybrid_distill_jax.models import io as model_io
+    from hybrid_distill_jax.models.vit import arch_dict, make_vit
+
+    s = settings(cfg, where)
+    if {"width", "depth", "patch_size"} - set(s.expect) or s.heads is None or s.act is None:
+        raise ConfigError(
+            f"{where}: {s.architecture} is not an architecture this table knows and its model_args do not "
+            "give embed_dim, depth, num_heads and patch_size"
+        )
+    args = dict(cfg.get("model_args") or {})
+    width = s.expect["width"]
+    ln_pre = bool(s.expect.get("ln_pre", False))
+    arch = dict(
+        patch_size=s.expect["patch_size"],
+        width=width,
+        depth=s.expect["depth"],
+        num_heads=s.heads,
+        mlp_dim=int(width * float(args.get("mlp_ratio", 4.0))),
+        image_size=s.image_size or 224,
+        num_classes=int(cfg.get("num_classes", args.get("num_classes", 0)) or 0),
+        dist_token="distilled" in s.architecture,
+        ln_pre=ln_pre,
+        patch_bias=not ln_pre,
+        qkv_bias=bool(args.get("qkv_bias", True)),
+        act=s.act,
+        norm_eps=s.norm_eps,
+        pool=s.pool,
+    )
+    arch = arch_dict(make_vit(arch))  # every field, the rest at timm's (and our) defaults
+    return {
+        "format": model_io.FORMAT,
+        "arch": arch,
+        "input": {
+            "image_size": arch["image_size"],
+            "mean": list(s.mean or model_io.IMAGENET_MEAN),
+            "std": list(s.std or model_io.IMAGENET_STD),
+        },
+        "described_from": {"timm": s.architecture, "tag": s.tag},
+    }
+
+
 def _square(size, where: str) -> int | None:
     """timm's input_size [C, H, W] / img_size (int or [H, W]) -> the square side, or None."""
     if size is None:

@@ -68,17 +68,29 @@ class FrozenTeacher:
     source: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def load(cls, cfg, field: str) -> tuple[FrozenTeacher, Any]:
+    def load(
+        cls, cfg, field: str, *, abstract: bool = False, platform: str | None = None
+    ) -> tuple[FrozenTeacher, Any]:
+        """The teacher ``cfg`` names and its parameters in ``cfg.dtype``; ``abstract``: their shapes only
+        (ShapeDtypeStructs, from ``model.json`` or a hub name's description: nothing is read or fetched).
+        ``platform`` (default: JAX's) picks the attention kernel when ``cfg.attn_impl`` is ''."""
         dtype = dtype_of(cfg.get("dtype", "bfloat16"), f"{field}.dtype")
-        model, params, meta = model_io.load_model(
-            cfg.checkpoint,
-            field=f"{field}.checkpoint",
-            dtype=dtype,
-            drop_path=0.0,
-            attn_impl=cfg.get("attn_impl") or None,
-        )
+        overrides = dict(dtype=dtype, drop_path=0.0)
+        if abstract:
+            meta = model_io.describe_model(cfg.checkpoint, f"{field}.checkpoint")
+            arch = meta["arch"]
+        else:
+            arch = model_io.read_model_json(cfg.checkpoint, f"{field}.checkpoint")["arch"]
+        overrides["attn_impl"] = cfg.get("attn_impl") or frozen_attention_kernel(arch, dtype, platform)
+        if abstract:
+            model = make_vit(arch, **overrides)
+            params = abstract_params(model, dtype)
+        else:
+            model, params, meta = model_io.load_model(
+                cfg.checkpoint, field=f"{field}.checkpoint", **overrides
+            )
+            params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
         size = cfg.get("image_size") or meta["input"]["image_size"]
-        params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
         source = meta.get("converted_from") or {"model_dir": str(cfg.checkpoint)}
         mean, std = tuple(meta["input"]["mean"]), tuple(meta["input"]["std"])
         return cls(model, mean, std, int(size), source), params
@@ -92,6 +104,28 @@ class FrozenTeacher:
             {"params": params}, normalize(images, self.mean, self.std, self.image_size), **kwargs
         )
         return jax.tree.map(jax.lax.stop_gradient, out)
+
+
+def frozen_attention_kernel(arch: dict, dtype, platform: str | None = None) -> str | None:
+    """The fastest attention kernel for a frozen (forward-only) model: cuDNN's fused attention on NVIDIA
+    GPUs for bf16/fp16 models with a head size it takes (a multiple of 8, at most 128; any sequence
+    length, unlike its training kernel); elsewhere None, XLA's choice."""
+    platform = platform or jax.default_backend()
+    width, heads = arch.get("width", 768), arch.get("num_heads", 12)
+    head_dim = width // heads
+    reduced = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if platform in ("gpu", "cuda") and reduced and head_dim % 8 == 0 and head_dim <= 128:
+        return "cudnn"
+    return None
+
+
+def abstract_params(model: VisionTransformer, dtype) -> Any:
+    """The shapes of ``model``'s parameters, as ShapeDtypeStructs of ``dtype`` (nothing is allocated)."""
+    size = model.image_size
+    shapes = jax.eval_shape(
+        model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    )
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes["params"])
 
 
 def pooled_features(out: dict, pool: str, num_prefix: int = 1) -> jax.Array:

@@ -14,7 +14,7 @@ import flax.serialization
 import jax
 import numpy as np
 
-from hybrid_distill_jax.errors import CheckpointError, ConfigError, read_bytes
+from hybrid_distill_jax.errors import CheckpointError, ConfigError, read_bytes, write_atomically
 from hybrid_distill_jax.models.vit import ARCH_FIELDS, VisionTransformer, arch_dict, make_vit
 
 FORMAT = "hybrid_distill_jax.vit/1"
@@ -43,17 +43,9 @@ def save_model(
         **(extra or {}),
     }
     host = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
-    _write_atomically(os.path.join(directory, "params.msgpack"), flax.serialization.msgpack_serialize(host))
-    _write_atomically(os.path.join(directory, "model.json"), json.dumps(meta, indent=2).encode())
+    write_atomically(os.path.join(directory, "params.msgpack"), flax.serialization.msgpack_serialize(host))
+    write_atomically(os.path.join(directory, "model.json"), json.dumps(meta, indent=2).encode())
     return directory
-
-
-def _write_atomically(path: str, data: bytes) -> None:
-    """A kill at any moment leaves the old file or the new one, never a part of either."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def resolve_model_dir(directory: str, field: str = "checkpoint") -> str:
@@ -93,6 +85,16 @@ def read_model_json(directory: str, field: str = "checkpoint") -> dict:
     ):
         raise ConfigError(f"{field}: {path} is not a {FORMAT} description")
     return meta
+
+
+def describe_model(directory: str, field: str = "checkpoint") -> dict:
+    """``model.json``'s description of a model directory or ``hf-hub:`` name, never downloading or
+    converting (for validation and deviceless compiles; ``convert.hub.describe``)."""
+    if isinstance(directory, str) and directory.startswith("hf-hub:"):
+        from hybrid_distill_jax.convert import hub
+
+        return hub.describe(directory, field)
+    return read_model_json(directory, field)
 
 
 def load_model(

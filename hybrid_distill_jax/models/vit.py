@@ -136,8 +136,16 @@ class DropPath(nn.Module):
         return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
+_REDUCED_DOT = {
+    jnp.dtype(jnp.bfloat16): jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
+    jnp.dtype(jnp.float16): jax.lax.DotAlgorithmPreset.F16_F16_F32,
+}
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention that can expose its logits or its CLS row on request."""
+    """Multi-head self-attention that can expose its logits, its CLS row, or its scaled queries and keys
+    on request (``want_qk``: any block of the logits is then one small product away, and the attention
+    itself stays on the fused kernel)."""
 
     num_heads: int
     qkv_bias: bool = True
@@ -146,7 +154,15 @@ class Attention(nn.Module):
     attn_impl: str | None = None  # fused attention kernel: None (XLA picks), 'xla' or 'cudnn'
 
     @nn.compact
-    def __call__(self, x, *, want_logits: bool = False, want_cls: bool = False, num_prefix: int = 1):
+    def __call__(
+        self,
+        x,
+        *,
+        want_logits: bool = False,
+        want_cls: bool = False,
+        num_prefix: int = 1,
+        want_qk: bool = False,
+    ):
         width = x.shape[-1]
         if width % self.num_heads:
             raise ConfigError(f"model.width={width} is not divisible by num_heads={self.num_heads}")
@@ -161,10 +177,18 @@ class Attention(nn.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, Dh]
         scale = 1.0 / math.sqrt(head_dim)
         extras = {}
+        if want_qk:
+            extras["q"], extras["k"] = q * scale, k
         if want_logits:
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k, preferred_element_type=jnp.float32)
+            # Reduced-precision models: bf16 (fp16) operands with fp32 accumulation in both products and,
+            # through the algorithm, in their backward too (whose fp32 cotangents would otherwise make
+            # the gradient products fp32 GEMMs). The logits and the softmax stay fp32.
+            precision = None if self.dtype == jnp.float32 else _REDUCED_DOT.get(jnp.dtype(self.dtype))
+            logits = jnp.einsum(
+                "bqhd,bkhd->bhqk", q * scale, k, preferred_element_type=jnp.float32, precision=precision
+            )
             probs = jax.nn.softmax(logits, axis=-1)
-            out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
+            out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v, precision=precision)
             extras["logits"] = logits
             if want_cls:
                 extras["cls"] = probs[:, :, 0, num_prefix:]
@@ -210,7 +234,13 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x, train: bool = False, want_logits: bool = False, want_cls: bool = False, num_prefix: int = 1
+        self,
+        x,
+        train: bool = False,
+        want_logits: bool = False,
+        want_cls: bool = False,
+        num_prefix: int = 1,
+        want_qk: bool = False,
     ):
         norm = dict(epsilon=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         y, extras = Attention(
@@ -220,6 +250,7 @@ class Block(nn.Module):
             want_logits=want_logits,
             want_cls=want_cls,
             num_prefix=num_prefix,
+            want_qk=want_qk,
         )
         x = x + DropPath(self.drop_path)(y, deterministic=not train)
         y = MlpBlock(self.mlp_dim, self.act, self.dtype, self.param_dtype, name="mlp")(
@@ -234,8 +265,10 @@ class VisionTransformer(nn.Module):
 
     Outputs: ``tokens`` (all tokens after the final norm, prefix first: [B, P+K, D]), ``pooled``,
     ``logits`` (if ``num_classes``), ``embedding`` (CLIP ``proj`` of the CLS token, if ``proj_dim``),
-    ``attn_logits`` {layer: fp32 [B, H, N_l, N_l]} for ``attn_layers`` and ``cls_attn``
-    {layer: fp32 [B, H, K_l]} (CLS -> patch probabilities) for ``cls_attn_layers``.
+    ``attn_logits`` {layer: fp32 [B, H, N_l, N_l]} for ``attn_layers``, ``cls_attn``
+    {layer: fp32 [B, H, K_l]} (CLS -> patch probabilities) for ``cls_attn_layers``, and ``qk``
+    {layer: (q / sqrt(Dh), k), each [B, N_l, H, Dh] in ``dtype``} for ``qk_layers``: the logits of any
+    token subset, ``einsum('bqhd,bkhd->bhqk', q[:, rows], k[:, cols])``, without the N x N map.
     """
 
     patch_size: int = 16
@@ -280,11 +313,12 @@ class VisionTransformer(nn.Module):
         drop_after: Mapping[int, jax.Array] | None = None,
         attn_layers: Sequence[int] = (),
         cls_attn_layers: Sequence[int] = (),
+        qk_layers: Sequence[int] = (),
         train: bool = False,
     ) -> dict[str, Any]:
-        attn_layers, cls_attn_layers = tuple(attn_layers), tuple(cls_attn_layers)
+        attn_layers, cls_attn_layers, qk_layers = tuple(attn_layers), tuple(cls_attn_layers), tuple(qk_layers)
         drop_after = dict(drop_after or {})
-        for layer in attn_layers + cls_attn_layers + tuple(drop_after):
+        for layer in attn_layers + cls_attn_layers + qk_layers + tuple(drop_after):
             if not 1 <= layer <= self.depth:
                 raise ConfigError(
                     f"layer {layer} requested from a ViT of depth {self.depth} (layers are 1..depth)"
@@ -328,11 +362,17 @@ class VisionTransformer(nn.Module):
             )(x)
 
         policy = remat_policy(self.remat_policy)
-        block_cls = Block if policy is False else nn.remat(Block, static_argnums=(2, 3, 4, 5), policy=policy)
+        block_cls = (
+            Block if policy is False else nn.remat(Block, static_argnums=(2, 3, 4, 5, 6), policy=policy)
+        )
         drop_rates = np.linspace(0.0, self.drop_path, self.depth)
-        attn_logits, cls_attn = {}, {}
+        attn_logits, cls_attn, qk = {}, {}, {}
         for layer in range(1, self.depth + 1):
-            want_logits, want_cls = layer in attn_layers, layer in cls_attn_layers
+            want_logits, want_cls, want_qk = (
+                layer in attn_layers,
+                layer in cls_attn_layers,
+                layer in qk_layers,
+            )
             x, extras = block_cls(
                 self.num_heads,
                 self.mlp_dim,
@@ -344,9 +384,11 @@ class VisionTransformer(nn.Module):
                 self.param_dtype,
                 self.attn_impl,
                 name=f"block{layer}",
-            )(x, train, want_logits, want_cls, p)
+            )(x, train, want_logits, want_cls, p, want_qk)
             if want_logits:
                 attn_logits[layer] = extras["logits"]
+            if want_qk:
+                qk[layer] = (extras["q"], extras["k"])
             if want_cls:
                 cls_attn[layer] = extras["cls"]
             if layer in drop_after:
@@ -356,7 +398,7 @@ class VisionTransformer(nn.Module):
             x = nn.LayerNorm(
                 epsilon=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm"
             )(x)
-        out: dict[str, Any] = {"tokens": x, "attn_logits": attn_logits, "cls_attn": cls_attn}
+        out: dict[str, Any] = {"tokens": x, "attn_logits": attn_logits, "cls_attn": cls_attn, "qk": qk}
         pooled = x[:, 0] if self.pool == "cls" else jnp.mean(x[:, p:], axis=1)
         out["pooled"] = pooled
         if self.proj_dim:
@@ -398,3 +440,19 @@ def make_vit(arch: Mapping[str, Any], **overrides) -> VisionTransformer:
 def arch_dict(model: VisionTransformer) -> dict[str, Any]:
     """The JSON-serialisable architecture of a ViT (inverse of ``make_vit``)."""
     return {name: getattr(model, name) for name in ARCH_FIELDS}
+
+
+def forward_flops(model: VisionTransformer, patches_per_block: Sequence[int], image_size: int) -> float:
+    """Matmul FLOPs (2 per multiply-add) of one image's forward pass at ``image_size``: every patch is
+    embedded, then block ``l`` runs on the prefix + ``patches_per_block[l-1]`` tokens (qkv, projection,
+    MLP and the two attention products), then the CLIP projection and the head. Elementwise work
+    (norms, softmax, activations) is not counted: this is the count MFU is quoted against."""
+    if len(patches_per_block) != model.depth:
+        raise ValueError(f"{len(patches_per_block)} token counts for a ViT of depth {model.depth}")
+    d, mlp = model.width, model.mlp_dim
+    flops = 2 * (image_size // model.patch_size) ** 2 * model.patch_size**2 * 3 * d
+    for patches in patches_per_block:
+        n = model.num_prefix + patches
+        flops += 2 * n * (4 * d * d + 2 * d * mlp) + 2 * 2 * n * n * d
+    flops += 2 * d * (model.proj_dim or 0) + 2 * d * model.num_classes
+    return float(flops)

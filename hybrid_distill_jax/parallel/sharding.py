@@ -103,8 +103,9 @@ def mesh_devices(mesh_cfg: Mapping[str, Any]) -> list:
     return devices
 
 
-def make_mesh(mesh_cfg: Mapping[str, Any]) -> jax.sharding.Mesh:
-    devices = mesh_devices(mesh_cfg)
+def make_mesh(mesh_cfg: Mapping[str, Any], devices: Sequence | None = None) -> jax.sharding.Mesh:
+    """The mesh over ``devices`` (default: ``mesh_devices``; a deviceless compile passes its target's)."""
+    devices = mesh_devices(mesh_cfg) if devices is None else list(devices)
     sizes = resolve_mesh_shape(mesh_cfg, len(devices))
     return jax.make_mesh(
         tuple(sizes[a] for a in AXES),

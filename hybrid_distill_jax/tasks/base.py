@@ -32,11 +32,16 @@ def register(cls: type[Task]) -> type[Task]:
     return cls
 
 
-def build_task(config, num_classes: int) -> Task:
-    """The task of ``config.mode``, with its models built (and frozen teachers loaded)."""
+def build_task(config, num_classes: int, *, abstract: bool = False, platform: str | None = None) -> Task:
+    """The task of ``config.mode``, with its models built and frozen teachers loaded.
+
+    ``abstract``: the teachers are described, not loaded (``frozen`` holds ShapeDtypeStructs, nothing is
+    read beyond each ``model.json``, nothing downloaded): enough to compile the step for other hardware.
+    ``platform`` ('cpu', 'gpu', 'tpu'; default JAX's) is the hardware the step is built for.
+    """
     if config.mode not in TASKS:
         raise ConfigError(f"config.mode={config.mode!r}: no training task; expected one of {sorted(TASKS)}")
-    return TASKS[config.mode](config, num_classes)
+    return TASKS[config.mode](config, num_classes, abstract=abstract, platform=platform)
 
 
 class Task:
@@ -47,10 +52,13 @@ class Task:
     mean: tuple  # its input normalisation
     std: tuple
     frozen: dict  # arrays the step reads and never updates (the teachers' parameters)
+    platform: str  # what the step is built for: 'cpu', 'gpu' or 'tpu'
 
-    def __init__(self, config, num_classes: int):
+    def __init__(self, config, num_classes: int, *, abstract: bool = False, platform: str | None = None):
         self.config = config
+        self.platform = platform or jax.default_backend()
         self.num_classes = num_classes
+        self.abstract = abstract
         self.image_size = config.image_size
         self.frozen = {}
 
@@ -75,6 +83,15 @@ class Task:
     def stage_metrics(self, stage: Hashable) -> dict[str, float]:
         """Scalars that describe ``stage`` in the logs (e.g. the kept-token count)."""
         return {}
+
+    def stages(self, total_steps: int) -> tuple[Hashable, ...]:
+        """Every distinct ``stage`` of a run of ``total_steps`` steps, in order."""
+        return (self.stage(0, total_steps),)
+
+    def flops_per_example(self, stage: Hashable) -> dict[str, float] | None:
+        """Analytic matmul FLOPs of one training example in ``stage``, by part and ``total``; None when
+        the task does not count them."""
+        return None
 
     def make_optimizer(self, optim_cfg, batch_size: int, total_steps: int, warmup_steps: int):
         """(optax transformation, learning-rate schedule)."""

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from hybrid_distill_jax import losses, masking
 from hybrid_distill_jax.errors import ConfigError
 from hybrid_distill_jax.models.build import FrozenTeacher, normalize, vit_from_config
-from hybrid_distill_jax.models.vit import arch_dict, gather_tokens
+from hybrid_distill_jax.models.vit import arch_dict, forward_flops, gather_tokens
 from hybrid_distill_jax.tasks.base import Task, register
 
 log = logging.getLogger("hybrid_distill_jax")
@@ -106,8 +106,8 @@ class DistillTask(Task):
 
     name = "distill"
 
-    def __init__(self, config, num_classes: int = 0):
-        super().__init__(config, num_classes)
+    def __init__(self, config, num_classes: int = 0, *, abstract: bool = False, platform: str | None = None):
+        super().__init__(config, num_classes, abstract=abstract, platform=platform)
         scfg, lcfg, mcfg = config.student, config.loss, config.masking
         self.student = vit_from_config(scfg, "student", image_size=config.image_size, num_classes=0)
         self.mean, self.std = tuple(scfg.mean), tuple(scfg.std)
@@ -118,7 +118,7 @@ class DistillTask(Task):
         self.teachers = {}
         for role in teacher_roles(config, self.depth):
             self.teachers[role], self.frozen[role] = FrozenTeacher.load(
-                config.teachers[role], f"teachers.{role}"
+                config.teachers[role], f"teachers.{role}", abstract=abstract, platform=self.platform
             )
         archs = {
             role: {**arch_dict(t.model), "image_size": t.image_size} for role, t in self.teachers.items()
@@ -166,6 +166,25 @@ class DistillTask(Task):
     def stage_metrics(self, stage) -> dict[str, float]:
         return self.plan.stage_metrics(stage)
 
+    def stages(self, total_steps: int):
+        return self.plan.stages(total_steps)
+
+    def flops_per_example(self, stage) -> dict[str, float]:
+        """Student forward + backward (3x forward, head included) and each teacher's forward."""
+        patches = self.plan.patches_per_block(stage, self.depth)
+        student = forward_flops(self.student, patches, self.image_size)
+        if self.head is not None:
+            student += 2 * (1 + patches[-1]) * self.student.width * self.feature_width
+        out = {"student_fwd_bwd": 3 * student}
+        on_kept = self.beta > 0 and bool(self.relation_layers) and self.config.loss.relation_teacher_on_kept
+        for role, t in self.teachers.items():
+            seen = [t.grid**2] * t.model.depth
+            if role == "relation" and on_kept:
+                seen = [patches[min(i, len(patches) - 1)] for i in range(t.model.depth)]
+            out[f"{role}_teacher_fwd"] = forward_flops(t.model, seen, t.image_size)
+        out["total"] = sum(out.values())
+        return out
+
     def loss_fn(self, params, frozen, batch, rng, stage):
         lcfg = self.config.loss
         images = batch["image"]
@@ -174,15 +193,14 @@ class DistillTask(Task):
         rel_layers = self.relation_layers if self.beta > 0 else ()
         on_kept = bool(rel_layers) and lcfg.relation_teacher_on_kept
 
-        # Teachers on the full image; only the requested attention maps are materialised.
+        # Teachers on the full image, on fused attention: no N x N map is formed. The relation teacher
+        # hands out its distilled blocks' queries and keys; the scoring teacher its CLS attention rows.
         tout = {}
         for role, teacher in self.teachers.items():
             cls_layers = self.score_layers if role == self.score_role else ()
-            attn_layers = rel_layers if role == "relation" and not on_kept else ()
-            if (role == "feature" and self.alpha > 0) or cls_layers or attn_layers:
-                tout[role] = teacher(
-                    frozen[role], images, cls_attn_layers=cls_layers, attn_layers=attn_layers
-                )
+            qk_layers = rel_layers if role == "relation" and not on_kept else ()
+            if (role == "feature" and self.alpha > 0) or cls_layers or qk_layers:
+                tout[role] = teacher(frozen[role], images, cls_attn_layers=cls_layers, qk_layers=qk_layers)
 
         scores = {
             layer: masking.redundancy_scores(tout[self.score_role]["cls_attn"][layer])
@@ -240,8 +258,9 @@ class DistillTask(Task):
     ) -> dict:
         """{layer: relation teacher logits over CLS + the patches that student block sees}.
 
-        Default: the full-image logits gathered at those rows and columns. ``on_kept``: the relation
-        teacher itself runs on the student's token sets (same input patches, same drops).
+        Default: the full-image teacher's logits at those rows and columns, as the product of its
+        queries and keys at those tokens. ``on_kept``: the relation teacher itself runs on the student's
+        token sets (same input patches, same drops).
         """
         if not layers:
             return {}
@@ -260,9 +279,8 @@ class DistillTask(Task):
         cls = jnp.zeros((b, 1), jnp.int32)
         p = teacher.model.num_prefix
         return {
-            layer: losses.gather_relation(
-                tout["relation"]["attn_logits"][layer],
-                jnp.concatenate([cls, kept.patches_at(layer) + p], axis=1),
+            layer: losses.relation_logits(
+                *tout["relation"]["qk"][layer], jnp.concatenate([cls, kept.patches_at(layer) + p], axis=1)
             )
             for layer in layers
         }

@@ -123,12 +123,12 @@ class FinetuneTask(Task):
 
     name = "finetune"
 
-    def __init__(self, config, num_classes: int):
-        super().__init__(config, num_classes)
+    def __init__(self, config, num_classes: int, *, abstract: bool = False, platform: str | None = None):
+        super().__init__(config, num_classes, abstract=abstract, platform=platform)
         mcfg = config.model
         head = dict(num_classes=num_classes, pool=mcfg.pool, drop_path=mcfg.drop_path)
         if config.init_from:
-            meta = model_io.read_model_json(config.init_from, "init_from")
+            meta = model_io.describe_model(config.init_from, "init_from")
             # The pre-trained architecture, with this config's head, resolution and dtypes.
             mcfg = dict(
                 meta["arch"],

@@ -19,8 +19,8 @@ from hybrid_distill_jax.tasks.base import Task, register
 class MAETask(Task):
     name = "mae"
 
-    def __init__(self, config, num_classes: int):
-        super().__init__(config, num_classes)
+    def __init__(self, config, num_classes: int, *, abstract: bool = False, platform: str | None = None):
+        super().__init__(config, num_classes, abstract=abstract, platform=platform)
         self.vit = vit_from_config(config.model, "model", image_size=config.image_size, num_classes=0)
         mcfg = config.mae
         self.mae = MAE(

@@ -107,12 +107,18 @@ def jit_step(
     batch_sharding: NamedSharding,
     metrics_sharding: NamedSharding,
 ) -> Callable:
-    """``step`` specialised to ``stage`` and jitted with its shardings; the input state is donated."""
+    """``step`` specialised to ``stage`` and jitted with its shardings; the input state is donated.
+
+    Every input stays an argument even where the stage reads none of it (a teacher's blocks after the
+    last distilled layer): those arrays live on the devices all the same, so the compiled program's
+    memory counts them.
+    """
     return jax.jit(
         lambda state, frozen, batch: step(state, frozen, batch, stage),
         in_shardings=(state_shardings, frozen_shardings, batch_sharding),
         out_shardings=(state_shardings, metrics_sharding),
         donate_argnums=(0,),
+        keep_unused=True,
     )
 
 

@@ -214,6 +214,19 @@ def test_full_size_parity(tmp_path, monkeypatch, repo):
     print(f"[hub] full-size {repo}: first resolution + parity {t1 - t0:.1f} s, second {t2 - t1:.4f} s")
 
 
+def test_description_without_weights_is_what_the_conversion_writes(hub_env, monkeypatch):
+    """``hub.describe`` (deviceless compiles, validation) reads the cached config.json alone: its model.json
+    equals the one converting the weights writes, for every listed name; afterwards it reads ours."""
+    monkeypatch.setattr(hub, "_download", lambda *a, **k: pytest.fail("describe must not download"))
+    for repo in NAMES:
+        described = hub.describe(hub.PREFIX + repo)
+        assert described["described_from"]["timm"] == repo.split("/")[1].split(".")[0]
+        converted = model_io.read_model_json(hub.resolve(hub.PREFIX + repo, log=lambda s: None))
+        assert described["arch"] == converted["arch"], repo
+        assert described["input"] == converted["input"], repo
+        assert hub.describe(hub.PREFIX + repo) == converted  # now the conversion's own model.json
+
+
 def test_second_resolution_neither_converts_nor_downloads(hub_env, monkeypatch):
     lines = []
     t0 = time.perf_counter()

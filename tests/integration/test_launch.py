@@ -57,6 +57,12 @@ def tiny_fields(tmp_path, tfds_dir, **extra) -> dict:
     return fields
 
 
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def cli(fields: dict) -> list[str]:
     return [f"--config.{k}={v}" for k, v in fields.items()]
 
@@ -431,3 +437,55 @@ def test_gpu_single_node_on_fake_devices(tmp_path, tfds_dir):
     restored, at = Trainer(reference, str(workdir)).initial_state()
     assert at == 4
     assert_same(gathered_params(restored), flat(expected.params))
+
+
+# ---- pre-flight compiles (--compile-only): here, before any accelerator is asked for --------------------
+def _described_teachers(tmp_path) -> list[str]:
+    from tests.integration.test_compile import describe_teacher
+
+    return [
+        f"--config.teachers.feature.checkpoint={describe_teacher(tmp_path / 'tf', variant='nano/8')}",
+        f"--config.teachers.relation.checkpoint={describe_teacher(tmp_path / 'tr')}",
+        "--stages=first",
+    ]
+
+
+@pytest.mark.skipif(not _has("libtpu"), reason="TPU targets need libtpu: make install-aot")
+def test_tpu_pod_compile_only_compiles_here_and_calls_no_gcloud(pod, tmp_path):
+    workdir = tmp_path / "never"
+    args = ["--compile-only", "run", "tests/tiny_config.py", str(workdir), *_described_teachers(tmp_path)]
+    proc, calls = pod(
+        *args, ACCELERATOR_TYPE="v5litepod-8", PYTHON=sys.executable, PYTHONPATH=REPO, XLA_FLAGS=""
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert calls == [] and not workdir.exists()
+    assert "tiny on v5e:2x4: 8 x TPU v5 lite" in proc.stdout and "| keep=12 |" in proc.stdout
+
+
+@pytest.mark.skipif(
+    not _has("jax_cuda12_plugin"), reason="GPU targets need the CUDA plugin: make install-aot"
+)
+@pytest.mark.parametrize(
+    "script, env, expected",
+    [
+        ("gpu_single_node.sh", dict(GPU_TARGET="h200", NUM_GPUS="2"), "tiny on 2x h200: 2 x NVIDIA H200"),
+        ("slurm_multinode.sbatch", dict(GPU_TARGET="h200", NODES="2", GPUS_PER_NODE="2"), "2 host(s)"),
+    ],
+)
+def test_gpu_launchers_compile_only(tmp_path, script, env, expected):
+    workdir = tmp_path / "never"
+    cmd = ["bash", os.path.join("launch", script), "--compile-only", "tests/tiny_config.py", str(workdir)]
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    run_env.update(env, PYTHON=sys.executable, PYTHONPATH=REPO, XLA_FLAGS="", HD_REPO=REPO)
+    proc = subprocess.run(
+        [*cmd, *_described_teachers(tmp_path)],
+        env=run_env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert expected in proc.stdout and "fits" in proc.stdout and not workdir.exists()
+    # the launchers' own GPU settings reach the compile: 90% of each GPU is JAX's
+    assert "usable at XLA_PYTHON_CLIENT_MEM_FRACTION=0.90" in proc.stdout

@@ -264,3 +264,48 @@ def test_relation_only(tmp_path):
     assert set(task.teachers) == {"feature", "relation"}  # the feature teacher still scores patches
     assert "head" not in task.init_params(jax.random.key(0))
     _check(task, 8, 8)
+
+
+def _map_relation_targets(task):
+    """The relation targets as computed before the teacher handed out queries and keys: the teacher's
+    full [B, H, N, N] logit map, then its rows and columns at CLS + the kept patches."""
+
+    def targets(frozen, images, tout, kept, layers, on_kept):
+        full = task.teachers["relation"](frozen["relation"], images, attn_layers=layers)["attn_logits"]
+        cls = jnp.zeros((images.shape[0], 1), jnp.int32)
+        out = {}
+        for layer in layers:
+            idx = jnp.concatenate([cls, kept.patches_at(layer) + 1], axis=1)
+            rows = jnp.take_along_axis(full[layer], idx[:, None, :, None], axis=2)
+            out[layer] = jnp.take_along_axis(rows, idx[:, None, None, :], axis=3).astype(jnp.float32)
+        return out
+
+    return targets
+
+
+@pytest.mark.parametrize("dtype, rtol", [("float32", 1e-6), ("bfloat16", 2e-2)])
+def test_relation_targets_from_queries_and_keys_match_the_full_map(tmp_path, dtype, rtol):
+    """Same loss and gradients as the full-map path: fp32 to 1e-6; bf16 teachers and student within 2%
+    (the two paths round the bf16 logits differently: the map is a bf16 product cast late)."""
+    c = _config(tmp_path, 3, 3, 4, masking__stage_starts=(0.0,), masking__stage_ratios=(0.5,))
+    c.student.dtype = dtype
+    c.teachers.feature.dtype = c.teachers.relation.dtype = dtype
+    task = DistillTask(c)
+    params = task.init_params(jax.random.key(0))
+    params["student"] = _perturb(params["student"], 7)
+    batch = {"image": jax.random.uniform(jax.random.key(3), (B, 32, 32, 3))}
+
+    def loss_and_grads():
+        fn = jax.jit(jax.value_and_grad(task.loss_fn, has_aux=True), static_argnums=4)
+        (loss, metrics), grads = fn(params, task.frozen, batch, jax.random.key(5), 8)
+        return float(metrics["relation_loss"]), jax.tree.leaves(grads)
+
+    rel, grads = loss_and_grads()
+    task._relation_targets = _map_relation_targets(task)
+    rel_map, grads_map = loss_and_grads()
+    assert rel > 1e-3
+    np.testing.assert_allclose(rel, rel_map, rtol=rtol)
+    for g, g_map in zip(grads, grads_map):
+        scale = float(jnp.max(jnp.abs(g_map.astype(jnp.float32)))) + 1e-12
+        err = float(jnp.max(jnp.abs(g.astype(jnp.float32) - g_map.astype(jnp.float32))))
+        assert err <= rtol * scale * 10, (err, scale)

@@ -12,12 +12,14 @@ def _softmax(x):
     return e / e.sum(-1, keepdims=True)
 
 
-def test_gathered_relation_equals_softmax_restricted_to_kept_set():
+def test_kept_relation_equals_softmax_restricted_to_kept_set():
     rng = np.random.default_rng(0)
-    b, h, n = 2, 3, 9
-    logits = rng.normal(size=(b, h, n, n)).astype(np.float32) * 3
+    b, h, n, d = 2, 3, 9, 4
+    q = rng.normal(size=(b, n, h, d)).astype(np.float32) * 1.5
+    k = rng.normal(size=(b, n, h, d)).astype(np.float32) * 1.5
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k)
     keep = np.array([[0, 2, 3, 7], [0, 1, 5, 8]])
-    gathered = jax.nn.softmax(losses.gather_relation(jnp.asarray(logits), jnp.asarray(keep)), -1)
+    gathered = jax.nn.softmax(losses.relation_logits(jnp.asarray(q), jnp.asarray(k), jnp.asarray(keep)), -1)
     full_probs = _softmax(logits.astype(np.float64))
     for bi in range(b):
         for hi in range(h):
