@@ -3,6 +3,7 @@
     python benchmarks/input_pipeline.py                      # 1,200 ImageNet-like JPEGs, batch 128, 224 px
     python benchmarks/input_pipeline.py --folder DIR         # DIR/train/<class>/*.jpg instead
     python benchmarks/input_pipeline.py --tfds DIR           # also a prepared TFDS dataset (its version dir)
+    python benchmarks/input_pipeline.py --array_record DIR   # and the same images stored as ArrayRecord
     python benchmarks/input_pipeline.py --quick              # 1 repeat, fewer batches: proves it runs
 
 Every measurement runs in its own process (one at a time, on the same cores), ``--repeats`` times in
@@ -11,7 +12,10 @@ round-robin order, and the table reports medians (min-max). Implementations, all
 
 * ``ours-folder``: ``data.train_iterator`` on the folder (``data.name='folder'``);
 * ``ours-tfds``: ``data.train_iterator`` on the same images as a prepared TFDS dataset with JPEG-encoded
-  ``Image`` features, read from its directory without builder code and streamed as an ImageNet-size split;
+  ``Image`` features in TFRecord shards, read from its directory without builder code and streamed as an
+  ImageNet-size split;
+* ``ours-arrayrecord``: the same, on the same images prepared as ArrayRecord shards
+  (``tfds build --file_format=array_record``);
 * ``ours-folder-bicubic-aa``: the folder path with an antialiased bicubic resize (the cost of antialiasing);
 * ``tfdata``: a plain fused tf.data reference (``extract_jpeg_shape`` -> sampled box ->
   ``decode_and_crop_jpeg`` -> bilinear resize -> uint8);
@@ -21,7 +25,9 @@ round-robin order, and the table reports medians (min-max). Implementations, all
   torchvision's RandomResizedCrop (bicubic) and flip on PIL images.
 
 Prints one JSON line per measurement, the load average (``os.getloadavg``) around the runs, and a table of
-img/s and img/s per core with the ratios to the tf.data reference and to the torch DataLoader.
+img/s, img/s per core and CPU time per image (the measured process's, all threads; not for torch, whose
+workers are other processes) with the ratios to the tf.data reference and to the torch DataLoader, and the
+ArrayRecord path's ratios to the TFRecord path.
 """
 
 from __future__ import annotations
@@ -37,7 +43,15 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-IMPLS = ("ours-folder", "ours-tfds", "ours-folder-bicubic-aa", "tfdata", "tfdata-nested-guard", "torch")
+IMPLS = (
+    "ours-folder",
+    "ours-tfds",
+    "ours-arrayrecord",
+    "ours-folder-bicubic-aa",
+    "tfdata",
+    "tfdata-nested-guard",
+    "torch",
+)
 SCALE, RATIO = (0.2, 1.0), (3 / 4, 4 / 3)
 
 
@@ -78,8 +92,9 @@ def folder_files(root: str) -> tuple[list[str], list[int]]:
     return paths, labels
 
 
-def prepare_tfds(folder: str, out_dir: str) -> str:
-    """The folder's JPEGs as a prepared TFDS dataset (JPEG ``Image`` features, bytes stored as they are).
+def prepare_tfds(folder: str, out_dir: str, file_format: str = "tfrecord") -> str:
+    """The folder's JPEGs as a prepared TFDS dataset (JPEG ``Image`` features, bytes stored as they are)
+    in ``file_format`` shards ('tfrecord' or 'array_record', as ``tfds build --file_format`` writes).
 
     The builder class exists only in this process: the measured process reads the dataset from its
     directory (``tfds.builder_from_directory``), as it would a dataset whose code it cannot import.
@@ -88,7 +103,7 @@ def prepare_tfds(folder: str, out_dir: str) -> str:
 
     paths, labels = folder_files(folder)
 
-    class BenchJpegs(tfds.core.GeneratorBasedBuilder):
+    class BenchJpegs(tfds.core.GeneratorBasedBuilder, skip_registration=True):  # made once per format
         VERSION = tfds.core.Version("1.0.0")
 
         def _info(self):
@@ -109,7 +124,7 @@ def prepare_tfds(folder: str, out_dir: str) -> str:
             for i, (path, label) in enumerate(zip(paths, labels, strict=True)):
                 yield i, {"image": path, "label": label}
 
-    builder = BenchJpegs(data_dir=out_dir)
+    builder = BenchJpegs(data_dir=out_dir, file_format=file_format)
     if not builder.is_prepared():
         builder.download_and_prepare()
     return str(builder.data_dir)
@@ -117,14 +132,21 @@ def prepare_tfds(folder: str, out_dir: str) -> str:
 
 # ---- the measured processes --------------------------------------------------------------------------
 def _time_batches(batches, batch: int, warmup: int, timed: int) -> dict:
+    """img/s over ``timed`` batches, and this process's CPU time per image (all its threads), which other
+    jobs on a shared machine disturb less than the rate."""
     for _ in range(warmup):
         next(batches)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(timed):
         b = next(batches)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     image = b["image"] if isinstance(b, dict) else b[0]
-    return {"img_s": round(timed * batch / dt, 1), "seconds": round(dt, 2), "dtype": str(image.dtype)}
+    return {
+        "img_s": round(timed * batch / dt, 1),
+        "cpu_us_img": round(cpu / (timed * batch) * 1e6),
+        "seconds": round(dt, 2),
+        "dtype": str(image.dtype),
+    }
 
 
 def child_ours(args) -> dict:
@@ -132,9 +154,9 @@ def child_ours(args) -> dict:
     from hybrid_distill_jax.data import sources, train_iterator
 
     cfg = dict(name="folder", data_dir=args.folder, train_split="train", eval_split="train", prefetch=2)
-    if args.impl == "ours-tfds":
+    if args.impl in ("ours-tfds", "ours-arrayrecord"):
         sources.IN_MEMORY_MAX_BYTES = 0  # stream it, as an ImageNet-size split is
-        cfg.update(name=args.tfds, data_dir=None)
+        cfg.update(name=args.tfds if args.impl == "ours-tfds" else args.array_record, data_dir=None)
     if args.impl == "ours-folder-bicubic-aa":
         cfg.update(resize_method="bicubic", antialias=True)
     it = train_iterator(
@@ -234,7 +256,7 @@ def child_torch(args) -> dict:
             yield from loader
 
     out = _time_batches(forever(), args.batch, args.warmup, args.batches)
-    return dict(out, transforms=kind)
+    return dict(out, transforms=kind, cpu_us_img=None)  # the decoding runs in the worker processes
 
 
 # ---- the driver --------------------------------------------------------------------------------------
@@ -242,8 +264,9 @@ def run_child(args, impl: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", impl, "--folder", args.folder]
     cmd += ["--batch", str(args.batch), "--size", str(args.size), "--workers", str(args.workers)]
     cmd += ["--warmup", str(args.warmup), "--batches", str(args.batches)]
-    if args.tfds:
-        cmd += ["--tfds", args.tfds]
+    for flag in ("tfds", "array_record"):
+        if getattr(args, flag):
+            cmd += [f"--{flag}", getattr(args, flag)]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
     load = os.getloadavg()[0]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
@@ -259,6 +282,9 @@ def parse_args(argv=None):
     ap.add_argument("--folder", default="", help="root with train/<class>/*.jpg (default: make JPEGs)")
     ap.add_argument(
         "--tfds", default="", help="a prepared TFDS dataset's version directory (default: make one)"
+    )
+    ap.add_argument(
+        "--array_record", default="", help="the same dataset prepared as ArrayRecord (default: make one)"
     )
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "hdj_input_bench"))
     ap.add_argument("--images", type=int, default=1200, help="JPEGs to make when no --folder is given")
@@ -293,6 +319,10 @@ def main(argv=None) -> int:
         args.folder = make_jpegs(os.path.join(args.workdir, "jpegs"), args.images)
     if not args.tfds and "ours-tfds" in args.impl_list:
         args.tfds = prepare_tfds(args.folder, os.path.join(args.workdir, "tfds"))
+    if not args.array_record and "ours-arrayrecord" in args.impl_list:
+        args.array_record = prepare_tfds(
+            args.folder, os.path.join(args.workdir, "tfds-array_record"), "array_record"
+        )
     paths, _ = folder_files(args.folder)
     size_kb = sum(os.path.getsize(p) for p in paths) / len(paths) / 1e3
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -309,28 +339,36 @@ def main(argv=None) -> int:
             print(json.dumps(r), flush=True)
     print(f"# load average after: {os.getloadavg()}")
 
-    def median(impl):
-        rates = [r["img_s"] for r in results.get(impl, []) if "img_s" in r]
-        return statistics.median(rates) if rates else None
+    def median(impl, key="img_s"):
+        values = [r[key] for r in results.get(impl, []) if r.get(key) is not None]
+        return statistics.median(values) if values else None
 
     ref, torch_rate = median("tfdata"), median("torch")
     print(
-        f"\n| pipeline | img/s median (min-max) of {args.repeats} | img/s per core | vs tf.data | vs torch |"
+        f"\n| pipeline | img/s median (min-max) of {args.repeats} | img/s per core | CPU µs/img | vs tf.data "
+        "| vs torch |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     summary = {}
     for impl in args.impl_list:
         rates = [r["img_s"] for r in results[impl] if "img_s" in r]
         if not rates:
-            print(f"| {impl} | error: {results[impl][-1].get('error')} | | | |")
+            print(f"| {impl} | error: {results[impl][-1].get('error')} | | | | |")
             continue
-        m = statistics.median(rates)
+        m, cpu = statistics.median(rates), median(impl, "cpu_us_img")
         vs_ref = f"{m / ref:.2f}x" if ref else "-"
         vs_torch = f"{m / torch_rate:.2f}x" if torch_rate else "-"
         note = f" ({results[impl][-1]['transforms']})" if "transforms" in results[impl][-1] else ""
         spread = f"{m:.0f} ({min(rates):.0f}-{max(rates):.0f})"
-        print(f"| {impl}{note} | {spread} | {m / cores:.0f} | {vs_ref} | {vs_torch} |")
-        summary[impl] = dict(median_img_s=m, rates=rates, per_core=m / cores)
+        print(f"| {impl}{note} | {spread} | {m / cores:.0f} | {cpu or '-'} | {vs_ref} | {vs_torch} |")
+        summary[impl] = dict(median_img_s=m, rates=rates, per_core=m / cores, median_cpu_us_img=cpu)
+    if summary.get("ours-arrayrecord") and summary.get("ours-tfds"):
+        ar, tfr = summary["ours-arrayrecord"], summary["ours-tfds"]
+        print(
+            f"\nours-arrayrecord / ours-tfds (ArrayRecord / TFRecord shards, same images): "
+            f"{ar['median_img_s'] / tfr['median_img_s']:.2f}x the img/s, "
+            f"{ar['median_cpu_us_img'] / tfr['median_cpu_us_img']:.2f}x the CPU time per image"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(summary=summary, runs=results, cores=cores, folder=args.folder), f, indent=2)

@@ -6,13 +6,14 @@ runs before anything is built, so a wrong value fails in a second with one line 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
 import jax
 import ml_collections
 
-from hybrid_distill_jax import masking, signals
+from hybrid_distill_jax import masking, signals, workdir_lock
 from hybrid_distill_jax.errors import ConfigError
 from hybrid_distill_jax.losses import FEATURE_LOSSES, RELATION_LOSSES
 from hybrid_distill_jax.models import io as model_io
@@ -197,6 +198,130 @@ def _in(value, choices, field: str) -> None:
     _require(value in choices, f"{field}={value!r}: expected one of {list(choices)}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric field (each element, for a tuple) may take: a finite number from ``lo`` to
+    ``hi`` (each end included unless open), an integer if ``integer``; ``also`` holds the sentinel values
+    outside that interval which mean something (described by ``note``)."""
+
+    lo: float
+    hi: float = math.inf
+    open_lo: bool = False
+    open_hi: bool = True
+    integer: bool = False
+    also: tuple = ()
+    note: str = ""
+
+    def holds(self, v) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return False
+        if v in self.also:
+            return True
+        if (self.integer and not isinstance(v, int)) or not math.isfinite(v):
+            return False
+        above = self.lo < v if self.open_lo else self.lo <= v
+        return above and (v < self.hi if self.open_hi else v <= self.hi)
+
+    def message(self, field: str, value) -> str:
+        ends = ("(" if self.open_lo else "[", ")" if self.open_hi or self.hi == math.inf else "]")
+        interval = f"{ends[0]}{self.lo:g}, {self.hi:g}{ends[1]}"
+        what = f"be an integer in {interval}" if self.integer else f"lie in {interval}"
+        if self.also:
+            what = f"be {' or '.join(map(str, self.also))} or {what.removeprefix('be ')}"
+        each = " (each element)" if isinstance(value, (tuple, list)) else ""
+        note = f" ({self.note})" if self.note else ""
+        return f"{field} must {what}{each}{note}, got {value!r}"
+
+
+def _ints(lo: int, note: str = "", also: tuple = ()) -> Range:
+    return Range(lo, integer=True, also=also, note=note)
+
+
+_UNIT = Range(0.0, 1.0)  # [0, 1): ratios, mask ratios, betas, drop rates
+_PROBABILITY = Range(0.0, 1.0, open_hi=False)
+_POSITIVE = Range(0.0, open_lo=True)
+_NON_NEGATIVE = Range(0.0)
+_MESH_AXIS = _ints(1, "-1: all remaining devices", also=(-1,))
+
+# The range of every numeric field of base_config(mode), checked first by validate (config.data's are
+# checked with the rest of the data section, by data.validate_data_config). Fields a mode lacks are skipped.
+RANGES: dict[str, Range] = {
+    "seed": _ints(0),
+    "image_size": _ints(1),
+    "batch_size": _ints(1),
+    "total_steps": _ints(0, "0: from total_epochs"),
+    "total_epochs": _NON_NEGATIVE,
+    "grad_accum_steps": _ints(1),
+    "log_every": _ints(1),
+    "checkpoint_every": _ints(0, "0: only at the end"),
+    "keep_checkpoints": _ints(1),
+    "optim.lr": Range(0.0, note="0: from base_lr"),
+    "optim.base_lr": _POSITIVE,
+    "optim.min_lr": _NON_NEGATIVE,
+    "optim.b1": _UNIT,
+    "optim.b2": _UNIT,
+    "optim.weight_decay": _NON_NEGATIVE,
+    "optim.grad_clip": Range(0.0, note="0: off"),
+    "optim.warmup_steps": _ints(0, "0: from warmup_epochs"),
+    "optim.warmup_epochs": _NON_NEGATIVE,
+    "mesh.data": _MESH_AXIS,
+    "mesh.fsdp": _MESH_AXIS,
+    "mesh.model": _MESH_AXIS,
+    "mesh.num_devices": _ints(0, "0: all devices"),
+    "sharding.fsdp_min_size": _ints(0),
+    "eval.batch_size": _ints(1),
+    "eval.max_train": _ints(1),
+    "eval.max_test": _ints(1),
+    "eval.knn_k": _ints(1),
+    "eval.knn_temperature": _POSITIVE,
+    "eval.linear_epochs": _ints(1),
+    "eval.diagnostics_every": _ints(0, "0: off"),
+    "eval.diagnostics_examples": _ints(1),
+    "faults.nan_at_step": _ints(0, "-1: off", also=(-1,)),
+    "faults.pause_s": _NON_NEGATIVE,
+    "student.drop_path": _UNIT,
+    "student.mean": _PROBABILITY,
+    "student.std": _POSITIVE,
+    "model.drop_path": _UNIT,
+    "model.mean": _PROBABILITY,
+    "model.std": _POSITIVE,
+    "teachers.feature.image_size": _ints(0, "0: the teacher's own"),
+    "teachers.relation.image_size": _ints(0, "0: the teacher's own"),
+    "loss.alpha": _NON_NEGATIVE,
+    "loss.beta": _NON_NEGATIVE,
+    "loss.smooth_l1_beta": _POSITIVE,
+    "loss.relation_layers": _ints(1),
+    "loss.label_smoothing": _UNIT,
+    "masking.temperature": _POSITIVE,
+    "masking.stage_starts": _UNIT,
+    "masking.stage_ratios": _UNIT,
+    "masking.drop_layers": _ints(1),
+    "masking.drop_ratios": _UNIT,
+    "mae.mask_ratio": Range(0.0, 1.0, open_lo=True),
+    "mae.decoder_width": _ints(1),
+    "mae.decoder_depth": _ints(1),
+    "mae.decoder_heads": _ints(1),
+    "finetune.layer_decay": Range(0.0, 1.0, open_lo=True, open_hi=False),
+    "finetune.mixup": Range(0.0, note="the Beta parameter; 0: off"),
+    "finetune.cutmix": Range(0.0, note="the Beta parameter; 0: off"),
+    "finetune.mix_prob": _PROBABILITY,
+    "finetune.switch_prob": _PROBABILITY,
+}
+MODE_RANGES: dict[str, dict[str, Range]] = {"evaluate": {"image_size": _ints(0, "0: the model's own")}}
+
+
+def check_ranges(config) -> None:
+    """A ConfigError naming the first field of ``RANGES`` (or ``MODE_RANGES``) outside its range, and it."""
+    for name, allowed in {**RANGES, **MODE_RANGES.get(config.get("mode"), {})}.items():
+        value = config
+        for key in name.split("."):
+            value = value.get(key) if hasattr(value, "get") else None
+        if value is None:  # a field this mode lacks, or an unset optional one (loss.relation_layers)
+            continue
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        _require(all(map(allowed.holds, values)), allowed.message(name, value))
+
+
 def _check_model(mcfg, image_size: int, field: str) -> dict:
     arch = decode_variant(mcfg.variant) if mcfg.get("variant") else {}
     patch = mcfg.get("patch_size", arch.get("patch_size"))
@@ -204,7 +329,6 @@ def _check_model(mcfg, image_size: int, field: str) -> dict:
     _require(
         image_size % patch == 0, f"image_size={image_size} is not divisible by {field} patch size {patch}"
     )
-    _require(0.0 <= mcfg.get("drop_path", 0.0) < 1.0, f"{field}.drop_path must lie in [0, 1)")
     _in(mcfg.get("remat_policy", "none"), REMAT_POLICIES, f"{field}.remat_policy")
     width = mcfg.get("width", arch.get("width"))
     heads = mcfg.get("num_heads", arch.get("num_heads"))
@@ -212,33 +336,38 @@ def _check_model(mcfg, image_size: int, field: str) -> dict:
     return {"patch_size": patch, "depth": mcfg.get("depth", arch.get("depth")), "num_heads": heads}
 
 
-def validate(config, num_devices: int | None = None, check_teachers: bool = True) -> None:
+def validate(
+    config,
+    num_devices: int | None = None,
+    check_teachers: bool = True,
+    *,
+    num_processes: int | None = None,
+    deviceless: bool = False,
+) -> None:
     """Checks every field that can be checked without data or model weights; raises ConfigError.
 
     ``check_teachers=False`` skips the teachers' files (for a chain that has yet to train them).
+    ``deviceless``: the run is compiled here for ``num_devices`` devices on ``num_processes`` hosts it
+    does not have: the data (which lives there) is not checked, teachers are described without a
+    download (``models.io.describe_model``).
     """
-    from hybrid_distill_jax.data import validate_data_config
-
     _in(config.mode, MODES, "config.mode")
-    _require(config.image_size > 0 or config.mode == "evaluate", "image_size must be positive")
-    _require(config.batch_size > 0, "batch_size must be positive")
+    check_ranges(config)
     _require(config.total_steps > 0 or config.total_epochs > 0, "set total_steps or total_epochs (> 0)")
+    visible = num_devices or jax.device_count()
+    processes = num_processes or jax.process_count()
     subset = config.mesh.get("num_devices", 0)
     _require(
-        isinstance(subset, int) and 0 <= subset <= jax.device_count(),
-        f"mesh.num_devices={subset!r}: expected 0 (all devices) or at most the {jax.device_count()} visible",
+        isinstance(subset, int) and 0 <= subset <= visible,
+        f"mesh.num_devices={subset!r}: expected 0 (all devices) or at most the {visible} visible",
     )
     _require(
-        not subset or jax.process_count() == 1,
+        not subset or processes == 1,
         f"mesh.num_devices={subset}: a mesh over some of the devices is for single-process runs; set it to 0",
     )
-    num_devices = num_devices or subset or jax.device_count()
+    num_devices = subset or visible
     mesh = sharding.resolve_mesh_shape(config.mesh, num_devices)
-    accum = config.get("grad_accum_steps", 1)
-    _require(
-        isinstance(accum, int) and not isinstance(accum, bool) and accum >= 1,
-        f"grad_accum_steps={accum!r}: expected an int >= 1",
-    )
+    accum = config.get("grad_accum_steps", 1)  # its range is checked with the table above
     dp = mesh["data"] * mesh["fsdp"]
     _require(
         config.batch_size % (dp * accum) == 0,
@@ -246,26 +375,21 @@ def validate(config, num_devices: int | None = None, check_teachers: bool = True
         f"mesh.fsdp) x grad_accum_steps={accum}; use a multiple of {dp * accum}",
     )
     _require(
-        config.batch_size % jax.process_count() == 0,
-        f"batch_size={config.batch_size} is not divisible by the {jax.process_count()} processes",
+        config.batch_size % processes == 0,
+        f"batch_size={config.batch_size} is not divisible by the {processes} processes",
     )
     sh = config.get("sharding") or {}
     _in(sh.get("student", "replicated"), sharding.STRATEGIES, "sharding.student")
     _in(sh.get("teachers", "replicated"), sharding.STRATEGIES, "sharding.teachers")
-    _require(sh.get("fsdp_min_size", 0) >= 0, "sharding.fsdp_min_size must be >= 0 (elements)")
     sharding.parse_rules(sh.get("rules", ()))
-    _require(config.log_every > 0, "log_every must be positive")
-    _require(config.checkpoint_every >= 0, "checkpoint_every must be >= 0 (0 = only at the end)")
-    _require(config.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
-    o = config.optim
-    _require(o.lr >= 0 and o.base_lr > 0 and o.min_lr >= 0, "optim.lr/base_lr/min_lr must be non-negative")
-    _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1 and optim.b2 must lie in [0, 1)")
-    _require(o.weight_decay >= 0 and o.grad_clip >= 0, "optim.weight_decay and optim.grad_clip must be >= 0")
     _in(config.eval.pool, ("cls", "gap"), "eval.pool")
     _validate_diagnostics(config)
     _in(config.nonfinite_policy, ("skip", "stop"), "nonfinite_policy")
     _in(config.faults.get("pause_at", ""), ("", *signals.PHASES), "faults.pause_at")
-    validate_data_config(config.data)
+    if not deviceless:
+        from hybrid_distill_jax.data import validate_data_config
+
+        validate_data_config(config.data)
     log_ids = config.data.get("log_example_ids", False)
     _require(isinstance(log_ids, bool), f"data.log_example_ids={log_ids!r}: expected True or False")
 
@@ -277,15 +401,10 @@ def validate(config, num_devices: int | None = None, check_teachers: bool = True
         _in(lc.feature_loss, FEATURE_LOSSES, "loss.feature_loss")
         _in(lc.relation_loss, RELATION_LOSSES, "loss.relation_loss")
         _in(lc.head, ("linear", "identity"), "loss.head")
-        _require(
-            lc.alpha >= 0 and lc.beta >= 0 and lc.alpha + lc.beta > 0,
-            "loss.alpha and loss.beta must be >= 0 and not both 0",
-        )
+        _require(lc.alpha + lc.beta > 0, "loss.alpha and loss.beta are both 0: nothing to distil")
         _in(mc.mode, masking.MODES, "masking.mode")
         _in(mc.selection, masking.SELECTIONS, "masking.selection")
         _in(mc.score_source, masking.SCORE_SOURCES, "masking.score_source")
-        _require(mc.temperature > 0, "masking.temperature must be positive")
-        masking.check_mask_ratios("masking.drop_ratios", mc.drop_ratios)  # whatever the mode
         for role in ("feature", "relation"):
             _in(
                 config.teachers[role].get("attn_impl", ""), ("", "xla", "cudnn"), f"teachers.{role}.attn_impl"
@@ -294,60 +413,42 @@ def validate(config, num_devices: int | None = None, check_teachers: bool = True
         archs = {"student": student}
         for role in distill.teacher_roles(config, s["depth"]) if check_teachers else ():
             tcfg = config.teachers[role]
-            meta = model_io.read_model_json(tcfg.checkpoint, f"teachers.{role}.checkpoint")
+            read = model_io.describe_model if deviceless else model_io.read_model_json
+            meta = read(tcfg.checkpoint, f"teachers.{role}.checkpoint")
             archs[role] = {**meta["arch"], "image_size": tcfg.image_size or meta["input"]["image_size"]}
         distill.check_teachers(config, archs)
     else:
         if config.mode == "evaluate":
             return _validate_evaluate(config)
         if config.mode == "finetune":
-            _validate_finetune(config)
+            _validate_finetune(config, model_io.describe_model if deviceless else model_io.read_model_json)
         else:
             _check_model(config.model, config.image_size, "model")
-        if config.mode == "mae":
-            _require(0.0 < config.mae.mask_ratio < 1.0, "mae.mask_ratio must lie in (0, 1)")
-        _require(
-            0.0 <= config.loss.get("label_smoothing", 0.0) < 1.0, "loss.label_smoothing must lie in [0, 1)"
-        )
 
 
 def _validate_diagnostics(config) -> None:
     every = config.eval.get("diagnostics_every", 0)
     _require(
-        isinstance(every, int) and every >= 0,
-        f"eval.diagnostics_every={every!r}: expected an int >= 0 (0 = off)",
+        every % config.log_every == 0,
+        f"eval.diagnostics_every={every} must be a multiple of log_every={config.log_every}",
     )
-    if every:
-        _require(
-            every % config.log_every == 0,
-            f"eval.diagnostics_every={every} must be a multiple of log_every={config.log_every}",
-        )
-        _require(config.eval.diagnostics_examples > 0, "eval.diagnostics_examples must be positive")
 
 
-def _validate_finetune(config) -> None:
-    f = config.finetune
+def _validate_finetune(config, read_model_json) -> None:
     _in(config.model.pool, ("cls", "gap"), "model.pool")
     if config.init_from:
-        meta = model_io.read_model_json(config.init_from, "init_from")
+        meta = read_model_json(config.init_from, "init_from")
         patch = meta["arch"]["patch_size"]
         _require(
             config.image_size % patch == 0,
             f"image_size={config.image_size} is not divisible by init_from's patch size {patch}",
         )
-        _require(0.0 <= config.model.drop_path < 1.0, "model.drop_path must lie in [0, 1)")
     else:
         _check_model(config.model, config.image_size, "model")
-    _require(0.0 < f.layer_decay <= 1.0, f"finetune.layer_decay={f.layer_decay}: must lie in (0, 1]")
-    _require(f.mixup >= 0, f"finetune.mixup={f.mixup}: the Beta parameter must be >= 0 (0 = off)")
-    _require(f.cutmix >= 0, f"finetune.cutmix={f.cutmix}: the Beta parameter must be >= 0 (0 = off)")
-    _require(0.0 <= f.mix_prob <= 1.0, f"finetune.mix_prob={f.mix_prob}: must lie in [0, 1]")
-    _require(0.0 <= f.switch_prob <= 1.0, f"finetune.switch_prob={f.switch_prob}: must lie in [0, 1]")
 
 
 def _validate_evaluate(config) -> None:
     meta = model_io.read_model_json(config.model_dir, "model_dir")
-    _require(config.image_size >= 0, "image_size must be >= 0 (0 = the model's own)")
     size = config.image_size or meta["input"]["image_size"]
     patch = meta["arch"]["patch_size"]
     _require(size % patch == 0, f"image_size={size} is not divisible by model_dir's patch size {patch}")
@@ -366,7 +467,8 @@ def resolve_steps(config, num_train_examples: int) -> tuple[int, int, int]:
 
 
 def check_workdir(workdir: str) -> str:
-    """Creates the workdir and proves it is writable before any training starts."""
+    """Creates the workdir, proves it is writable and locks it for this run (``workdir_lock``) before any
+    training starts."""
     workdir = os.path.abspath(os.path.expanduser(workdir))
     try:
         os.makedirs(workdir, exist_ok=True)
@@ -376,4 +478,5 @@ def check_workdir(workdir: str) -> str:
         os.remove(probe)
     except OSError as e:
         raise ConfigError(f"--workdir={workdir}: not writable ({e.strerror})") from None
+    workdir_lock.hold(workdir)
     return workdir

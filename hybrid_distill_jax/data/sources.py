@@ -100,7 +100,7 @@ class Source:
         """A readable name of item ``position`` (its path, or its example id)."""
         item = self.items[position].numpy() if self.from_files else None
         if item is not None:
-            return item.decode("utf-8", "replace")
+            return item.decode("utf-8", "backslashreplace")  # a name that is not UTF-8 shows its bytes
         return f"example {self.id_start + position * self.id_stride} of {self.description}"
 
 
@@ -214,8 +214,8 @@ def validate_data_config(data_cfg: Any) -> None:
     if not 0.0 < lo <= hi <= 1.0:
         raise ConfigError(f"config.data.crop_scale: must satisfy 0 < min <= max <= 1, got ({lo}, {hi})")
     lo, hi = pair(data_cfg, "crop_ratio")
-    if not 0.0 < lo <= hi:
-        raise ConfigError(f"config.data.crop_ratio: must satisfy 0 < min <= max, got ({lo}, {hi})")
+    if not 0.0 < lo <= hi < np.inf:
+        raise ConfigError(f"config.data.crop_ratio: must satisfy 0 < min <= max < inf, got ({lo}, {hi})")
     for name_ in ("flip", "antialias"):
         value = field(data_cfg, name_)
         if not isinstance(value, (bool, np.bool_)):
@@ -235,8 +235,10 @@ def validate_data_config(data_cfg: Any) -> None:
             f"config.data.max_unreadable_fraction: expected a number in [0, 1], got {fraction!r}"
         )
     stall = field(data_cfg, "stall_timeout_s")
-    if not _is_number(stall) or stall <= 0:
-        raise ConfigError(f"config.data.stall_timeout_s: expected a number of seconds > 0, got {stall!r}")
+    if not _is_number(stall) or not 0 < stall < np.inf:
+        raise ConfigError(
+            f"config.data.stall_timeout_s: expected a number of seconds in (0, inf), got {stall!r}"
+        )
     on_corrupt = field(data_cfg, "on_corrupt")
     if on_corrupt not in ON_CORRUPT:
         raise ConfigError(f"config.data.on_corrupt: expected one of {list(ON_CORRUPT)}, got {on_corrupt!r}")
@@ -279,8 +281,8 @@ def _not_prepared_message(builder: tfds.core.DatasetBuilder, name: str, data_dir
 
 
 def _reason(e: BaseException) -> str:
-    """'Type: first line' of a TensorFlow/TFDS error, without TensorFlow's function and op decorations;
-    an OSError that TFDS wraps (its DatasetInfoFileError) by its own type and reason."""
+    """'Type: first line' of a TensorFlow/TFDS error, without TensorFlow's function, op and dataset-function
+    decorations; an OSError that TFDS wraps (its DatasetInfoFileError) by its own type and reason."""
     if isinstance(e, OSError) and isinstance(e.__cause__, OSError):
         e = e.__cause__
     if isinstance(e, OSError) and e.strerror:
@@ -288,6 +290,9 @@ def _reason(e: BaseException) -> str:
     message = e.message if isinstance(e, tf.errors.OpError) else str(e)
     message = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", message)
     message = re.sub(r"\s*\[Op:[^\]]*\].*", "", message, flags=re.S)
+    message = re.sub(
+        r"^Error in user-defined function passed to \S+ transformation with iterator: \S+: ", "", message
+    )
     message = re.sub(r'^Failed to construct dataset "[^"]*", builder_kwargs "[^"]*": ', "", message)
     return f"{type(e).__name__}: {(message.strip().splitlines() or [''])[0][:300]}"
 
@@ -440,7 +445,12 @@ def read_error(e: tf.errors.OpError, description: str, files: Sequence[str]) -> 
 
 
 def tfds_encoded(builder: tfds.core.DatasetBuilder, split: Any) -> tf.data.Dataset:
-    """(encoded image bytes, int64 label) pairs of ``split`` in stored order."""
+    """(encoded image bytes, int64 label) pairs of ``split`` in stored order; ArrayRecord shards through
+    ``tfds_records`` (TFDS's ``as_dataset`` cannot read them)."""
+    if _stores_array_records(builder):
+        return tfds_records(builder, split).map(
+            _parse_image_and_label, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+        )
     ds = builder.as_dataset(
         split=split,
         shuffle_files=False,
@@ -457,30 +467,81 @@ def _parse_image_and_label(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]
     return example["image"], example["label"]
 
 
-def _stores_tfrecords(builder: tfds.core.DatasetBuilder) -> bool:
-    return builder.info.file_format == tfds.core.FileFormat.TFRECORD
+def _stores_array_records(builder: tfds.core.DatasetBuilder) -> bool:
+    return builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
+
+
+def _tfrecord_shard(path: str, skip: int, take: int) -> tf.data.Dataset:
+    return tf.data.TFRecordDataset(path).skip(skip).take(take)
+
+
+# ArrayRecord records are read this many at a time: one Python call per record costs more than the read.
+_ARRAY_RECORD_BLOCK = 64
+# A reader is opened for each block (nothing to share between calls or to close at the end of a shard), so
+# it reads no further than the block.
+_ARRAY_RECORD_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"
+
+
+def _array_record_block(reader_class: type, path: str, start: int, end: int) -> tuple[np.ndarray, bytes]:
+    """(records ``start:end`` of the ArrayRecord shard ``path``, b''), or (no records, b'PATH; why') when
+    it cannot be read. The error travels as data: an exception raised here would print its Python
+    traceback through TensorFlow."""
+    reader = reader_class(path, _ARRAY_RECORD_OPTIONS)
+    try:
+        if not reader.ok():
+            reader.close()  # raises why the file could not be opened (missing, not an ArrayRecord file, ...)
+        records = reader.read(int(start), int(end))
+        reader.close()
+    except (RuntimeError, IndexError) as e:  # also: a damaged chunk, fewer records than the metadata says
+        return np.array([], object), f"{path}; {str(e) or 'cannot be opened as an ArrayRecord file'}".encode()
+    return np.array(records, object), b""
+
+
+def _array_record_shard(path: str, skip: int, take: int) -> tf.data.Dataset:
+    """Records ``skip`` to ``skip + take`` of an ArrayRecord shard in stored order, read by array_record's
+    reader a block per ``tf.numpy_function`` call. (``Dataset.from_generator`` would read them as well, but
+    it lowers the process's malloc trim threshold, which slows the whole input pipeline.)"""
+    from array_record.python.array_record_module import ArrayRecordReader  # installed with TFDS (Linux)
+
+    read = functools.partial(_array_record_block, ArrayRecordReader, path)
+    stop = skip + take
+
+    def block(start: tf.Tensor) -> tf.Tensor:
+        end = tf.minimum(start + _ARRAY_RECORD_BLOCK, stop)
+        records, error = tf.numpy_function(read, [start, end], [tf.string, tf.string])
+        records.set_shape([None])
+        with tf.control_dependencies([tf.debugging.Assert(tf.equal(error, ""), [error])]):
+            return tf.identity(records)  # a failure is an op error whose message is the one line above
+
+    return tf.data.Dataset.range(skip, stop, _ARRAY_RECORD_BLOCK).map(block).unbatch()
+
+
+# The file formats whose shards are read directly; others are read through TFDS.
+_SHARD_READERS = {
+    tfds.core.FileFormat.TFRECORD: _tfrecord_shard,
+    tfds.core.FileFormat.ARRAY_RECORD: _array_record_shard,
+}
 
 
 def tfds_records(builder: tfds.core.DatasetBuilder, split: Any) -> tf.data.Dataset:
     """The records of ``split`` in stored order; ``record_parser(builder)`` turns one into (encoded image
     bytes, int64 label).
 
-    TFRecord shards are read directly and left serialized: parsing then runs in the caller's parallel map
-    instead of ahead of its shuffle buffer, which otherwise waits for a whole buffer of parsed records at
-    every epoch start. Other file formats are read through TFDS, already parsed.
+    TFRecord and ArrayRecord shards are read directly, one after another, and left serialized: parsing then
+    runs in the caller's parallel map instead of ahead of its shuffle buffer, which otherwise waits for a
+    whole buffer of parsed records at every epoch start. Other file formats are read through TFDS, already
+    parsed.
     """
-    if not _stores_tfrecords(builder):
+    read = _SHARD_READERS.get(builder.info.file_format)
+    if read is None:
         return tfds_encoded(builder, split)
-    parts = [
-        tf.data.TFRecordDataset(str(f.filename)).skip(f.skip).take(f.take)
-        for f in builder.info.splits[split].file_instructions
-    ]
+    parts = [read(str(f.filename), f.skip, f.take) for f in builder.info.splits[split].file_instructions]
     return functools.reduce(tf.data.Dataset.concatenate, parts)
 
 
 def record_parser(builder: tfds.core.DatasetBuilder) -> Callable:
     """What turns a record of ``tfds_records(builder, ...)`` into (encoded image bytes, int64 label)."""
-    return _parse_image_and_label if _stores_tfrecords(builder) else lambda record: record
+    return _parse_image_and_label if builder.info.file_format in _SHARD_READERS else lambda record: record
 
 
 # --------------------------------------------------------------------------------------------- folder
@@ -612,7 +673,8 @@ def folder_source(data_cfg: Any, split: str, process_index: int = 0, process_cou
         description=folder_description(data_cfg, split),
         num_examples=len(paths),
         from_files=True,
-        items=tf.constant(np.asarray(paths, dtype=object), tf.string),
+        # As bytes: a file name need not be UTF-8 (os.scandir escapes the bytes it cannot decode).
+        items=tf.constant(np.asarray([os.fsencode(p) for p in paths], dtype=object), tf.string),
         labels=tf.constant(labels[process_index:usable:process_count], tf.int64),
         id_start=process_index,
         id_stride=process_count,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -11,6 +13,8 @@ from collections.abc import Mapping
 
 import jax
 import numpy as np
+
+from hybrid_distill_jax import errors
 
 log = logging.getLogger("hybrid_distill_jax")
 
@@ -21,13 +25,15 @@ class MetricWriter:
     def __init__(self, workdir: str, tensorboard: bool = True):
         self.active = jax.process_index() == 0
         self._path = os.path.join(workdir, "metrics.jsonl")
+        self._tb_dir = os.path.join(workdir, "tensorboard")
         self._tb = None
         if self.active and tensorboard:
             try:
                 import tensorboard  # noqa: F401  (tf.summary needs it for scalars)
                 import tensorflow as tf
 
-                self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+                with self._writing_tensorboard():
+                    self._tb = tf.summary.create_file_writer(self._tb_dir)
             except ImportError:  # TensorBoard is optional: JSONL still gets everything.
                 log.warning("tensorboard/tensorflow not importable: TensorBoard summaries are off")
 
@@ -36,27 +42,37 @@ class MetricWriter:
         if not self.active or not os.path.exists(self._path):
             return
         kept = [line for line in read_metrics(os.path.dirname(self._path)) if line["step"] <= step]
-        tmp = self._path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(line) + "\n" for line in kept)
-        os.replace(tmp, self._path)
+        errors.write_atomically(self._path, "".join(json.dumps(line) + "\n" for line in kept).encode())
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.active:
             return
         scalars = {k: float(v) for k, v in scalars.items()}
-        with open(self._path, "a") as f:
-            f.write(json.dumps({"step": int(step), **scalars}) + "\n")
+        errors.append_line(self._path, json.dumps({"step": int(step), **scalars}) + "\n")
         if self._tb is not None:
             import tensorflow as tf
 
-            with self._tb.as_default(step=int(step)):
+            with self._writing_tensorboard(), self._tb.as_default(step=int(step)):
                 for k, v in scalars.items():
                     tf.summary.scalar(k, v)
 
     def flush(self) -> None:
         if self._tb is not None:
-            self._tb.flush()
+            with self._writing_tensorboard():
+                self._tb.flush()
+
+    @contextlib.contextmanager
+    def _writing_tensorboard(self):
+        """TensorFlow's error writing the event file (a full disk: ResourceExhaustedError) as an OSError
+        naming the TensorBoard directory, reported like any other failed write."""
+        import tensorflow as tf
+
+        try:
+            yield
+        except tf.errors.OpError as e:
+            full = "No space left on device" in e.message
+            reason = os.strerror(errno.ENOSPC) if full else e.message.strip().splitlines()[-1]
+            raise OSError(errno.ENOSPC if full else errno.EIO, reason, self._tb_dir) from None
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -129,8 +145,7 @@ class ExampleLog:
         if os.path.exists(self.path):
             with open(self.path) as f:
                 kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
-        with open(self.path, "w") as f:
-            f.writelines(kept)
+        errors.write_atomically(self.path, "".join(kept).encode())
 
     def track(self, batches):
         for batch in batches:
@@ -138,5 +153,4 @@ class ExampleLog:
             yield batch
 
     def write(self, step: int) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, "index": self._queue.popleft()}) + "\n")
+        errors.append_line(self.path, json.dumps({"step": step, "index": self._queue.popleft()}) + "\n")

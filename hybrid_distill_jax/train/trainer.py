@@ -16,10 +16,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from hybrid_distill_jax import config_lib, signals, tasks
+from hybrid_distill_jax import config_lib, errors, signals, tasks, workdir_lock
 from hybrid_distill_jax.data import dataset_info, train_iterator
 from hybrid_distill_jax.data.pipeline import unreadable_files
 from hybrid_distill_jax.data.prefetch import prefetch_to_device, to_devices
@@ -29,7 +27,7 @@ from hybrid_distill_jax.eval.features import probe_frozen_features
 from hybrid_distill_jax.parallel import sharding
 from hybrid_distill_jax.train.checkpoint import Checkpointer, abstract_like
 from hybrid_distill_jax.train.metrics import ExampleLog, MetricWriter, Progress
-from hybrid_distill_jax.train.step import jit_step, make_init_fn, make_train_step
+from hybrid_distill_jax.train.program import build_program
 
 log = logging.getLogger("hybrid_distill_jax")
 
@@ -53,7 +51,6 @@ class Trainer:
 
         # ---- mesh --------------------------------------------------------------------------------
         self.mesh = sharding.make_mesh(config.mesh)
-        self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = sharding.batch_sharding(self.mesh)  # split over ('data', 'fsdp')
 
         # ---- data --------------------------------------------------------------------------------
@@ -63,34 +60,27 @@ class Trainer:
             config, self.info.num_examples[config.data.train_split]
         )
 
-        # ---- task and optimizer -------------------------------------------------------------------
+        # ---- task, optimizer, state shapes and shardings: the program the step compiles to ------------
         self.task = tasks.build_task(config, self.info.num_classes)
-        self.frozen_shardings = sharding.teacher_shardings(self.task.frozen, self.mesh, config.sharding)
-        self.frozen = jax.device_put(self.task.frozen, self.frozen_shardings)
-        self.tx, self.lr_schedule = self.task.make_optimizer(
-            config.optim, config.batch_size, self.total_steps, self.warmup_steps
+        self.program = build_program(
+            config,
+            self.task,
+            self.mesh,
+            total_steps=self.total_steps,
+            warmup_steps=self.warmup_steps,
+            nan_at_step=config.faults.nan_at_step,
         )
-
-        # ---- state, created already sharded --------------------------------------------------------
-        init_state = make_init_fn(self.task, self.tx)
-        abstract = jax.eval_shape(init_state, jax.random.key(config.seed))
-        shardings = sharding.state_shardings(abstract, self.mesh, config.sharding)
-        split = sharding.describe(shardings["params"])
+        self.frozen_shardings = self.program.frozen_shardings
+        self.frozen = jax.device_put(self.task.frozen, self.frozen_shardings)
+        self.tx, self.lr_schedule = self.program.tx, self.program.lr_schedule
+        self.state_shardings = self.program.state_shardings
+        split = sharding.describe(self.state_shardings["params"])
         log.info("[%s] mesh %s, params: %s", self.name, dict(self.mesh.shape), split)
-        self._init_state = jax.jit(init_state, out_shardings=shardings)
-        self.state_shardings = shardings
+        self._init_state = self.program.jitted_init()  # the state is created already sharded
         self.checkpointer = Checkpointer(
             os.path.join(self.workdir, "checkpoints"),
             every=config.checkpoint_every,
             keep=config.keep_checkpoints,
-        )
-        self._step = make_train_step(
-            self.task,
-            self.tx,
-            self.lr_schedule,
-            grad_accum_steps=config.grad_accum_steps,
-            mesh=self.mesh,
-            nan_at_step=config.faults.nan_at_step,
         )
         self._steps: dict[Any, Any] = {}
         self.compiles = 0
@@ -100,19 +90,12 @@ class Trainer:
     def _counted_step(self, state, frozen, batch, stage):
         self.compiles += 1  # runs once per trace, i.e. once per compilation
         signals.pause_for_fault(self.config, "compile")
-        return self._step(state, frozen, batch, stage)
+        return self.program.step(state, frozen, batch, stage)
 
     def step_fn(self, stage):
         """The jitted step for one stage (static token counts), compiled on first use."""
         if stage not in self._steps:
-            self._steps[stage] = jit_step(
-                self._counted_step,
-                stage,
-                state_shardings=self.state_shardings,
-                frozen_shardings=self.frozen_shardings,
-                batch_sharding=self.batch_sharding,
-                metrics_sharding=self.replicated,
-            )
+            self._steps[stage] = self.program.jitted(stage, self._counted_step)
         return self._steps[stage]
 
     def _device_batch(self, batch: dict) -> dict:
@@ -168,6 +151,14 @@ class Trainer:
 
     # ---- loop --------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
+        """Trains (or resumes) to ``total_steps``, exports and evaluates; the workdir's lock is given up
+        when it returns or fails, so another process may continue in the workdir."""
+        try:
+            return self._run()
+        finally:
+            workdir_lock.release(self.workdir)
+
+    def _run(self) -> TrainResult:
         cfg = self.config
         state, start = self.initial_state()
         writer = MetricWriter(self.workdir, cfg.tensorboard)
@@ -236,7 +227,12 @@ class Trainer:
             if pending is not None:
                 self._report(writer, progress, *pending)
             self.checkpointer.close()  # the last checkpoint is on disk: nothing left to lose
+        except BaseException:  # any exit: finish the write in flight, so no writer thread outlives the run
+            self.checkpointer.close_quietly()
+            raise
         finally:
+            batches.close()  # ends the input pipeline's thread (and host_batches with it)
+            host_batches.close()
             signals.set_unsaved_progress(False)
             if installed:
                 signals.uninstall()
@@ -252,8 +248,8 @@ class Trainer:
             writer.write(self.total_steps, {f"eval/{k}": v for k, v in summary.items()})
             writer.flush()
             if jax.process_index() == 0:
-                with open(os.path.join(self.workdir, "eval.json"), "w") as f:
-                    json.dump(summary, f, indent=2)
+                eval_json = json.dumps(summary, indent=2).encode()
+                errors.write_atomically(os.path.join(self.workdir, "eval.json"), eval_json)
         return TrainResult(params, self.total_steps, export_dir, summary, self.compiles)
 
     def _report(self, writer, progress, step, metrics, extra):

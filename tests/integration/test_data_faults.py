@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from hybrid_distill_jax.data import train_iterator
+from hybrid_distill_jax.data.pipeline import unreadable_files
 from hybrid_distill_jax.errors import DataError
 from hybrid_distill_jax.models.build import normalize
 from hybrid_distill_jax.train import Trainer
@@ -96,6 +97,22 @@ def test_cli_on_a_folder_of_unreadable_images_exits_2_with_one_line(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "unreadable" in errors[0] and ".jpg" in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_file_names_that_are_not_utf8_are_read_by_their_bytes(tmp_path):
+    """A name the file system holds but UTF-8 cannot decode (b'caf\\xe9.jpg'): os.scandir escapes its bytes,
+    which TensorFlow refused (ValueError: ... Unable to convert element to UTF-8). It is read by its bytes;
+    an unreadable one is skipped and counted like any other, its name shown with the bytes escaped."""
+    root = _folder(tmp_path, good=8, bad={})
+    class_a = os.path.join(os.fsencode(root), b"train", b"a")
+    with open(os.path.join(class_a, b"caf\xe9.jpg"), "wb") as f:
+        f.write((tmp_path / "train" / "a" / "000.jpg").read_bytes())
+    with open(os.path.join(class_a, b"\xff\xfe.jpg"), "wb") as f:
+        f.write(GARBAGE)
+    # Class a sorted: 000-003.jpg, caf\xe9.jpg (position 4), \xff\xfe.jpg (5); class b: 004-007.jpg (6-9).
+    seen = {int(i) for batch in _drain(_cfg(root), 6) for i in batch["index"]}
+    assert seen == set(range(10)) - {5}
+    assert any(name.endswith("/train/a/\\xff\\xfe.jpg") for name in unreadable_files())
 
 
 def test_device_receives_uint8_images_and_no_index(tmp_path, tfds_dir):

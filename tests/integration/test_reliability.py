@@ -1,11 +1,16 @@
 """Faults: SIGKILL and resume, SIGTERM, truncated checkpoints, NaN steps, corrupt images, workdir faults,
 bad command lines and files through the real CLI."""
 
+import contextlib
 import errno
+import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import time
 
 import flax.serialization
@@ -14,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from hybrid_distill_jax import config_lib, workdir_lock
 from hybrid_distill_jax.config_lib import base_config
 from hybrid_distill_jax.data import pipeline
 from hybrid_distill_jax.errors import CheckpointError, ConfigError, DataError, NonFiniteError, Preempted
@@ -231,3 +237,133 @@ def test_cli_bad_inputs_print_one_line_and_exit_2(tmp_path, tfds_dir, teachers, 
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert expected in errors[0], errors[0]
+
+
+# ------------------------------------------------------------------------ a full disk, a busy workdir
+
+
+@pytest.fixture(scope="module")
+def cli_env(tmp_path_factory):
+    """``tiny_cli_env`` with a compile cache outside the workdir (kept for the module's later runs)."""
+    return dict(tiny_cli_env(), JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")))
+
+
+@contextlib.contextmanager
+def _small_disk(directory, size: str):
+    """A real file system of ``size`` (a tmpfs) at ``directory``, unmounted on the way out; the test is
+    skipped where mounting is not permitted (it needs root, or CAP_SYS_ADMIN)."""
+    os.makedirs(directory, exist_ok=True)
+    command = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)]
+    mounted = subprocess.run(command, capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
+
+
+def _resize(directory, size: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(directory)], check=True)
+
+
+def _cli(command: list[str], env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+# What fills up: the directory of the workdir ("" = the workdir itself) on a file system too small for
+# the run, the overrides, and the error line expected (WD: the workdir).
+FULL_DISKS = {
+    "checkpoint": (
+        "checkpoints",
+        "768k",  # one checkpoint of the tiny model (~500 KiB) fits (step 2), the second does not
+        [],
+        r"could not write checkpoint \d+ to WD/checkpoints: No space left on device \(.+ free on its "
+        r"file system\); earlier checkpoints are intact",
+    ),
+    "export": ("export", "64k", [], r"WD/export/params\.msgpack: No space left on device \(.+ free on its"),
+    "metrics": ("", "8k", [], r"WD/metrics\.jsonl: No space left on device \(\d+ "),
+    "tensorboard": ("tensorboard", "4k", ["--config.tensorboard=true"], r"WD/tensorboard: No space left on "),
+}
+
+
+@pytest.mark.parametrize("what", list(FULL_DISKS))
+def test_a_full_disk_is_one_line_and_resumes_once_space_is_freed(tmp_path, tfds_dir, teachers, cli_env, what):
+    """A real small file system fills up during a checkpoint write, the export, metrics.jsonl or TensorBoard:
+    one line naming the path and the free space, exit 2, no traceback from any thread (orbax's writers
+    used to print ~90), no torn metrics line, the checkpoints written before intact; once space is freed
+    the same command resumes from the last of them and finishes (run for the checkpoint write)."""
+    where, size, overrides, expected = FULL_DISKS[what]
+    workdir = tmp_path / "run"
+    # 20 steps: 20 lines overflow the page of metrics.jsonl's 8k file system (its other page: the lock)
+    command = tiny_cli(workdir, tfds_dir, teachers) + ["--config.total_steps=20", *overrides]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_small_disk(workdir / where, size))
+        if what == "metrics":  # only metrics.jsonl fills the workdir: checkpoints go to a disk of their own
+            stack.enter_context(_small_disk(workdir / "checkpoints", "8m"))
+        full = _cli(command, cli_env)
+        errors = [line for line in full.stderr.splitlines() if line.startswith("error: ")]
+        assert full.returncode == 2 and len(errors) == 1, full.stderr[-3000:]
+        assert re.fullmatch("error: " + expected.replace("WD", re.escape(str(workdir))) + ".*", errors[0])
+        assert "Traceback" not in full.stderr, full.stderr[-3000:]
+        if os.path.exists(workdir / "metrics.jsonl"):
+            text = (workdir / "metrics.jsonl").read_text()
+            assert text.endswith("\n") and all(json.loads(line) for line in text.splitlines())
+        if what == "checkpoint":
+            kept = checkpoint_lib.Checkpointer(str(workdir / "checkpoints"), every=0).all_steps()
+            _resize(workdir / where, "16m")
+            again = _cli(command, cli_env)
+            assert again.returncode == 0, again.stderr[-3000:]
+            assert f"resumed from {workdir}/checkpoints/{max(kept)}" in again.stderr
+
+
+def test_a_second_run_in_a_busy_workdir_refuses_and_a_killed_run_does_not_block(
+    tmp_path, tfds_dir, teachers, cli_env
+):
+    """Two runs in one workdir both trained and checkpointed. The second now refuses in one line naming the
+    first (host, pid), exit 2; the lock goes with the first when it is SIGKILLed, and the rerun trains."""
+    workdir = tmp_path / "run"
+    command = tiny_cli(workdir, tfds_dir, teachers)
+    log = tmp_path / "first.txt"
+    with open(log, "w") as stderr:
+        first = subprocess.Popen(
+            command + ["--config.faults.pause_at=train", "--config.faults.pause_s=600"],
+            cwd=REPO,
+            env=cli_env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    try:
+        deadline = time.monotonic() + 240
+        while "fault injection: pausing at train" not in log.read_text():
+            assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        second = _cli(command, cli_env)
+    finally:
+        first.kill()
+        first.wait()
+    errors = [line for line in second.stderr.splitlines() if line.startswith("error: ")]
+    assert second.returncode == 2 and len(errors) == 1 and "Traceback" not in second.stderr, second.stderr
+    holder = f"host {socket.gethostname()}, pid {first.pid}, since "
+    assert errors[0].startswith(f"error: --workdir={workdir}: in use by another run ({holder}"), errors[0]
+    assert not os.path.exists(workdir / "checkpoints" / "2")  # the second run wrote nothing
+
+    rerun = _cli(command, cli_env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+
+
+def test_a_multi_host_run_holds_one_lock_in_process_0(tmp_path, monkeypatch):
+    """Every process of a multi-host run checks the shared workdir; only process 0 locks it (the others
+    would be refused by it), and a process re-enters its own lock (the phases of a chain)."""
+    workdir = tmp_path / "shared"
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    config_lib.check_workdir(str(workdir))
+    assert not os.path.exists(workdir / workdir_lock.LOCK_FILE)
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    config_lib.check_workdir(str(workdir))
+    config_lib.check_workdir(str(workdir))
+    lock = str(workdir / workdir_lock.LOCK_FILE)
+    probe = "import fcntl, sys; fcntl.flock(open(sys.argv[1]), fcntl.LOCK_EX | fcntl.LOCK_NB)"
+    taken = subprocess.run([sys.executable, "-c", probe, lock], capture_output=True, text=True)
+    assert taken.returncode != 0 and "BlockingIOError" in taken.stderr
+    assert f"pid {os.getpid()}," in open(lock).read()

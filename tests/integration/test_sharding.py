@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from hybrid_distill_jax import workdir_lock
 from hybrid_distill_jax.config_lib import validate
 from hybrid_distill_jax.errors import ConfigError
 from hybrid_distill_jax.models.vit import make_vit
@@ -150,7 +151,7 @@ def _set(c, **fields):
             "batch_size=12 is not divisible by the data-parallel size 8",
         ),
         (dict(mesh__data=-1, grad_accum_steps=3), "grad_accum_steps=3; use a multiple of 24"),
-        (dict(grad_accum_steps=0), "grad_accum_steps=0: expected an int >= 1"),
+        (dict(grad_accum_steps=0), "grad_accum_steps must be an integer in [1, inf)"),
         (dict(sharding__student="zero3"), "sharding.student='zero3'"),
         (dict(sharding__teachers="tp"), "sharding.teachers='tp'"),
         (dict(sharding__rules=("kernel=fsdp,tensor",)), "'tensor' in 'fsdp,tensor' is not a mesh axis"),
@@ -279,6 +280,7 @@ def test_checkpoint_from_8_devices_restores_on_1_and_back(tmp_path, tfds_dir, la
     losses, state = run_fixed_steps(trainer, fixed_batches()[:1])
     trainer._save(1, state)
     trainer.checkpointer.close()
+    workdir_lock.release(workdir)  # the trainer never ran: give the workdir to the process below
     saved = gathered_params(state)
 
     env = subprocess_env(1)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from hybrid_distill_jax.config_lib import base_config, validate
+from hybrid_distill_jax.config_lib import MODES, base_config, validate
 from hybrid_distill_jax.errors import ConfigError
 from tests.helpers import make_teacher, tiny_distill_config
 
@@ -47,7 +47,7 @@ def _set(c, dotted, value):
         ("data.crop_scale", (0.5, 0.2), "data.crop_scale"),
         ("teachers.feature.checkpoint", "/nonexistent/teacher", "teachers.feature.checkpoint"),
         ("student.variant", "Q/8", "variant"),
-        ("optim.b2", 1.5, "optim.b1 and optim.b2"),
+        ("optim.b2", 1.5, "optim.b2 must lie in [0, 1), got 1.5"),
         ("mesh.data", 3, "mesh.data"),
         ("eval.pool", "max", "eval.pool"),
         ("teachers.feature.attn_impl", "flash", "teachers.feature.attn_impl"),
@@ -217,7 +217,6 @@ def test_bad_config_files_are_one_line_naming_the_file(monkeypatch, tmp_path, co
 
 def test_every_config_field_the_docs_name_exists():
     """Each ``config.x.y`` in README.md and docs/*.md is a field of base_config (in some mode)."""
-    from hybrid_distill_jax.config_lib import MODES
     from hybrid_distill_jax.main import field_names
 
     fields = {name for mode in MODES for name in field_names(base_config(mode))}
@@ -236,3 +235,89 @@ def test_every_config_field_the_docs_name_exists():
     assert len(named) >= 20  # the docs do name fields: the check below is not vacuous
     missing = sorted(f"{doc}: config.{ref}" for doc, ref in named if ref not in fields)
     assert not missing, missing
+
+
+def test_every_test_errors_md_names_exists():
+    """Each row of docs/ERRORS.md names the test that checks it: those test files and functions exist."""
+    with open(os.path.join(REPO, "docs", "ERRORS.md")) as f:
+        text = f.read()
+    files = {
+        os.path.basename(p): p for p in glob.glob(os.path.join(REPO, "tests", "**", "*.py"), recursive=True)
+    }
+    defined = set()
+    for path in files.values():
+        with open(path) as f:
+            defined |= set(re.findall(r"^def (test_\w+)", f.read(), re.M))
+    named = set(re.findall(r"(?<![\w.])(test_\w+)(?!\w|\.py)", text))
+    assert len(named) >= 30  # the rows do name tests
+    missing = sorted(
+        {n for n in named if n not in defined}
+        | {f for f in re.findall(r"\btest_\w+\.py", text) if f not in files}
+    )
+    assert not missing, missing
+
+
+# ------------------------------------------------------------------- numeric fields: each has its range
+
+# Numeric fields for which 0 is a valid setting (for tuples: a valid element); in every other, 0 is out of
+# range. Every numeric field is also tried negative (-2: -1 is a sentinel of some), and a float one nan/inf.
+ZERO_VALID = {
+    "seed", "total_steps", "total_epochs", "checkpoint_every", "optim.lr", "optim.min_lr", "optim.b1",
+    "optim.b2", "optim.weight_decay", "optim.grad_clip", "optim.warmup_steps", "optim.warmup_epochs",
+    "mesh.num_devices", "sharding.fsdp_min_size", "eval.diagnostics_every", "faults.nan_at_step",
+    "faults.pause_s", "student.drop_path", "student.mean", "model.drop_path", "model.mean",
+    "teachers.feature.image_size", "teachers.relation.image_size", "loss.alpha", "loss.beta",
+    "loss.label_smoothing", "masking.stage_starts", "masking.stage_ratios", "masking.drop_ratios",
+    "finetune.mixup", "finetune.cutmix", "finetune.mix_prob", "finetune.switch_prob", "data.prefetch",
+    "data.max_unreadable_fraction",
+}  # fmt: skip
+ZERO_VALID_IN_MODE = {"evaluate": {"image_size"}}  # 0 = the model's own resolution
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _get(c, dotted):
+    for key in dotted.split("."):
+        c = c[key]
+    return c
+
+
+def _out_of_range(mode: str, name: str, default) -> list:
+    """The values of a numeric field (a tuple's first element) that must be refused."""
+    first = default[0] if isinstance(default, tuple) else default
+    values = [-2 if isinstance(first, int) else -0.5]
+    if name not in ZERO_VALID | ZERO_VALID_IN_MODE.get(mode, set()):
+        values.append(type(first)(0))
+    if isinstance(first, float):
+        values += [float("nan"), float("inf")]
+    return [(v, *default[1:]) if isinstance(default, tuple) else v for v in values]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_numeric_field_refuses_values_outside_its_range(mode, tmp_path, capsys):
+    """Every numeric field of base_config(mode), negative, zero where zero is invalid, nan and inf: one
+    line naming the field and its range, and exit status 2 from the command line's entry point."""
+    from hybrid_distill_jax.main import field_names, run_config
+
+    fields = {name: _get(base_config(mode), name) for name in field_names(base_config(mode))}
+    numeric = {
+        name: value
+        for name, value in fields.items()
+        if _is_number(value) or (isinstance(value, tuple) and value and all(map(_is_number, value)))
+    }
+    assert len(numeric) >= 40, sorted(numeric)
+    wrong = []
+    for name, default in numeric.items():
+        for bad in _out_of_range(mode, name, default):
+            c = base_config(mode)
+            _set(c, name, bad)
+            status = run_config(c, str(tmp_path / "run"))
+            lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+            said = lines[0].split(", got ")[0] if len(lines) == 1 else repr(lines)
+            names_range = re.search(r"[\[(][-\w.]+, [-\w.]+[\])]|[<>]=? ?(-?\d|inf)", said)
+            if status != 2 or name not in said or not names_range:
+                wrong.append(f"{name}={bad!r}: status {status}, {said}")
+    assert not wrong, "\n".join(wrong)
+    assert not os.path.exists(tmp_path / "run")  # refused before anything was written
