@@ -3,18 +3,27 @@
 #
 #   bash benchmarks/accelerator_check.sh            # PYTHON=... to pick the interpreter, OUT=DIR for the files
 #
-# Runs, each through benchmarks/throughput.py (ViT-B/16 student + two B/16 teachers, 224 px, batch 256):
-#   b16       the PyTorch peers (torch eager at keep 0.5 and 1.0, torch.compile at 0.5) and ours at 0.5 and 1.0
-#   cudnn     ours at 0.5 with the frozen teachers on cuDNN attention (teachers.*.attn_impl='cudnn')
-#   on_kept   ours at 0.5 with the relation teacher on the kept tokens (different work: compare as such)
+# Runs, each through benchmarks/throughput.py, most important first:
+#   b16       ViT-B/16 student + two B/16 teachers, 224 px, batch 256: the PyTorch peers (torch eager at keep
+#             0.5 and 1.0, torch.compile at 0.5) and ours at 0.5 and 1.0, each stage of ours also traced for
+#             3 steps (--profile): device time per kind of op (GEMM, attention, other fusions,
+#             copies/transposes, collectives, other) in the table and in OUT/profile/<run>/summary.json
+#   fp8       ours at 0.5 with fp8 teachers (teachers.*.fp8=True), profiled too: beside b16, fp8 off and on
+#   recipe    configs/hd_vitb16_deit_mae.py as shipped (DeiT-B/16 + MAE-B/16 architectures, bf16, its loss
+#             and masking schedule) at batch 256 per chip: every stage and the schedule-weighted rate
 #   l16       the ViT-L/16 <- CLIP-L/14 + MAE-L/16 step at batch 128 with dots_saveable remat (does it fit?)
+#   on_kept   ours at 0.5 with the relation teacher on the kept tokens (different work: compare as such)
 #   e2e       ours at 0.5 fed by the input pipeline from 1,024 ImageNet-like JPEGs made on the host
+# The frozen teachers run on cuDNN attention by default on NVIDIA GPUs, so b16 is the cuDNN-teacher step
+# (the former separate cudnn run timed the same program).
 # Measured on one H200 (2026-11-28, jax 0.11.2; docs/PERFORMANCE.md): b16 took ~230 s (torch.compile's 66 s
-# warm-up included), l16 ~195 s (85 s of it exporting the random L teachers), cudnn ~95 s and on_kept ~75 s,
-# each of those two ~37 s exporting B teachers that --teachers_dir now shares. The list is ~9 min of work:
-# under the default BUDGET_S the last runs are skipped, and the table says so.
+# warm-up included), l16 ~195 s (85 s of it exporting the random L teachers), on_kept ~75 s (~37 s of it
+# exporting B teachers, which --teachers_dir now shares). recipe (three stages and its own two B teachers)
+# is not measured yet: about 150 s by the same account. The list is more than the budget: under the
+# default BUDGET_S the last runs are skipped, and the table says so.
 # Without an NVIDIA GPU visible to both nvidia-smi and JAX it stops at once with exit status 2; when the
-# tiny CPU smoke run fails (an API break with the installed JAX/Flax), with 3. e2e needs TensorFlow/TFDS.
+# tiny CPU smoke run (its profile included) fails (an API break with the installed JAX/Flax), with 3. e2e
+# needs TensorFlow/TFDS.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -33,8 +42,8 @@ fi
 nvidia-smi -L
 "$PY" -c "import sys, jax, jaxlib, flax, optax; print('# python', sys.version.split()[0], '| jax', jax.__version__, '| jaxlib', jaxlib.__version__, '| flax', flax.__version__, '| optax', optax.__version__)"
 deadline=$((SECONDS + BUDGET_S))
-# A tiny CPU run first: an API break with this machine's JAX/Flax shows in seconds, not after the budget.
-if ! "$PY" benchmarks/throughput.py --cpu-smoke >"$OUT/smoke.txt" 2>"$OUT/smoke.err"; then
+# A tiny CPU run first: an API break with this machine's JAX/Flax (or profiler) shows in seconds.
+if ! "$PY" benchmarks/throughput.py --cpu-smoke --profile "$OUT/smoke_profile" >"$OUT/smoke.txt" 2>"$OUT/smoke.err"; then
   tail -n 20 "$OUT/smoke.err"
   echo "accelerator_check: benchmarks/throughput.py --cpu-smoke failed (above); fix that first" >&2
   exit 3
@@ -57,9 +66,10 @@ run() {  # run NAME ARGS...: one throughput.py invocation, bounded by what is le
 
 # Most important first: a run that the budget cannot fit is skipped and says so in the table.
 T="--teachers_dir $OUT/teachers"
-run b16 --quick $T
+run b16 --quick --profile "$OUT/profile" $T
+run fp8 --quick --no-peer --keep 0.5 --teacher_fp8 --profile "$OUT/profile_fp8" $T
+run recipe --quick --no-peer --config configs/hd_vitb16_deit_mae.py --batch 256 $T
 run l16 --quick --no-peer --keep 0.5 --preset l16 --batch 128 --remat_policy dots_saveable $T
-run cudnn --quick --no-peer --keep 0.5 --teacher_attn_impl cudnn $T
 run on_kept --quick --no-peer --keep 0.5 --relation_on_kept $T
 if "$PY" -c "import tensorflow, tensorflow_datasets" 2>/dev/null; then
   "$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); import input_pipeline; input_pipeline.make_jpegs('$OUT/jpegs', 1024)"
@@ -72,29 +82,48 @@ fi
 import json, os, sys
 
 out = sys.argv[1]
-rows, summary = [], {}
-for name in ("b16", "l16", "cudnn", "on_kept", "e2e"):
+rows, schedules, profiles, summary = [], [], [], {}
+for name in ("b16", "fp8", "recipe", "l16", "on_kept", "e2e"):
     path = os.path.join(out, f"{name}.json")
     if not os.path.exists(path):
         skipped = os.path.join(out, f"{name}.skipped")
         why = open(skipped).read().strip().lstrip("# ") if os.path.exists(skipped) else f"no result: see {name}.err"
-        rows.append(f"| {name} | ({why}) | | | | | | |")
+        rows.append(f"| {name} | ({why}) | | | | | | | |")
         continue
     with open(path) as f:
         result = json.load(f)
     summary[name] = result
     for p in result.get("peers", []):
-        rows.append(f"| {name} | {p['impl']} | {p['keep']} | {p.get('img_s', p.get('error'))} | | | {p.get('peak_gb')} | |")
+        shown = p.get("img_s", p.get("error"))
+        rows.append(f"| {name} | {p['impl']} | | {p['keep']} | {shown} | | | {p.get('peak_gb')} | |")
     for r in result["runs"]:
         e2e = round(r["e2e_img_s"] / r["chips"], 1) if "e2e_img_s" in r else "-"
         rows.append(
-            f"| {name} | jax {r['preset']} | {r['keep']} | {r['img_s_per_chip']} | {e2e} | {r['mfu']:.1%} "
-            f"| {r['peak_gb']} | {r['finite']} |"
+            f"| {name} | jax {r['recipe'] or r['preset']} ({r['precision']['student']}) | {r['stage']} "
+            f"| {r['keep']} | {r['img_s_per_chip']} | {e2e} | {r['mfu']:.1%} | {r['peak_gb']} | {r['finite']} |"
         )
-print(f"\n# {summary.get('b16', {}).get('device', '?')}: img/s per chip")
-print("| run | impl | keep | img/s/chip | end-to-end img/s/chip | MFU | peak GiB | finite loss |")
-print("|---|---|---|---|---|---|---|---|")
-print("\n".join(rows))
+        if "error" in r.get("profile", {}):
+            profiles.append(f"| {name} | {r['stage']} | {r['step_s'] * 1e3:.1f} | ({r['profile']['error']}) |")
+        elif "profile" in r:
+            cells = " | ".join(f"{k['ms_per_step']} ({k['pct']}%)" for k in r["profile"]["kinds"].values())
+            profiles.append(
+                f"| {name} | {r['stage']} | {r['step_s'] * 1e3:.1f} | {r['profile']['busy_ms_per_step']} | {cells} "
+                f"| {r['profile']['profile_s']} |"
+            )
+    if result.get("schedule"):
+        rate = result["schedule"]["img_s_per_chip"]
+        schedules.append(f"# {name}: {result['recipe']} over its masking schedule: {rate} img/s/chip")
+print(f"\n# {next(iter(summary.values()), {}).get('device', '?')}: img/s per chip")
+print("| run | impl (student dtype) | stage | keep | img/s/chip | end-to-end img/s/chip | MFU | peak GiB | finite loss |")
+print("|---|---|---|---|---|---|---|---|---|")
+print("\n".join(rows + schedules))
+if profiles:
+    traced = [r["profile"] for s in summary.values() for r in s["runs"] if "kinds" in r.get("profile", {})]
+    kinds, steps = (list(traced[0]["kinds"]), traced[0]["steps"]) if traced else ([], "?")
+    print(f"\n# where the device time goes: ms per step (% of the busy time), {steps} steps traced after the timed ones")
+    print(f"| run | stage | step ms | busy ms | {' | '.join(kinds)} | profiling s |")
+    print("|---" * (5 + len(kinds)) + "|")
+    print("\n".join(profiles))
 with open(os.path.join(out, "accelerator_check.json"), "w") as f:
     json.dump(summary, f, indent=2)
 print(f"\n# JSON: {os.path.join(out, 'accelerator_check.json')}")

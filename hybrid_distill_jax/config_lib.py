@@ -14,6 +14,7 @@ import jax
 import ml_collections
 
 from hybrid_distill_jax import masking, signals, workdir_lock
+from hybrid_distill_jax.data.defaults import DATA_DEFAULTS
 from hybrid_distill_jax.errors import ConfigError
 from hybrid_distill_jax.losses import FEATURE_LOSSES, RELATION_LOSSES
 from hybrid_distill_jax.models import io as model_io
@@ -21,26 +22,6 @@ from hybrid_distill_jax.models.vit import REMAT_POLICIES, decode_variant
 from hybrid_distill_jax.parallel import sharding
 
 MODES = ("distill", "supervised", "mae", "finetune", "evaluate")
-
-
-# config.data: the one home of the data defaults (the pipelines read missing fields from here too).
-DATA_DEFAULTS = dict(
-    data_dir=None,  # TFDS data_dir, or the root of a folder dataset
-    train_split="train",
-    eval_split="validation",
-    crop_scale=(0.2, 1.0),  # RandomResizedCrop area range
-    crop_ratio=(3 / 4, 4 / 3),  # ... and aspect-ratio range
-    flip=True,
-    shuffle_buffer=50_000,
-    prefetch=2,  # batches prepared ahead on the host
-    on_corrupt="skip",  # an unreadable image: 'skip' it (replaced by the next readable one, logged) or 'fail'
-    max_consecutive_unreadable=20,  # more unreadable files in a row than this: DataError
-    max_unreadable_fraction=0.1,  # more than this fraction of a source's files unreadable: DataError
-    stall_timeout_s=300.0,  # no batch from the input pipeline for this long: DataError naming the source
-    resize_method="bilinear",  # train crops -> image_size: 'bilinear' or 'bicubic' (docs/PERFORMANCE.md)
-    antialias=False,  # antialiased train resize: costs host time (docs/PERFORMANCE.md)
-    log_example_ids=False,  # append each step's example indices to WORKDIR/examples.process{i}.jsonl
-)
 
 
 def _model_defaults() -> dict:
@@ -123,8 +104,8 @@ def base_config(mode: str = "distill") -> ml_collections.ConfigDict:
         c.student = ml_collections.ConfigDict(_model_defaults())
         c.teachers = ml_collections.ConfigDict(
             dict(
-                feature=dict(checkpoint="", dtype="bfloat16", image_size=0, attn_impl=""),
-                relation=dict(checkpoint="", dtype="bfloat16", image_size=0, attn_impl=""),
+                feature=dict(checkpoint="", dtype="bfloat16", image_size=0, attn_impl="", fp8=False),
+                relation=dict(checkpoint="", dtype="bfloat16", image_size=0, attn_impl="", fp8=False),
             )
         )
         c.loss = ml_collections.ConfigDict(

@@ -5,6 +5,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hybrid_distill_jax.config_lib import base_config
 from hybrid_distill_jax.models import io as model_io
@@ -13,10 +14,29 @@ from hybrid_distill_jax.models.vit import make_vit
 ARCH = dict(variant="pico/8", drop_path=0.0)
 
 
-def make_teacher(directory, seed=0, **arch):
-    """A random-init exported ViT (enough for shapes, losses and gradients)."""
+def perturb(params, seed):
+    """The same tree with non-trivial weights (peaked attention, no near-ties between patch scores):
+    N(0, 1) draws scaled by 2/sqrt(fan_in) for matrices, by 0.1 for vectors."""
+    paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(jax.random.key(seed), len(paths))
+    out = []
+    for key, (path, x) in zip(keys, paths):
+        r = jax.random.normal(key, x.shape, jnp.float32)
+        if x.ndim >= 2:
+            fan_in = x.shape[0] if "qkv" in jax.tree_util.keystr(path) else x.size / x.shape[-1]
+            out.append(r * 2.0 / np.sqrt(fan_in))
+        else:
+            out.append(0.1 * r)
+    return jax.tree.unflatten(treedef, out)
+
+
+def make_teacher(directory, seed=0, perturb_seed=None, **arch):
+    """An exported ViT initialised from ``seed`` (enough for shapes, losses and gradients), its weights
+    replaced by ``perturb(params, perturb_seed)`` when that is given."""
     model = make_vit({**ARCH, "image_size": 32, **arch})
     params = model.init(jax.random.key(seed), jnp.zeros((1, 32, 32, 3)))["params"]
+    if perturb_seed is not None:
+        params = perturb(params, perturb_seed)
     return model_io.save_model(str(directory), model, params)
 
 

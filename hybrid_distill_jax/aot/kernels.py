@@ -25,7 +25,8 @@ _COLLECTIVES = (
     "collective-permute",
     "collective-broadcast",
 )
-BYTES_PER_ELEMENT = {"pred": 1, "s8": 1, "u8": 1, "s4": 1, "u4": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
+BYTES_PER_ELEMENT = {"pred": 1, "f8e4m3fn": 1, "f8e5m2": 1}
+BYTES_PER_ELEMENT.update({"s8": 1, "u8": 1, "s4": 1, "u4": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2})
 BYTES_PER_ELEMENT.update({"f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16})
 
 

@@ -1,6 +1,6 @@
 """Key maps between PyTorch ViT state dicts and our Flax ``VisionTransformer`` params, both directions.
 
-Two layouts cover the families:
+Two layouts cover the families, each one row of torch names in :data:`LAYOUTS`:
 
 * ``timm``: timm ``VisionTransformer`` / DeiT (incl. ``dist_token``), official MAE and DINO
   checkpoints (``cls_token``, ``pos_embed``, ``patch_embed.proj``, ``blocks.{i}.attn.qkv``, ``norm``).
@@ -36,7 +36,7 @@ DEFAULT_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 @dataclasses.dataclass(frozen=True)
 class Family:
     name: str
-    layout: str  # 'timm' | 'clip'
+    layout: str  # a key of LAYOUTS: 'timm' | 'clip'
     act: str
     norm_eps: float
     mean: tuple
@@ -157,70 +157,112 @@ def _dense(src: str, dst: str, bias: bool = True) -> list:
     return out + [(f"{src}.bias", f"{dst}/bias", "same")] if bias else out
 
 
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The torch names of one state-dict layout. ``block`` is block ``{i}``'s prefix (0-based); the
+    per-block names are relative to it; modules (``patch_embed``, norms, ``attn_out``, ``fc1``, ``fc2``)
+    hold ``.weight`` and ``.bias``. ``dist_token`` None: the layout has no distillation token."""
+
+    cls_token: tuple[str, str]  # (key, kind)
+    pos_embed: tuple[str, str]
+    patch_embed: str
+    dist_token: str | None
+    norm_pre: str
+    block: str
+    norm1: str
+    norm2: str
+    qkv_weight: str
+    qkv_bias: str
+    attn_out: str
+    fc1: str
+    fc2: str
+    norm: str
+    what: str  # for messages
+
+    def block_pattern(self) -> str:
+        """The regex of any block key, its index captured."""
+        head, tail = (re.escape(part) for part in self.block.split("{i}"))
+        return rf"^{head}(\d+){tail}\."
+
+
+LAYOUTS: dict[str, Layout] = {
+    "timm": Layout(
+        cls_token=("cls_token", "same"),
+        pos_embed=("pos_embed", "same"),
+        patch_embed="patch_embed.proj",
+        dist_token="dist_token",
+        norm_pre="norm_pre",
+        block="blocks.{i}",
+        norm1="norm1",
+        norm2="norm2",
+        qkv_weight="attn.qkv.weight",
+        qkv_bias="attn.qkv.bias",
+        attn_out="attn.proj",
+        fc1="mlp.fc1",
+        fc2="mlp.fc2",
+        norm="norm",
+        what="timm ViTs",
+    ),
+    "clip": Layout(
+        cls_token=("class_embedding", "vec_token"),
+        pos_embed=("positional_embedding", "unbatch"),
+        patch_embed="conv1",
+        dist_token=None,
+        norm_pre="ln_pre",
+        block="transformer.resblocks.{i}",
+        norm1="ln_1",
+        norm2="ln_2",
+        qkv_weight="attn.in_proj_weight",
+        qkv_bias="attn.in_proj_bias",
+        attn_out="attn.out_proj",
+        fc1="mlp.c_fc",
+        fc2="mlp.c_proj",
+        norm="ln_post",
+        what="CLIP towers",
+    ),
+}
+
+
+def get_layout(name: str) -> Layout:
+    if name not in LAYOUTS:
+        raise ConfigError(f"unknown layout {name!r}")
+    return LAYOUTS[name]
+
+
 def entries(layout: str, model: VisionTransformer) -> list[tuple[str, str, str]]:
     """[(torch key, flax path 'a/b/c', kind)] for every parameter of ``model``."""
-    m = model
-    if layout == "timm":
-        e = [
-            ("cls_token", "cls_token", "same"),
-            ("pos_embed", "pos_embed", "same"),
-            ("patch_embed.proj.weight", "patch_embed/kernel", "conv"),
+    m, lay = model, get_layout(layout)
+    e = [
+        (lay.cls_token[0], "cls_token", lay.cls_token[1]),
+        (lay.pos_embed[0], "pos_embed", lay.pos_embed[1]),
+        (f"{lay.patch_embed}.weight", "patch_embed/kernel", "conv"),
+    ]
+    if m.patch_bias:
+        e.append((f"{lay.patch_embed}.bias", "patch_embed/bias", "same"))
+    if m.dist_token:
+        if lay.dist_token is None:
+            raise ConfigError(f"{lay.what} have no distillation token")
+        e.append((lay.dist_token, "dist_token", "same"))
+    if m.ln_pre:
+        e += _ln(lay.norm_pre, "norm_pre")
+    for i in range(m.depth):
+        s, d = lay.block.format(i=i), f"block{i + 1}"
+        e += _ln(f"{s}.{lay.norm1}", f"{d}/norm1") + _ln(f"{s}.{lay.norm2}", f"{d}/norm2")
+        e.append((f"{s}.{lay.qkv_weight}", f"{d}/attn/qkv/kernel", "qkv"))
+        if m.qkv_bias:
+            e.append((f"{s}.{lay.qkv_bias}", f"{d}/attn/qkv/bias", "qkv_bias"))
+        e += [
+            (f"{s}.{lay.attn_out}.weight", f"{d}/attn/proj/kernel", "out"),
+            (f"{s}.{lay.attn_out}.bias", f"{d}/attn/proj/bias", "same"),
         ]
-        if m.patch_bias:
-            e.append(("patch_embed.proj.bias", "patch_embed/bias", "same"))
-        if m.dist_token:
-            e.append(("dist_token", "dist_token", "same"))
-        if m.ln_pre:
-            e += _ln("norm_pre", "norm_pre")
-        for i in range(m.depth):
-            s, d = f"blocks.{i}", f"block{i + 1}"
-            e += _ln(f"{s}.norm1", f"{d}/norm1") + _ln(f"{s}.norm2", f"{d}/norm2")
-            e.append((f"{s}.attn.qkv.weight", f"{d}/attn/qkv/kernel", "qkv"))
-            if m.qkv_bias:
-                e.append((f"{s}.attn.qkv.bias", f"{d}/attn/qkv/bias", "qkv_bias"))
-            e += [
-                (f"{s}.attn.proj.weight", f"{d}/attn/proj/kernel", "out"),
-                (f"{s}.attn.proj.bias", f"{d}/attn/proj/bias", "same"),
-            ]
-            e += _dense(f"{s}.mlp.fc1", f"{d}/mlp/fc1") + _dense(f"{s}.mlp.fc2", f"{d}/mlp/fc2")
-        if m.final_norm:
-            e += _ln("norm", "norm")
-        if m.proj_dim:
-            e.append(("proj", "proj/kernel", "same"))  # not timm; kept so nothing is lost
-        if m.num_classes:
-            e += _dense("head", "head")
-        return e
-    if layout == "clip":
-        e = [
-            ("class_embedding", "cls_token", "vec_token"),
-            ("positional_embedding", "pos_embed", "unbatch"),
-            ("conv1.weight", "patch_embed/kernel", "conv"),
-        ]
-        if m.patch_bias:
-            e.append(("conv1.bias", "patch_embed/bias", "same"))
-        if m.dist_token:
-            raise ConfigError("CLIP towers have no distillation token")
-        if m.ln_pre:
-            e += _ln("ln_pre", "norm_pre")
-        for i in range(m.depth):
-            s, d = f"transformer.resblocks.{i}", f"block{i + 1}"
-            e += _ln(f"{s}.ln_1", f"{d}/norm1") + _ln(f"{s}.ln_2", f"{d}/norm2")
-            e.append((f"{s}.attn.in_proj_weight", f"{d}/attn/qkv/kernel", "qkv"))
-            if m.qkv_bias:
-                e.append((f"{s}.attn.in_proj_bias", f"{d}/attn/qkv/bias", "qkv_bias"))
-            e += [
-                (f"{s}.attn.out_proj.weight", f"{d}/attn/proj/kernel", "out"),
-                (f"{s}.attn.out_proj.bias", f"{d}/attn/proj/bias", "same"),
-            ]
-            e += _dense(f"{s}.mlp.c_fc", f"{d}/mlp/fc1") + _dense(f"{s}.mlp.c_proj", f"{d}/mlp/fc2")
-        if m.final_norm:
-            e += _ln("ln_post", "norm")
-        if m.proj_dim:
-            e.append(("proj", "proj/kernel", "same"))
-        if m.num_classes:
-            e += _dense("head", "head")
-        return e
-    raise ConfigError(f"unknown layout {layout!r}")
+        e += _dense(f"{s}.{lay.fc1}", f"{d}/mlp/fc1") + _dense(f"{s}.{lay.fc2}", f"{d}/mlp/fc2")
+    if m.final_norm:
+        e += _ln(lay.norm, "norm")
+    if m.proj_dim:
+        e.append(("proj", "proj/kernel", "same"))  # CLIP's; kept in the timm layout so nothing is lost
+    if m.num_classes:
+        e += _dense("head", "head")
+    return e
 
 
 def param_shapes(model: VisionTransformer) -> dict[str, tuple]:
@@ -290,9 +332,8 @@ def summarize_dropped(dropped: list[tuple[str, str]]) -> list[str]:
 def _require_key(sd: dict, key: str, family: Family) -> np.ndarray:
     if key not in sd:
         sample = ", ".join(sorted(sd)[:8])
-        where = family.prefix if family.layout == "clip" else ""
         raise CheckpointError(
-            f"no {where}{key} in the checkpoint: it does not look like "
+            f"no {family.prefix}{key} in the checkpoint: it does not look like "
             f"a --family={family.name} ViT ({family.help}). First keys: {sample}"
         )
     return sd[key]
@@ -312,16 +353,16 @@ def infer_arch(
     norm_eps: float | None = None,
 ) -> dict[str, Any]:
     """The ``make_vit`` arguments that fit ``sd`` (already split by :func:`split_keys`)."""
-    timm = family.layout == "timm"
-    conv = _require_key(sd, "patch_embed.proj.weight" if timm else "conv1.weight", family)
+    lay = get_layout(family.layout)
+    conv = _require_key(sd, f"{lay.patch_embed}.weight", family)
     if conv.ndim != 4 or conv.shape[2] != conv.shape[3] or conv.shape[1] != 3:
         raise CheckpointError(f"patch embedding of shape {conv.shape}: expected [width, 3, p, p]")
     width, patch = int(conv.shape[0]), int(conv.shape[2])
-    block_re = r"^blocks\.(\d+)\." if timm else r"^transformer\.resblocks\.(\d+)\."
-    depth = _count_blocks(sd, block_re)
+    depth = _count_blocks(sd, lay.block_pattern())
     if not depth:
-        raise CheckpointError(f"no transformer blocks ({block_re[1:-4]}...) in the checkpoint")
-    fc1 = sd.get("blocks.0.mlp.fc1.weight" if timm else "transformer.resblocks.0.mlp.c_fc.weight")
+        raise CheckpointError(f"no transformer blocks ({lay.block.format(i='N')}.*) in the checkpoint")
+    first = lay.block.format(i=0)
+    fc1 = sd.get(f"{first}.{lay.fc1}.weight")
     mlp_dim = int(fc1.shape[0]) if fc1 is not None else 4 * width
     if heads is None:
         if width not in DEFAULT_HEADS:
@@ -331,9 +372,9 @@ def infer_arch(
         heads = DEFAULT_HEADS[width]
     if width % heads:
         raise ConfigError(f"--heads={heads} does not divide the width {width}")
-    dist = timm and "dist_token" in sd
+    dist = lay.dist_token is not None and lay.dist_token in sd
     num_prefix = 2 if dist else 1
-    pos = _require_key(sd, "pos_embed" if timm else "positional_embedding", family)
+    pos = _require_key(sd, lay.pos_embed[0], family)
     n_patches = pos.shape[-2] - num_prefix
     grid = math.isqrt(max(n_patches, 0))
     if grid * grid != n_patches or pos.shape[-1] != width:
@@ -352,10 +393,10 @@ def infer_arch(
         act=act or family.act,
         norm_eps=float(norm_eps) if norm_eps else family.norm_eps,
         posemb=family.posemb,
-        patch_bias=("patch_embed.proj.bias" if timm else "conv1.bias") in sd,
-        qkv_bias=("blocks.0.attn.qkv.bias" if timm else "transformer.resblocks.0.attn.in_proj_bias") in sd,
-        ln_pre=("norm_pre.weight" if timm else "ln_pre.weight") in sd,
-        final_norm=("norm.weight" if timm else "ln_post.weight") in sd,
+        patch_bias=f"{lay.patch_embed}.bias" in sd,
+        qkv_bias=f"{first}.{lay.qkv_bias}" in sd,
+        ln_pre=f"{lay.norm_pre}.weight" in sd,
+        final_norm=f"{lay.norm}.weight" in sd,
     )
     if "proj" in sd and sd["proj"].ndim == 2:
         arch["proj_dim"] = int(sd["proj"].shape[1])
@@ -375,9 +416,7 @@ def check_state_dict(family: Family, model: VisionTransformer, sd: dict[str, np.
         f"depth {model.depth}, heads {model.num_heads}, patch {model.patch_size}):"
     )
     actual = {k: tuple(v.shape) for k, v in sd.items()}
-    error = model_io.shape_mismatches(
-        header, expected, actual, family.prefix if family.layout == "clip" else ""
-    )
+    error = model_io.shape_mismatches(header, expected, actual, family.prefix)
     if error is not None:
         raise error
 

@@ -195,10 +195,12 @@ def resolve(name: str, field: str = "checkpoint", log=_logger.info) -> str:
     repo, revision = parse(name, field)
     try:
         import huggingface_hub  # noqa: F401
-    except ImportError:
+        import safetensors  # noqa: F401
+    except ImportError as e:
         raise ConfigError(
-            f"{field}={name!r}: hub names need huggingface_hub and safetensors: "
-            "pip install huggingface_hub safetensors (no torch needed)"
+            f"{field}={name!r}: hub names need huggingface_hub and safetensors, dependencies of "
+            f"hybrid_distill_jax missing here ({e.name}): pip install huggingface_hub safetensors "
+            "(no torch needed)"
         ) from None
     files = _cached_files(repo, revision)
     if files is None:

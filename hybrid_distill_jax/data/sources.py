@@ -26,8 +26,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from google.protobuf import json_format
 
-from hybrid_distill_jax.config_lib import DATA_DEFAULTS
 from hybrid_distill_jax.data import embedded
+from hybrid_distill_jax.data.defaults import DATA_DEFAULTS
 from hybrid_distill_jax.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class Source:
 
 
 def field(data_cfg: Any, name: str) -> Any:
-    """``config.data.<name>``, or its default from ``config_lib.DATA_DEFAULTS``."""
+    """``config.data.<name>``, or its default from ``data.defaults.DATA_DEFAULTS``."""
     if isinstance(data_cfg, Mapping):
         if name in data_cfg:
             return data_cfg[name]

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from hybrid_distill_jax.errors import ConfigError
 from hybrid_distill_jax.models import io as model_io
-from hybrid_distill_jax.models.vit import VisionTransformer, make_vit
+from hybrid_distill_jax.models.vit import VisionTransformer, add_fp8_scales, make_vit
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -73,7 +73,8 @@ class FrozenTeacher:
     ) -> tuple[FrozenTeacher, Any]:
         """The teacher ``cfg`` names and its parameters in ``cfg.dtype``; ``abstract``: their shapes only
         (ShapeDtypeStructs, from ``model.json`` or a hub name's description: nothing is read or fetched).
-        ``platform`` (default: JAX's) picks the attention kernel when ``cfg.attn_impl`` is ''."""
+        ``platform`` (default: JAX's) picks the attention kernel when ``cfg.attn_impl`` is ''.
+        ``cfg.fp8``: the blocks' matmuls on float8 operands, with weight scales computed here, once."""
         dtype = dtype_of(cfg.get("dtype", "bfloat16"), f"{field}.dtype")
         overrides = dict(dtype=dtype, drop_path=0.0)
         if abstract:
@@ -90,6 +91,9 @@ class FrozenTeacher:
                 cfg.checkpoint, field=f"{field}.checkpoint", **overrides
             )
             params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+        if cfg.get("fp8", False):
+            model = model.clone(fp8=True)
+            params = add_fp8_scales(model, params)
         size = cfg.get("image_size") or meta["input"]["image_size"]
         source = meta.get("converted_from") or {"model_dir": str(cfg.checkpoint)}
         mean, std = tuple(meta["input"]["mean"]), tuple(meta["input"]["std"])

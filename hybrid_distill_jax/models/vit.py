@@ -142,6 +142,48 @@ _REDUCED_DOT = {
 }
 
 
+E4M3_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)  # 448
+
+
+def fp8_scale(x: jax.Array, axis) -> jax.Array:
+    """fp32 scales that map the largest magnitude along ``axis`` (reduced away) onto e4m3's largest."""
+    amax = jnp.max(jnp.abs(x), axis=axis).astype(jnp.float32)
+    return jnp.maximum(amax, jnp.finfo(jnp.float32).tiny) / E4M3_MAX
+
+
+def to_e4m3(x: jax.Array, scale: jax.Array) -> jax.Array:
+    return jnp.clip(x.astype(jnp.float32) / scale, -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
+
+
+class Fp8Dot(nn.Module):
+    """``dot_general`` of a frozen model's dense layer with float8 (e4m3) operands.
+
+    The weight is scaled per output channel by ``kernel_scale``, a parameter computed once from the
+    weights themselves (``add_fp8_scales``); the input per token (each row of the contraction), on the
+    fly, so no scale crosses devices. The product accumulates in fp32, comes out in the input's dtype and
+    is rescaled in fp32. XLA lowers it to cuBLASLt's fp8 GEMM on Hopper and later GPUs and upcasts the
+    operands elsewhere (same values, no speed-up).
+    """
+
+    @nn.compact
+    def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+        (lhs_contract, rhs_contract), batch = dimension_numbers
+        if batch != ((), ()):
+            raise ValueError("Fp8Dot: batched dot_general is not supported")
+        lhs_contract, rhs_contract = tuple(lhs_contract), tuple(rhs_contract)
+        kernel_scale = self.param("kernel_scale", lambda _: fp8_scale(rhs, rhs_contract))
+        lhs_scale = fp8_scale(lhs, lhs_contract)
+        rhs_free = rhs.ndim - len(rhs_contract)
+        out = jax.lax.dot_general(
+            to_e4m3(lhs, jnp.expand_dims(lhs_scale, lhs_contract)),
+            to_e4m3(rhs, jnp.expand_dims(kernel_scale, rhs_contract)),
+            dimension_numbers,
+            preferred_element_type=lhs.dtype,
+        )
+        row_scale = lhs_scale.reshape(lhs_scale.shape + (1,) * rhs_free)
+        return (out.astype(jnp.float32) * row_scale * kernel_scale).astype(lhs.dtype)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention that can expose its logits, its CLS row, or its scaled queries and keys
     on request (``want_qk``: any block of the logits is then one small product away, and the attention
@@ -152,6 +194,7 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attn_impl: str | None = None  # fused attention kernel: None (XLA picks), 'xla' or 'cudnn'
+    fp8: bool = False  # frozen models only: qkv and projection on Fp8Dot
 
     @nn.compact
     def __call__(
@@ -172,6 +215,7 @@ class Attention(nn.Module):
             use_bias=self.qkv_bias,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            dot_general_cls=Fp8Dot if self.fp8 else None,
             name="qkv",
         )(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, Dh]
@@ -200,7 +244,12 @@ class Attention(nn.Module):
                 )
                 extras["cls"] = jax.nn.softmax(cls_logits, axis=-1)[:, :, num_prefix:]
         out = nn.DenseGeneral(
-            width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype, name="proj"
+            width,
+            axis=(-2, -1),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            dot_general_cls=Fp8Dot if self.fp8 else None,
+            name="proj",
         )(out)
         return out, extras
 
@@ -210,13 +259,17 @@ class MlpBlock(nn.Module):
     act: str = "gelu"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    fp8: bool = False
 
     @nn.compact
     def __call__(self, x):
         width = x.shape[-1]
-        x = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x)
+        dense = dict(
+            dtype=self.dtype, param_dtype=self.param_dtype, dot_general_cls=Fp8Dot if self.fp8 else None
+        )
+        x = nn.Dense(self.mlp_dim, name="fc1", **dense)(x)
         x = ACTIVATIONS[self.act](x)
-        return nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(x)
+        return nn.Dense(width, name="fc2", **dense)(x)
 
 
 class Block(nn.Module):
@@ -231,6 +284,7 @@ class Block(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attn_impl: str | None = None
+    fp8: bool = False
 
     @nn.compact
     def __call__(
@@ -244,7 +298,7 @@ class Block(nn.Module):
     ):
         norm = dict(epsilon=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         y, extras = Attention(
-            self.num_heads, self.qkv_bias, self.dtype, self.param_dtype, self.attn_impl, name="attn"
+            self.num_heads, self.qkv_bias, self.dtype, self.param_dtype, self.attn_impl, self.fp8, name="attn"
         )(
             nn.LayerNorm(name="norm1", **norm)(x),
             want_logits=want_logits,
@@ -253,7 +307,7 @@ class Block(nn.Module):
             want_qk=want_qk,
         )
         x = x + DropPath(self.drop_path)(y, deterministic=not train)
-        y = MlpBlock(self.mlp_dim, self.act, self.dtype, self.param_dtype, name="mlp")(
+        y = MlpBlock(self.mlp_dim, self.act, self.dtype, self.param_dtype, self.fp8, name="mlp")(
             nn.LayerNorm(name="norm2", **norm)(x)
         )
         x = x + DropPath(self.drop_path)(y, deterministic=not train)
@@ -293,6 +347,9 @@ class VisionTransformer(nn.Module):
     # Kernel for attention whose probabilities nobody asked for: None lets XLA choose; 'cudnn' is the
     # fast fused kernel on NVIDIA GPUs (frozen teachers at any length; training needs a length % 16 == 0).
     attn_impl: str | None = None
+    # Frozen models only: every block's matmuls on float8 operands (Fp8Dot; its weight scales are
+    # parameters that ``add_fp8_scales`` computes from the loaded weights).
+    fp8: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -383,6 +440,7 @@ class VisionTransformer(nn.Module):
                 self.dtype,
                 self.param_dtype,
                 self.attn_impl,
+                self.fp8,
                 name=f"block{layer}",
             )(x, train, want_logits, want_cls, p, want_qk)
             if want_logits:
@@ -420,7 +478,8 @@ class VisionTransformer(nn.Module):
 ARCH_FIELDS = tuple(
     f.name
     for f in dataclasses.fields(VisionTransformer)
-    if f.name not in ("parent", "name", "dtype", "param_dtype", "drop_path", "remat_policy", "attn_impl")
+    if f.name
+    not in ("parent", "name", "dtype", "param_dtype", "drop_path", "remat_policy", "attn_impl", "fp8")
 )
 
 
@@ -440,6 +499,20 @@ def make_vit(arch: Mapping[str, Any], **overrides) -> VisionTransformer:
 def arch_dict(model: VisionTransformer) -> dict[str, Any]:
     """The JSON-serialisable architecture of a ViT (inverse of ``make_vit``)."""
     return {name: getattr(model, name) for name in ARCH_FIELDS}
+
+
+def add_fp8_scales(model: VisionTransformer, params: Any) -> Any:
+    """``params`` of an ``fp8`` model with each block matmul's ``kernel_scale`` (per output channel, from
+    the weights as given) added; works on ShapeDtypeStructs too. Needs no data: the scales are what the
+    parameters' initialisers compute from the weights on a one-image forward pass."""
+    if not model.fp8:
+        raise ValueError("add_fp8_scales: the model is not an fp8 model")
+    size = model.image_size
+    images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    apply = lambda p, x: model.apply({"params": p}, x, mutable=["params"], rngs={"params": jax.random.key(0)})  # noqa: E731
+    if isinstance(jax.tree.leaves(params)[0], jax.ShapeDtypeStruct):
+        return jax.eval_shape(apply, params, images)[1]["params"]
+    return jax.jit(apply)(params, jnp.zeros(images.shape, images.dtype))[1]["params"]
 
 
 def forward_flops(model: VisionTransformer, patches_per_block: Sequence[int], image_size: int) -> float:

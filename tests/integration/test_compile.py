@@ -134,6 +134,18 @@ def test_a_stage_that_does_not_fit_exits_1_naming_the_stage_and_the_bytes(tmp_pa
     assert "DOES NOT FIT" in proc.stdout
 
 
+@needs_cuda_plugin
+def test_fp8_teachers_compile_to_cublaslt_fp8_gemms_on_an_h200(tmp_path, teachers):
+    fp8 = ["--config.teachers.feature.fp8=True", "--config.teachers.relation.fp8=True", "--stages=first"]
+    proc, report = run_compile(["--target=h200", "--gpus_per_host=1", *teachers, *fp8], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = report["stages"][0]["kernels"]
+    # the feature teacher's 4 blocks x (qkv, proj, fc1, fc2), and the relation teacher's block-1 qkv: the
+    # queries and keys of its one distilled layer are all the step reads of it (XLA drops the rest)
+    assert plan["gemm_calls_by_kernel"]["__cublas$lt$matmul$f8"] == 4 * 4 + 1
+    assert plan["gemm_calls_by_operand_dtype"]["f8e4m3fn x f8e4m3fn"] == 4 * 4 + 1
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
