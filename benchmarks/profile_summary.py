@@ -66,25 +66,15 @@ def hlo_descriptions(hlo_text: str) -> dict[str, str]:
     """``{instruction name: description}`` for every instruction of an optimized HLO module: its opcode,
     a custom call's target, a fusion's backend kind (``__triton_gemm``, ``__ynn_fusion``...) and
     ``computes:dot`` / ``computes:convolution`` when its fused computations (nested ones included) do."""
-    from hybrid_distill_jax.aot.kernels import _CALLS, _COMPUTATION, _DEFINITION, _TARGET, _split_type
+    from hybrid_distill_jax.aot.kernels import custom_call_target, fused_computations, hlo_instructions
 
     opcodes: dict[str, set[str]] = collections.defaultdict(set)  # computation -> opcodes in it
     calls: dict[str, set[str]] = collections.defaultdict(set)  # computation -> computations it fuses
     instructions = []  # (name, op text)
-    computation = ""
-    for line in hlo_text.splitlines():
-        header = _COMPUTATION.match(line)
-        if header and line.rstrip().endswith("{"):
-            computation = header.group(1)
-            continue
-        definition = _DEFINITION.match(line)
-        if definition:
-            name, rest = definition.groups()
-            op_text = _split_type(rest)[1]
-            opcodes[computation].add(op_text.partition("(")[0])
-            if op_text.startswith("fusion("):
-                calls[computation].update(_CALLS.findall(op_text))
-            instructions.append((name, op_text))
+    for computation, name, _, op_text in hlo_instructions(hlo_text):
+        opcodes[computation].add(op_text.partition("(")[0])
+        calls[computation].update(fused_computations(op_text))
+        instructions.append((name, op_text))
 
     def computes(computation: str, seen: set[str]) -> set[str]:
         seen.add(computation)
@@ -97,14 +87,14 @@ def hlo_descriptions(hlo_text: str) -> dict[str, str]:
     for name, op_text in instructions:
         opcode = op_text.partition("(")[0]
         words = [opcode]
-        target = _TARGET.search(op_text)
+        target = custom_call_target(op_text)
         if target:
-            words.append(target.group(1))
+            words.append(target)
         if opcode == "fusion":
             kind = _FUSION_KIND.search(op_text)
             words += [kind.group(1)] if kind else []
             fused = set()
-            for callee in _CALLS.findall(op_text):
+            for callee in fused_computations(op_text):
                 fused |= computes(callee, set())
             words += [f"computes:{op}" for op in sorted(fused)]
         out[name] = " ".join(words)

@@ -67,12 +67,8 @@ def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
     return n
 
 
-def plan(hlo_text: str, largest: int = 8) -> dict:
-    """GEMM calls by operand dtypes and by kernel, fused-attention and convolution calls, collectives,
-    and the ``largest`` buffers (results of instructions outside fused computations)."""
-    types: dict[str, str] = {}
-    instructions = []  # (computation, name, type text, op text)
-    fused: set[str] = set()
+def hlo_instructions(hlo_text: str):
+    """Yields ``(computation, name, result type text, op text)`` for every instruction of an HLO module."""
     computation = ""
     for line in hlo_text.splitlines():
         header = _COMPUTATION.match(line)
@@ -80,14 +76,30 @@ def plan(hlo_text: str, largest: int = 8) -> dict:
             computation = header.group(1)
             continue
         definition = _DEFINITION.match(line)
-        if not definition:
-            continue
-        name, rest = definition.groups()
-        type_text, op_text = _split_type(rest)
+        if definition:
+            name, rest = definition.groups()
+            yield (computation, name, *_split_type(rest))
+
+
+def fused_computations(op_text: str) -> list[str]:
+    """The computations a ``fusion(...)`` instruction calls (none for another op)."""
+    return _CALLS.findall(op_text) if op_text.startswith("fusion(") else []
+
+
+def custom_call_target(op_text: str) -> str | None:
+    target = _TARGET.search(op_text)
+    return target.group(1) if target else None
+
+
+def plan(hlo_text: str, largest: int = 8) -> dict:
+    """GEMM calls by operand dtypes and by kernel, fused-attention and convolution calls, collectives,
+    and the ``largest`` buffers (results of instructions outside fused computations)."""
+    types: dict[str, str] = {}
+    instructions = list(hlo_instructions(hlo_text))
+    fused: set[str] = set()
+    for _, name, type_text, op_text in instructions:
         types[name] = type_text
-        instructions.append((computation, name, type_text, op_text))
-        if op_text.startswith("fusion("):
-            fused.update(_CALLS.findall(op_text))
+        fused.update(fused_computations(op_text))
 
     gemms_by_dtype: collections.Counter = collections.Counter()
     gemms_by_kernel: collections.Counter = collections.Counter()
@@ -98,9 +110,8 @@ def plan(hlo_text: str, largest: int = 8) -> dict:
     buffers = []
     for computation, name, type_text, op_text in instructions:
         op = op_text.partition("(")[0]
-        target = _TARGET.search(op_text)
-        if target:
-            kernel = target.group(1)
+        kernel = custom_call_target(op_text)
+        if kernel:
             if kernel.startswith(("__cublas$", "__cublas$lt$")):
                 operand_dtypes = [_arrays(types.get(o, ""))[:1] for o in _operands(op_text)[:2]]
                 dtypes = [a[0][0] for a in operand_dtypes if a]
@@ -117,7 +128,7 @@ def plan(hlo_text: str, largest: int = 8) -> dict:
             collectives[base] += 1
         if computation not in fused and op not in ("parameter", "get-tuple-element", "bitcast", "tuple"):
             arrays = _arrays(type_text)
-            if target and len(arrays) > 1:  # a library call's last result is its scratch workspace
+            if kernel and len(arrays) > 1:  # a library call's last result is its scratch workspace
                 arrays = arrays[:-1]
             for dtype, shape in arrays:
                 buffers.append((_nbytes(dtype, shape), name, dtype, shape, op))
