@@ -37,7 +37,7 @@ demo: install
 	$(PY) -m hybrid_distill_jax.main --config configs/demo.py --workdir $(WORKDIR)
 
 test: install-dev install-aot
-	$(PY) -m pytest -q -rs --durations=10 tests
+	$(PY) -m pytest -q -rs --durations=25 tests
 
 lint: install-dev
 	$(VENV)/bin/ruff check hybrid_distill_jax configs tests scripts benchmarks
