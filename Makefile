@@ -36,8 +36,11 @@ install-dev: $(VENV)/.installed-dev
 demo: install
 	$(PY) -m hybrid_distill_jax.main --config configs/demo.py --workdir $(WORKDIR)
 
+# Test files run in PYTEST_WORKERS processes (pytest-xdist), each file whole in one of them (its module
+# fixtures are built once); every worker has its own 8 fake CPU devices.
+PYTEST_WORKERS ?= 2
 test: install-dev install-aot
-	$(PY) -m pytest -q -rs --durations=25 tests
+	$(PY) -m pytest -q -rs -n $(PYTEST_WORKERS) --dist loadfile --durations=25 tests
 
 lint: install-dev
 	$(VENV)/bin/ruff check hybrid_distill_jax configs tests scripts benchmarks

@@ -10,9 +10,10 @@
 #             copies/transposes, collectives, other) in the table and in OUT/profile/<run>/summary.json
 #   fp8       ours at 0.5 with fp8 teachers (teachers.*.fp8=True), profiled too: beside b16, fp8 off and on
 #   recipe    configs/hd_vitb16_deit_mae.py as shipped (DeiT-B/16 + MAE-B/16 architectures, bf16, its loss
-#             and masking schedule) at batch 256 per chip: every stage and the schedule-weighted rate
+#             terms and masking schedule) at batch 256 per chip: every stage and the schedule-weighted rate
 #   l16       the ViT-L/16 <- CLIP-L/14 + MAE-L/16 step at batch 128 with dots_saveable remat (does it fit?)
-#   on_kept   ours at 0.5 with the relation teacher on the kept tokens (different work: compare as such)
+#   on_kept   ours at 0.5 with the relation teacher on the kept tokens (terms.relation.teacher_on_kept=True;
+#             different work: compare as such)
 #   e2e       ours at 0.5 fed by the input pipeline from 1,024 ImageNet-like JPEGs made on the host
 # The frozen teachers run on cuDNN attention by default on NVIDIA GPUs, so b16 is the cuDNN-teacher step
 # (the former separate cudnn run timed the same program).

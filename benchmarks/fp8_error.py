@@ -40,9 +40,10 @@ from hybrid_distill_jax.experiments.stages import run_stage  # noqa: E402
 from hybrid_distill_jax.models import io as model_io  # noqa: E402
 from hybrid_distill_jax.models.build import FrozenTeacher, normalize, pooled_features  # noqa: E402
 from hybrid_distill_jax.models.vit import decode_variant  # noqa: E402
-from hybrid_distill_jax.tasks.distill import relation_layers  # noqa: E402
+from hybrid_distill_jax.terms.relations import relation_layers  # noqa: E402
 
-TEACHERS = {"feature": "teacher_supervised", "relation": "teacher_mae"}
+# The demo student's teachers (configs/demo.py: teachers.deit, teachers.mae) -> the demo stage training it.
+TEACHERS = {"deit": "teacher_supervised", "mae": "teacher_mae"}
 
 
 def load(checkpoint: str, fp8: bool):
@@ -103,9 +104,9 @@ def distill(config_of, workdir: str, seeds, steps: int) -> dict:
             with c.unlocked():
                 c.seed = seed
                 c.eval.linear = False
-                for role, stage in TEACHERS.items():
-                    c.teachers[role].checkpoint = os.path.join(workdir, stage, "export")
-                    c.teachers[role].fp8 = name == "fp8"
+                for teacher, stage in TEACHERS.items():
+                    c.teachers[teacher].checkpoint = os.path.join(workdir, stage, "export")
+                    c.teachers[teacher].fp8 = name == "fp8"
             per[name].append(run_stage(c, os.path.join(workdir, "fp8_check", c.name))["knn_top1"])
     return {"knn_top1": per, "fp8_minus_bf16": paired_interval(per["fp8"], per["bf16"])}
 
@@ -129,11 +130,11 @@ def main(argv=None) -> int:
         )
         return 2
     images = test_images(config)
-    layers = relation_layers(config.loss, decode_variant(config.student.variant)["depth"])
+    layers = relation_layers(config.terms.relation, decode_variant(config.student.variant)["depth"])
     student_dir = os.path.join(args.workdir, "hybrid_student", "export")
     result = {
-        role: teacher_error(config, os.path.join(args.workdir, stage, "export"), images, layers, student_dir)
-        for role, stage in TEACHERS.items()
+        name: teacher_error(config, os.path.join(args.workdir, stage, "export"), images, layers, student_dir)
+        for name, stage in TEACHERS.items()
     }
     seeds = [int(s) for s in args.seeds.split(",")]
     result["distill"] = distill(demo.student, args.workdir, seeds, args.steps)
@@ -145,10 +146,10 @@ def main(argv=None) -> int:
         "| k-NN bf16 | k-NN fp8 |"
     )
     print("|---|---|---|---|---|---|---|")
-    for role in TEACHERS:
-        r = result[role]
+    for name in TEACHERS:
+        r = result[name]
         print(
-            f"| {role} ({TEACHERS[role]}) | {r['token_cosine_mean']:.5f} / {r['token_cosine_min']:.4f} | "
+            f"| {name} ({TEACHERS[name]}) | {r['token_cosine_mean']:.5f} / {r['token_cosine_min']:.4f} | "
             f"{r['relation_kl_drift']:.2e} | {r['student_relation_loss']:.3f} | {r['drift_over_loss']:.2e} | "
             f"{r['knn_top1_bf16']:.2f} | {r['knn_top1_fp8']:.2f} |"
         )

@@ -16,17 +16,19 @@
 
 The step is the trainer's: the config, the task from ``tasks.build_task`` and the step from
 ``train.program.build_program`` (its ``jitted`` stage), on random-init teachers exported to a temporary
-directory (or ``--teachers_dir``) and loaded like real ones. The config is either
+directory (or ``--teachers_dir``: ``DIR/<preset or recipe name>/<teacher name>/``) and loaded like real
+ones. The config is either
 
 - a preset (``--preset``, default b16): ``config_lib.base_config('distill')`` with the preset's
-  architectures and the flags applied (``--keep``, ``--student_dtype``, ``--remat_policy``...), one
-  fixed mask ratio per keep ratio; or
+  architectures (teachers ``deit`` and ``mae``; ``clip`` and ``mae`` for l16) and the flags applied
+  (``--keep``, ``--student_dtype``, ``--remat_policy``...), one fixed mask ratio per keep ratio; or
 - a recipe (``--config configs/<recipe>.py[:ARG]``), read with its ``--config.FIELD=VALUE`` overrides by
-  the trainer's command-line code: its student, dtypes, image sizes, loss, sharding and batch as shipped
-  (``--batch`` sets the batch per chip instead; the recipe's ``batch_size`` is global), every stage of
-  its masking schedule (``--stages`` picks some), the teachers random-init exports of the architectures
-  it names, described without downloads (``FrozenTeacher.load(abstract=True)``: ``model.json``, or for
-  an ``hf-hub:`` name a cached ``config.json`` or the known-teacher table). It also prints the
+  the trainer's command-line code: its student, teachers, loss terms, dtypes, image sizes, sharding and
+  batch as shipped (``--batch`` sets the batch per chip instead; the recipe's ``batch_size`` is global),
+  every stage of its masking schedule (``--stages`` picks some), the teachers its terms load random-init
+  exports of the architectures it names, described without downloads
+  (``FrozenTeacher.load(abstract=True)``: ``model.json``, or for an ``hf-hub:`` name a cached
+  ``config.json`` or the known-teacher table). It also prints the
   schedule-weighted rate: each stage's step time weighted by its share of the run's steps. The preset
   flags do not apply to a recipe (override its fields instead) and there is no PyTorch peer for one.
 
@@ -63,24 +65,29 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 PEER_DEFAULT = os.path.join(HERE, "torch_peer.py")
 
-# name -> (student arch, feature-teacher arch, feature-teacher image size, relation-teacher arch, image size)
+# name -> (student arch, image size, {teacher name: (arch, image size)}). The first teacher is the feature
+# term's and scores the patches; the second is the relation term's (base_config's terms.feature and
+# terms.relation), named as in the recipe of the same architectures.
 PRESETS = {
     "b16": (
         dict(variant="B/16"),
-        dict(variant="B/16"),
         224,
-        dict(variant="B/16"),
-        224,
+        {"deit": (dict(variant="B/16"), 224), "mae": (dict(variant="B/16"), 224)},
     ),
     # CLIP ViT-L/14 (ln_pre, QuickGELU, projection) fed 196 px so its 14x14 grid matches the /16 student's.
     "l16": (
         dict(variant="L/16"),
-        dict(variant="L/14", ln_pre=True, act="quick_gelu", proj_dim=768),
-        196,
-        dict(variant="L/16"),
         224,
+        {
+            "clip": (dict(variant="L/14", ln_pre=True, act="quick_gelu", proj_dim=768), 196),
+            "mae": (dict(variant="L/16"), 224),
+        },
     ),
-    "tiny": (dict(variant="nano/8"), dict(variant="nano/8"), 32, dict(variant="nano/8"), 32),
+    "tiny": (
+        dict(variant="nano/8"),
+        32,
+        {"deit": (dict(variant="nano/8"), 32), "mae": (dict(variant="nano/8"), 32)},
+    ),
 }
 
 
@@ -92,13 +99,10 @@ PRESET_FLAGS = {
     "fsdp": (1, "--config.mesh.fsdp=N (with mesh.data and sharding.*)"),
     "remat_policy": ("none", "--config.student.remat_policy=POLICY"),
     "student_dtype": ("bfloat16", "--config.student.dtype=DTYPE"),
-    "teacher_dtype": (
-        "bfloat16",
-        "--config.teachers.feature.dtype=DTYPE --config.teachers.relation.dtype=DTYPE",
-    ),
-    "teacher_attn_impl": ("", "--config.teachers.feature.attn_impl=IMPL (and relation)"),
-    "teacher_fp8": (False, "--config.teachers.feature.fp8=True (and relation)"),
-    "relation_on_kept": (False, "--config.loss.relation_teacher_on_kept=True"),
+    "teacher_dtype": ("bfloat16", "--config.teachers.NAME.dtype=DTYPE (each teacher)"),
+    "teacher_attn_impl": ("", "--config.teachers.NAME.attn_impl=IMPL (each teacher)"),
+    "teacher_fp8": (False, "--config.teachers.NAME.fp8=True (each teacher)"),
+    "relation_on_kept": (False, "--config.terms.relation.teacher_on_kept=True"),
     "drop_path": (0.0, "--config.student.drop_path=RATE"),
 }
 _OVERRIDE = re.compile(r"--(no)?config\.\w")
@@ -152,7 +156,10 @@ def parse_args(argv=None):
         help="teachers.*.fp8=True: the teachers' block matmuls on float8 operands",
     )
     ap.add_argument(
-        "--relation_on_kept", action="store_true", default=None, help="loss.relation_teacher_on_kept=True"
+        "--relation_on_kept",
+        action="store_true",
+        default=None,
+        help="terms.relation.teacher_on_kept=True",
     )
     ap.add_argument(
         "--drop_path", type=float, default=None, help="student drop-path; default 0 (the peer has none)"
@@ -247,9 +254,9 @@ def matmul_peak(n: int, reps: int = 20) -> float:
 
 
 def export_teachers(models: dict, root: str) -> dict:
-    """{role: directory}: each ``models[role] = (ViT, mean, std)`` initialised at random and exported to
-    ``root/role`` at its own image size, to be loaded back like a real teacher. An export already there
-    with the same architecture and input description (``--teachers_dir``, shared by several
+    """{name: directory}: each teacher ``models[name] = (ViT, mean, std)`` initialised at random and
+    exported to ``root/name`` at its own image size, to be loaded back like a real teacher. An export
+    already there with the same architecture and input description (``--teachers_dir``, shared by several
     invocations) is reused."""
     import jax
     import jax.numpy as jnp
@@ -258,8 +265,8 @@ def export_teachers(models: dict, root: str) -> dict:
     from hybrid_distill_jax.models.vit import arch_dict
 
     out = {}
-    for i, (role, (model, mean, std)) in enumerate(models.items()):
-        directory = os.path.join(root, role)
+    for i, (name, (model, mean, std)) in enumerate(models.items()):
+        directory = os.path.join(root, name)
         size = model.image_size
         wanted = {"arch": arch_dict(model), "input": {"image_size": size, "mean": mean, "std": std}}
         wanted = json.loads(json.dumps(wanted))  # tuples as lists, as model.json holds them
@@ -268,32 +275,29 @@ def export_teachers(models: dict, root: str) -> dict:
             with open(path) as f:
                 meta = json.load(f)
             if {key: meta.get(key) for key in wanted} == wanted:
-                out[role] = directory
+                out[name] = directory
                 continue
         params = jax.jit(model.init)(jax.random.key(10 + i), jnp.zeros((1, size, size, 3), jnp.float32))
-        out[role] = model_io.save_model(directory, model, params["params"], mean=mean, std=std)
+        out[name] = model_io.save_model(directory, model, params["params"], mean=mean, std=std)
         del params
     return out
 
 
 def preset_config(args, root: str, chips: int):
-    """(config, {role: what the teacher is}) of ``--preset`` and the flags, its teachers exported."""
+    """(config, {teacher name: what the teacher is}) of ``--preset`` and the flags, its teachers
+    exported."""
     import jax.numpy as jnp
 
     from hybrid_distill_jax.models.io import IMAGENET_MEAN, IMAGENET_STD
     from hybrid_distill_jax.models.vit import make_vit
 
-    _, feature, feature_size, relation, image_size = PRESETS[args.preset]
-    archs = {
-        "feature": {**feature, "image_size": feature_size},
-        "relation": {**relation, "image_size": image_size},
-    }
+    archs = {name: {**arch, "image_size": size} for name, (arch, size) in PRESETS[args.preset][2].items()}
     models = {
-        role: (make_vit(arch, dtype=jnp.bfloat16), IMAGENET_MEAN, IMAGENET_STD)
-        for role, arch in archs.items()
+        name: (make_vit(arch, dtype=jnp.bfloat16), IMAGENET_MEAN, IMAGENET_STD)
+        for name, arch in archs.items()
     }
     teachers = export_teachers(models, os.path.join(root, args.preset))
-    named = {role: ", ".join(f"{k}={v}" for k, v in arch.items()) for role, arch in archs.items()}
+    named = {name: ", ".join(f"{k}={v}" for k, v in arch.items()) for name, arch in archs.items()}
     return make_config(args, teachers, args.batch * chips), named
 
 
@@ -314,7 +318,7 @@ def load_recipe(spec: str, overrides: list[str]):
 
 
 def recipe_config(args, config, root: str, chips: int):
-    """(config, {role: the teacher it names}) of ``--config``: the recipe ``config`` (``load_recipe``) with
+    """(config, {teacher name: its checkpoint}) of ``--config``: the recipe ``config`` (``load_recipe``) with
     ``--batch`` (per chip) when given, and each teacher it loads replaced by a random-init export of the
     architecture it names, described without reading weights or downloading
     (``FrozenTeacher.load(abstract=True)``)."""
@@ -325,22 +329,25 @@ def recipe_config(args, config, root: str, chips: int):
 
     if args.batch:
         config.batch_size = args.batch * chips
-    described = build_task(config, num_classes=0, abstract=True).teachers
-    named = {role: str(config.teachers[role].checkpoint) for role in described}
+    described = build_task(config, num_classes=0, abstract=True).teachers  # the teachers the terms load
+    named = {name: str(config.teachers[name].checkpoint) for name in described}
     models = {  # the plain architecture: no fp8 scales, the attention kernel chosen again at load
-        role: (make_vit(arch_dict(t.model), dtype=jnp.bfloat16), t.mean, t.std)
-        for role, t in described.items()
+        name: (make_vit(arch_dict(t.model), dtype=jnp.bfloat16), t.mean, t.std)
+        for name, t in described.items()
     }
-    for role, directory in export_teachers(models, os.path.join(root, config.name)).items():
-        config.teachers[role].checkpoint = directory
+    for name, directory in export_teachers(models, os.path.join(root, config.name)).items():
+        config.teachers[name].checkpoint = directory
     return config, named
 
 
 def make_config(args, teachers: dict, global_batch: int):
     """The run's config: ``config_lib.base_config('distill')`` with the preset and the flags applied."""
-    from hybrid_distill_jax.config_lib import base_config
+    import ml_collections
 
-    student, _, feature_size, _, image_size = PRESETS[args.preset]
+    from hybrid_distill_jax.config_lib import base_config
+    from hybrid_distill_jax.tasks.distill import teacher_config
+
+    student, image_size, archs = PRESETS[args.preset]
     c = base_config("distill")
     c.name = args.preset
     c.image_size = image_size
@@ -357,17 +364,22 @@ def make_config(args, teachers: dict, global_batch: int):
             remat_policy=args.remat_policy,
         )
     )
-    for role, size in (("feature", feature_size), ("relation", image_size)):
-        c.teachers[role].update(
-            dict(
-                checkpoint=teachers[role],
+    c.teachers = ml_collections.ConfigDict(
+        {
+            name: teacher_config(
+                teachers[name],
                 dtype=args.teacher_dtype,
                 image_size=size,
                 attn_impl=args.teacher_attn_impl,
                 fp8=args.teacher_fp8,
             )
-        )
-    c.loss.relation_teacher_on_kept = args.relation_on_kept
+            for name, (_, size) in archs.items()
+        }
+    )
+    feature, relation = archs  # the preset's two teachers, in that order
+    c.terms.feature.teacher = c.masking.score_teacher = feature
+    c.terms.relation.teacher = relation
+    c.terms.relation.teacher_on_kept = args.relation_on_kept
     c.masking.update(dict(mode="over_training", selection="gumbel", stage_starts=(0.0,), stage_ratios=(0.0,)))
     c.mesh.update(dict(data=1 if args.fsdp == -1 else -1, fsdp=args.fsdp, model=1))
     strategy = "fsdp" if args.fsdp != 1 else "replicated"
@@ -438,9 +450,9 @@ def precision(config, task) -> dict:
     return {
         "student": config.student.dtype,
         "student_params": config.student.param_dtype,
-        "teachers": {role: config.teachers[role].dtype for role in task.teachers},
-        "teacher_attn_impl": {role: t.model.attn_impl or "xla" for role, t in task.teachers.items()},
-        "teacher_fp8": {role: t.model.fp8 for role, t in task.teachers.items()},
+        "teachers": {name: config.teachers[name].dtype for name in task.teachers},
+        "teacher_attn_impl": {name: t.model.attn_impl or "xla" for name, t in task.teachers.items()},
+        "teacher_fp8": {name: t.model.fp8 for name, t in task.teachers.items()},
     }
 
 
@@ -455,9 +467,9 @@ def describe_run(args, config, task, named: dict, chips: int, shares: dict | Non
         what = f"preset {args.preset} (config_lib.base_config('distill') + flags)"
     s, p = config.student, precision(config, task)
     teachers = ", ".join(
-        f"{role} {named[role]} at {t.image_size} px in {p['teachers'][role]} (attention: "
-        f"{p['teacher_attn_impl'][role]}{', fp8 matmuls' if p['teacher_fp8'][role] else ''})"
-        for role, t in task.teachers.items()
+        f"{name} {named[name]} at {t.image_size} px in {p['teachers'][name]} (attention: "
+        f"{p['teacher_attn_impl'][name]}{', fp8 matmuls' if p['teacher_fp8'][name] else ''})"
+        for name, t in task.teachers.items()
     )
     stages = ""
     if shares:

@@ -5,8 +5,8 @@ Run (≤ 10 minutes on 2 CPU cores, unchanged on a GPU):
     make demo
     # or: python -m hybrid_distill_jax.main --config configs/demo.py --workdir runs/demo
 
-Stages: a supervised ViT teacher (the feature teacher, DeiT-like) and an MAE teacher (the relation
-teacher), then a Hybrid Distill student (feature + relation terms, progressive redundant masking)
+Stages: a supervised ViT teacher (``teachers.deit``, DeiT-like) and an MAE teacher (``teachers.mae``),
+then a Hybrid Distill student (feature + relation terms, progressive redundant masking)
 and an FD-only student (feature term only) from the same teachers, and the untrained student.
 Every model is evaluated by k-NN (k=20) and a linear probe on frozen features of the 2,000 test
 images; WORKDIR/summary.json holds the numbers. Expected (measured on 2 CPU cores, 2026-11-28, 5.4 min):
@@ -47,10 +47,10 @@ def teacher_mae(steps=300):
     return c
 
 
-def student(name: str, steps=300, beta: float = 1.0):
+def student(name: str, steps=300, relation: float = 1.0):
     c = _common(base_config("distill"), name, steps, 128, 2e-3)
     c.student.update(ARCH)
-    c.loss.beta = beta
+    c.terms.relation.weight = relation
     c.masking.stage_starts = (0.0, 0.3, 0.6)
     c.masking.stage_ratios = (0.0, 0.25, 0.5)
     return c
@@ -63,8 +63,8 @@ def get_config(arg=None):
     c.mode = "demo"
     c.teacher_supervised = teacher_supervised(steps or 500)
     c.teacher_mae = teacher_mae(steps or 500)
-    c.hybrid_student = student("hybrid_student", steps or 400, beta=1.0)
-    c.fd_only_student = student("fd_only_student", steps or 400, beta=0.0)
+    c.hybrid_student = student("hybrid_student", steps or 400, relation=1.0)
+    c.fd_only_student = student("fd_only_student", steps or 400, relation=0.0)
     c.students = ("hybrid_student", "fd_only_student")
     if arg == "smoke":
         for key in ("teacher_supervised", "teacher_mae", "hybrid_student", "fd_only_student"):

@@ -1,13 +1,13 @@
-"""Hybrid Distill ViT-B/16 from CLIP ViT-B/16 (feature teacher) + MAE-B/16 (relation teacher), ImageNet-1K.
+"""Hybrid Distill ViT-B/16 from CLIP ViT-B/16 (features) + MAE-B/16 (relations), ImageNet-1K.
 
 Expected: the Hybrid Distill paper (in the parts we have) reports no ImageNet-1K fine-tuning number for
 this teacher pair. For reference, methods distilling from the same CLIP-B/16 teacher report: FD 84.9,
 MaskAlign 85.4, dBOT 85.7 (top-1 after fine-tuning a ViT-B/16).
 
 1. Teachers are resolved by name by default (``python -m hybrid_distill_jax.convert list``):
-   ``hf-hub:timm/vit_base_patch16_clip_224.openai`` (feature) and
-   ``hf-hub:timm/vit_base_patch16_224.mae`` (relation) are fetched with huggingface_hub (its cache under
-   HF_HOME; HF_HUB_OFFLINE=1 forbids the network), converted once and cached (docs/CONVERT.md). On
+   ``hf-hub:timm/vit_base_patch16_clip_224.openai`` (``teachers.clip``) and
+   ``hf-hub:timm/vit_base_patch16_224.mae`` (``teachers.mae``) are fetched with huggingface_hub (its
+   cache under HF_HOME; HF_HUB_OFFLINE=1 forbids the network), converted once and cached (docs/CONVERT.md). On
    hosts without network, fetch them first where there is:
    ``hf download timm/NAME config.json model.safetensors``.
    Local directories converted from the original releases still work:
@@ -22,29 +22,37 @@ MaskAlign 85.4, dBOT 85.7 (top-1 after fine-tuning a ViT-B/16).
     python -m hybrid_distill_jax.main --config configs/hd_vitb16_clip_mae.py \\
         --workdir runs/hd_vitb16_clip_mae --config.data.data_dir=$TFDS_DATA_DIR
     # local teachers: --config configs/hd_vitb16_clip_mae.py:teachers/clip_b16,teachers/mae_b16
-    # or: --config.teachers.feature.checkpoint=DIR --config.teachers.relation.checkpoint=DIR
+    # or: --config.teachers.clip.checkpoint=DIR --config.teachers.mae.checkpoint=DIR
 
 The CLIP teacher sees its own normalisation (CLIP mean/std, recorded in its model.json); the student
 keeps ImageNet's.
 """
 
+import ml_collections
+
 from hybrid_distill_jax.config_lib import base_config
 from hybrid_distill_jax.convert import hub
+from hybrid_distill_jax.tasks.distill import teacher_config
 
-FEATURE, RELATION = (hub.teacher("hd_vitb16_clip_mae", role) for role in ("feature", "relation"))
+CLIP, MAE = (hub.teacher("hd_vitb16_clip_mae", name) for name in ("clip", "mae"))
 
 
 def get_config(arg=None):
-    """``arg``: optional 'FEATURE,RELATION' (converted teacher directories or hf-hub: names)."""
-    feature, relation = (arg.split(",") + [RELATION])[:2] if arg else (FEATURE, RELATION)
+    """``arg``: optional 'CLIP,MAE' (converted teacher directories or hf-hub: names)."""
+    clip, mae = (arg.split(",") + [MAE])[:2] if arg else (CLIP, MAE)
     c = base_config("distill")
     c.name = "hd_vitb16_clip_mae"
     c.image_size = 224
     c.student.variant = "B/16"
     c.student.drop_path = 0.1
     c.student.dtype = "bfloat16"  # compute in bf16; parameters, softmax and losses stay fp32
-    c.teachers.feature.checkpoint = feature  # CLIP ViT-B/16, 224 px, 14x14 grid
-    c.teachers.relation.checkpoint = relation  # MAE-B/16, 224 px, 14x14 grid, 12 heads like the student
+    c.teachers = ml_collections.ConfigDict(
+        dict(
+            clip=teacher_config(clip),  # CLIP ViT-B/16, 224 px, 14x14 grid
+            mae=teacher_config(mae),  # MAE-B/16, 224 px, 14x14 grid, 12 heads like the student
+        )
+    )
+    c.terms.feature.teacher = c.masking.score_teacher = "clip"  # relations stay MAE's
     c.total_epochs = 300.0
     c.batch_size = 2048
     c.optim.warmup_epochs = 20.0

@@ -1,16 +1,16 @@
-"""Hybrid Distill ViT-L/16 from CLIP ViT-L/14 (feature teacher) + MAE-L/16 (relation teacher), ImageNet-1K.
+"""Hybrid Distill ViT-L/16 from CLIP ViT-L/14 (features) + MAE-L/16 (relations), ImageNet-1K.
 
 Expected: 87.6% top-1 after ImageNet-1K fine-tuning of the distilled ViT-L (the paper's number for this
 teacher pair; the fine-tuning recipe itself is not part of this repository).
 
 The CLIP-L/14 teacher runs at 196 px so that its 14x14 patch grid matches the /16 student's at 224 px
-(``teachers.feature.image_size=196``). Converting with ``--image-size 196`` resamples its position
+(``teachers.clip.image_size=196``). Converting with ``--image-size 196`` resamples its position
 embedding once, at conversion time (otherwise it is resampled on the fly, with the same result).
 
 1. Teachers are resolved by name by default (``python -m hybrid_distill_jax.convert list``):
-   ``hf-hub:timm/vit_large_patch14_clip_224.openai`` (feature) and
-   ``hf-hub:timm/vit_large_patch16_224.mae`` (relation) are fetched with huggingface_hub (its cache under
-   HF_HOME; HF_HUB_OFFLINE=1 forbids the network), converted once and cached (docs/CONVERT.md). On
+   ``hf-hub:timm/vit_large_patch14_clip_224.openai`` (``teachers.clip``) and
+   ``hf-hub:timm/vit_large_patch16_224.mae`` (``teachers.mae``) are fetched with huggingface_hub (its
+   cache under HF_HOME; HF_HUB_OFFLINE=1 forbids the network), converted once and cached (docs/CONVERT.md). On
    hosts without network, fetch them first where there is:
    ``hf download timm/NAME config.json model.safetensors``.
    Local directories converted from the original releases still work:
@@ -25,18 +25,21 @@ embedding once, at conversion time (otherwise it is resampled on the fly, with t
     python -m hybrid_distill_jax.main --config configs/hd_vitl16_clipl14_mae.py \\
         --workdir runs/hd_vitl16_clipl14_mae --config.data.data_dir=$TFDS_DATA_DIR
     # local teachers: --config configs/hd_vitl16_clipl14_mae.py:teachers/clip_l14_196,teachers/mae_l16
-    # or: --config.teachers.feature.checkpoint=DIR --config.teachers.relation.checkpoint=DIR
+    # or: --config.teachers.clip.checkpoint=DIR --config.teachers.mae.checkpoint=DIR
 """
+
+import ml_collections
 
 from hybrid_distill_jax.config_lib import base_config
 from hybrid_distill_jax.convert import hub
+from hybrid_distill_jax.tasks.distill import teacher_config
 
-FEATURE, RELATION = (hub.teacher("hd_vitl16_clipl14_mae", role) for role in ("feature", "relation"))
+CLIP, MAE = (hub.teacher("hd_vitl16_clipl14_mae", name) for name in ("clip", "mae"))
 
 
 def get_config(arg=None):
-    """``arg``: optional 'FEATURE,RELATION' (converted teacher directories or hf-hub: names)."""
-    feature, relation = (arg.split(",") + [RELATION])[:2] if arg else (FEATURE, RELATION)
+    """``arg``: optional 'CLIP,MAE' (converted teacher directories or hf-hub: names)."""
+    clip, mae = (arg.split(",") + [MAE])[:2] if arg else (CLIP, MAE)
     c = base_config("distill")
     c.name = "hd_vitl16_clipl14_mae"
     c.image_size = 224
@@ -44,9 +47,14 @@ def get_config(arg=None):
     c.student.drop_path = 0.2
     c.student.dtype = "bfloat16"  # compute in bf16; parameters, softmax and losses stay fp32
     c.student.remat_policy = "full"
-    c.teachers.feature.checkpoint = feature  # CLIP ViT-L/14
-    c.teachers.feature.image_size = 196  # 196 / 14 = 14x14 patches, the student's grid at 224 / 16
-    c.teachers.relation.checkpoint = relation  # MAE-L/16, 224 px, 16 heads like the student
+    c.teachers = ml_collections.ConfigDict(
+        dict(
+            # CLIP ViT-L/14 at 196 px: 196 / 14 = 14x14 patches, the student's grid at 224 / 16
+            clip=teacher_config(clip, image_size=196),
+            mae=teacher_config(mae),  # MAE-L/16, 224 px, 16 heads like the student
+        )
+    )
+    c.terms.feature.teacher = c.masking.score_teacher = "clip"  # relations stay MAE's
     c.total_epochs = 300.0
     c.batch_size = 2048
     c.optim.warmup_epochs = 20.0

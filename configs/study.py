@@ -49,15 +49,15 @@ def teacher_mae(steps):
     return c
 
 
-def student(name: str, steps: int, *, alpha=1.0, beta=1.0, masking=NO_MASK, selection="gumbel"):
+def student(name: str, steps: int, *, feature=1.0, relation=1.0, masking=NO_MASK, selection="gumbel"):
     c = short_run(base_config("distill"), name, steps, 128, 2e-3)
     c.student.drop_path = 0.0
-    c.loss.alpha, c.loss.beta = alpha, beta
+    c.terms.feature.weight, c.terms.relation.weight = feature, relation
     c.masking.update(masking)
     c.masking.selection = selection
-    # Patches are scored by the feature teacher's CLS attention only when the selection uses them.
+    # Patches are scored by the supervised teacher's CLS attention only when the selection uses them.
     needs_scores = selection != "random" and masking["stage_ratios"] != (0.0,)
-    c.masking.score_source = "feature_teacher" if needs_scores else "uniform"
+    c.masking.score_teacher = "deit" if needs_scores else ""
     # diag/... attention-diagnostics curves in the stage's metrics.jsonl
     c.eval.diagnostics_every = 50 * max(steps // 200, 1) if steps >= 100 else 0
     return c
@@ -104,8 +104,8 @@ def get_config(arg=None):
 
     c.teacher_supervised = teacher_supervised(t_steps)
     c.teacher_mae = teacher_mae(t_steps)
-    c.fd_only = student("fd_only", s_steps, beta=0.0)
-    c.relation_only = student("relation_only", s_steps, alpha=0.0)
+    c.fd_only = student("fd_only", s_steps, relation=0.0)
+    c.relation_only = student("relation_only", s_steps, feature=0.0)
     c.hybrid_nomask = student("hybrid_nomask", s_steps)
     c.hybrid_random = student("hybrid_random", s_steps, masking=PROGRESSIVE, selection="random")
     c.hybrid_progressive = student("hybrid_progressive", s_steps, masking=PROGRESSIVE)

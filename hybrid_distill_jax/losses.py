@@ -37,7 +37,7 @@ def feature_loss(pred: jax.Array, target: jax.Array, kind: str = "smooth_l1", be
             jnp.linalg.norm(pred, axis=-1) * jnp.linalg.norm(target, axis=-1) + 1e-8
         )
         return -jnp.mean(cos)
-    raise ConfigError(f"loss.feature_loss={kind!r}: expected one of {FEATURE_LOSSES}")
+    raise ConfigError(f"feature loss {kind!r}: expected one of {FEATURE_LOSSES}")
 
 
 def relation_logits(q: jax.Array, k: jax.Array, token_indices: jax.Array) -> jax.Array:
@@ -67,7 +67,7 @@ def relation_loss(teacher_logits: jax.Array, student_logits: jax.Array, kind: st
         return jnp.mean(jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), axis=-1))
     if kind == "mse":
         return jnp.mean((jax.nn.softmax(t, axis=-1) - jax.nn.softmax(s, axis=-1)) ** 2)
-    raise ConfigError(f"loss.relation_loss={kind!r}: expected one of {RELATION_LOSSES}")
+    raise ConfigError(f"relation loss {kind!r}: expected one of {RELATION_LOSSES}")
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int, label_smoothing: float = 0.0):

@@ -1,6 +1,7 @@
 """Entry point: ``python -m hybrid_distill_jax.main --config configs/<recipe>.py --workdir DIR``.
 
-Any field can be overridden on the command line: ``--config.batch_size=256 --config.loss.beta=0``.
+Any field can be overridden on the command line: ``--config.batch_size=256``,
+``--config.terms.relation.weight=0``.
 A config whose ``mode`` is ``demo`` runs the whole embedded-data chain (see ``configs/demo.py``).
 
 Multi-host runs start one process per host (or per GPU under SLURM) with the same command; see
@@ -97,10 +98,32 @@ def load_config_file(spec: str) -> ConfigDict:
     except ConfigError:
         raise
     except Exception as e:  # the config file's own code failed: report where, in one line
+        moved = _renamed_on_line(source, path, e) if isinstance(e, AttributeError) else None
+        if moved:
+            raise ConfigError(f"{where}: {_where_in(path, e)}{moved}") from None
         raise ConfigError(f"{where}: {_where_in(path, e)}{type(e).__name__}: {_first_line(e)}") from None
     if not isinstance(config, ConfigDict):
         raise ConfigError(f"{where}: get_config() returned {type(config).__name__}, not a ConfigDict")
     return config
+
+
+def _renamed_on_line(source: bytes, path: str, e: BaseException) -> str | None:
+    """For a config file that failed on a missing field: the rename hint of a renamed field named on the
+    failing line (``c.loss.alpha = 0`` -> use terms.feature.weight), else None."""
+    from hybrid_distill_jax.tasks import TASKS
+
+    lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == path]
+    if not lines:
+        return None
+    text = source.decode("utf-8", "replace").splitlines()[lines[-1] - 1]
+    for dotted in re.findall(r"\b[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+", text):
+        parts = dotted.split(".")
+        for task in TASKS.values():
+            for start in range(len(parts)):
+                moved = task.renamed(".".join(parts[start:]))
+                if moved:
+                    return moved
+    return None
 
 
 def _first_line(e: BaseException) -> str:
@@ -128,6 +151,9 @@ def check_override_names(config: ConfigDict, names: list[str]) -> None:
     valid = set(field_names(config))
     for name in names:
         if name not in valid:
+            moved = renamed_field(config, name)
+            if moved:
+                raise ConfigError(f"--config.{moved}")
             close = difflib.get_close_matches(name, sorted(valid), n=3, cutoff=0.6)
             if close:
                 hint = f"did you mean {' or '.join(f'--config.{c}' for c in close)}?"
@@ -138,6 +164,14 @@ def check_override_names(config: ConfigDict, names: list[str]) -> None:
                 siblings = [v for v in field_names(config) if v.rpartition(".")[0] == parent]
                 hint = f"fields there: {', '.join(siblings)}"
             raise ConfigError(f"--config.{name}: no such field in the config; {hint}")
+
+
+def renamed_field(config: ConfigDict, name: str) -> str | None:
+    """'NAME belongs to ...; use NEW' when ``name`` is a field the config's task renamed, else None."""
+    from hybrid_distill_jax.tasks import TASKS  # the error path only: tasks import the models
+
+    task = TASKS.get(config.get("mode"))
+    return task.renamed(name) if task is not None else None
 
 
 def override_names(argv: list[str]) -> list[str]:

@@ -1,6 +1,7 @@
 """Progressive redundant token masking.
 
-The teacher's CLS->patch attention scores each patch: patches it barely attends to are redundant.
+A teacher's CLS->patch attention (the teacher ``masking.score_teacher`` names; '' scores every patch
+equally) scores each patch: patches it barely attends to are redundant.
 The student keeps K patches sampled without replacement with probability proportional to the score
 (Gumbel-top-k), or the top K, or K uniformly at random. K is a Python int per stage so every shape
 stays static under ``jit``: the step compiles once per stage.
@@ -23,9 +24,6 @@ import jax.numpy as jnp
 from hybrid_distill_jax.errors import ConfigError
 
 SELECTIONS = ("gumbel", "topk", "random")
-# masking.score_source -> the teacher role whose CLS attention scores the patches (None: all equal).
-SCORE_ROLES = {"feature_teacher": "feature", "relation_teacher": "relation", "uniform": None}
-SCORE_SOURCES = tuple(SCORE_ROLES)
 
 
 def redundancy_scores(cls_attn: jax.Array) -> jax.Array:

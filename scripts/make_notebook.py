@@ -38,8 +38,9 @@ It runs on CPU (a few minutes on the embedded Fashion-MNIST subset), GPU or TPU 
 
 `SMOKE=True` runs a seconds-long version of every step (the test suite runs the notebook that way).
 To distill from your own teachers, convert them first (see `docs/CONVERT.md`), upload the output
-directories and set `FEATURE_TEACHER_DIR` / `RELATION_TEACHER_DIR`; their patch grids must match the
-student's, and the relation teacher's head count must equal the student's.""",
+directories and set `FEATURE_TEACHER_DIR` / `RELATION_TEACHER_DIR` (the student's `teachers.deit` and
+`teachers.mae`); their patch grids must match the student's, and the relation teacher's head count must
+equal the student's.""",
     ),
     (
         "code",
@@ -102,11 +103,14 @@ print(f"runtime: {RUNTIME}; JAX devices: {jax.devices()}; repository: {REPO_DIR}
 * A **relation teacher** (masked image modeling: MAE) gives attention maps at intermediate layers; the
   student imitates them with a KL divergence per query row. This keeps MIM's **diverse, local and
   global attention** instead of the collapse of late supervised/CL layers.
-* **Progressive redundant token masking**: the feature teacher's CLS attention scores patches; the
-  student only sees K of them, sampled with Gumbel-top-k, with K shrinking in stages over training
-  (one compile per stage). The teachers' targets are gathered at the kept tokens.
+* **Progressive redundant token masking**: the feature teacher's CLS attention scores patches
+  (`masking.score_teacher`); the student only sees K of them, sampled with Gumbel-top-k, with K
+  shrinking in stages over training (one compile per stage). The teachers' targets are gathered at the
+  kept tokens.
 
-`L = alpha * L_feat + beta * L_rel`; FD-only is `beta=0`, relation-only `alpha=0`.""",
+The config names the teachers `teachers.deit` and `teachers.mae`, and the two loss terms
+`terms.feature` and `terms.relation`: `L = terms.feature.weight * L_feat + terms.relation.weight * L_rel`
+(1 and 1); FD-only is `terms.relation.weight=0`, relation-only `terms.feature.weight=0`.""",
     ),
     ("md", "## The data: the embedded Fashion-MNIST subset (10,000 train / 2,000 test, real images)"),
     (
@@ -167,8 +171,8 @@ results""",
         "code",
         """student_cfg = demo.hybrid_student
 student_cfg.total_steps = STUDENT_STEPS
-student_cfg.teachers.feature.checkpoint = feature_dir
-student_cfg.teachers.relation.checkpoint = relation_dir
+student_cfg.teachers.deit.checkpoint = feature_dir  # the feature term's teacher (terms.feature.teacher)
+student_cfg.teachers.mae.checkpoint = relation_dir  # the relation term's teacher (terms.relation.teacher)
 student_dir = os.path.join(WORKDIR, student_cfg.name)
 results[student_cfg.name] = run_stage(student_cfg, student_dir)
 results[student_cfg.name]""",

@@ -40,6 +40,17 @@ def make_teacher(directory, seed=0, perturb_seed=None, **arch):
     return model_io.save_model(str(directory), model, params)
 
 
+def set_fields(config, changes: dict, separator: str = "."):
+    """Sets each ``changes`` entry, a field path joined by ``separator`` -> its value, in ``config``."""
+    for path, value in changes.items():
+        *parents, leaf = path.split(separator)
+        node = config
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    return config
+
+
 def tiny_common(c, data_dir, steps=6, batch=16):
     c.image_size = 32
     c.batch_size = batch
@@ -65,10 +76,10 @@ def tiny_distill_config(tmp_path, data_dir, steps=6, batch=16):
         make_teacher(relation, seed=2)
     c = tiny_common(base_config("distill"), data_dir, steps, batch)
     c.student.update(ARCH)
-    c.teachers.feature.checkpoint = feature
-    c.teachers.relation.checkpoint = relation
-    c.teachers.feature.dtype = "float32"
-    c.teachers.relation.dtype = "float32"
+    c.teachers.deit.checkpoint = feature
+    c.teachers.mae.checkpoint = relation
+    c.teachers.deit.dtype = "float32"
+    c.teachers.mae.dtype = "float32"
     return c
 
 
@@ -85,8 +96,8 @@ def tiny_cli(workdir, tfds_dir, teachers) -> list[str]:
         os.path.join(REPO, "tests", "tiny_config.py"),
         f"--workdir={workdir}",
         f"--config.data.data_dir={tfds_dir}",
-        f"--config.teachers.feature.checkpoint={teachers[0]}",
-        f"--config.teachers.relation.checkpoint={teachers[1]}",
+        f"--config.teachers.deit.checkpoint={teachers[0]}",
+        f"--config.teachers.mae.checkpoint={teachers[1]}",
     ]
 
 
@@ -95,3 +106,33 @@ def tiny_cli_env() -> dict:
     return dict(
         os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu", PYTHONPATH=REPO
     )
+
+
+def timm_parity_error(export_dir: str, out_path: str, image_size: int = 32) -> float:
+    """Exports a model directory to a timm state dict through the CLI (``convert export``), loads it into
+    a timm ViT strictly and returns the largest |difference| of the final tokens on random images.
+    Needs torch and timm (``scripts/install_torch_cpu.sh``)."""
+    import subprocess
+
+    import torch
+    from safetensors.torch import load_file
+
+    from hybrid_distill_jax import convert
+    from hybrid_distill_jax.convert.torch_io import declare_torchvision_ops
+
+    declare_torchvision_ops()
+    import timm
+
+    cmd = [sys.executable, "-m", "hybrid_distill_jax.convert", "export", "--input", export_dir]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    proc = subprocess.run([*cmd, "--output", out_path], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model, params, _ = model_io.load_model(export_dir)
+    _, kwargs, _ = convert.timm_state_dict(model, params)
+    tm = timm.create_model("vit_base_patch16_224", pretrained=False, **kwargs).eval()
+    tm.load_state_dict(load_file(out_path), strict=True)
+    x = torch.randn((2, 3, image_size, image_size), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = tm.forward_features(x).numpy()
+    ours = np.asarray(model.apply({"params": params}, np.asarray(x.permute(0, 2, 3, 1)))["tokens"])
+    return float(np.abs(ours - expected).max())

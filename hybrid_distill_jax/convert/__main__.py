@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="timm model name to print in the load command (default vit_base_patch16_224)",
     )
-    sub.add_parser("list", help="the paper's teachers by hf-hub: name, with their role and recipes")
+    sub.add_parser("list", help="the known teachers by hf-hub: name, with the recipes that use them")
     return parser
 
 

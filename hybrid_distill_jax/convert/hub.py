@@ -44,8 +44,7 @@ _logger = logging.getLogger("hybrid_distill_jax")
 @dataclasses.dataclass(frozen=True)
 class Teacher:
     name: str
-    role: str  # 'feature' | 'relation'
-    recipes: tuple
+    recipes: tuple  # "RECIPE:TEACHER": configs/RECIPE.py names it teachers.TEACHER
     what: str
     # What the repo's config.json says beyond its name (timm/ARCHITECTURE.TAG): its head's size and the
     # input mean/std. With the name this describes the model without a download (:func:`describe`).
@@ -56,51 +55,45 @@ class Teacher:
 TEACHERS = (
     Teacher(
         "hf-hub:timm/deit_base_patch16_224.fb_in1k",
-        "feature",
-        ("hd_vitb16_deit_mae",),
+        ("hd_vitb16_deit_mae:deit",),
         "DeiT-B/16, supervised ImageNet-1k",
         num_classes=1000,
     ),
     Teacher(
         "hf-hub:timm/vit_base_patch16_clip_224.openai",
-        "feature",
-        ("hd_vitb16_clip_mae",),
+        ("hd_vitb16_clip_mae:clip", "hd3_vitb16_clip_dino_mae:clip"),
         "CLIP ViT-B/16 image tower (OpenAI, QuickGELU)",
         num_classes=512,
         clip_input=True,
     ),
     Teacher(
         "hf-hub:timm/vit_large_patch14_clip_224.openai",
-        "feature",
-        ("hd_vitl16_clipl14_mae",),
+        ("hd_vitl16_clipl14_mae:clip",),
         "CLIP ViT-L/14 image tower (OpenAI, QuickGELU); run at 196 px beside a /16 student",
         num_classes=768,
         clip_input=True,
     ),
     Teacher(
         "hf-hub:timm/vit_base_patch16_224.dino",
-        "feature",
-        (),
-        "DINO ViT-B/16 (self-supervised contrastive), an alternative feature teacher",
+        ("hd3_vitb16_clip_dino_mae:dino",),
+        "DINO ViT-B/16 (self-supervised contrastive)",
     ),
     Teacher(
         "hf-hub:timm/vit_base_patch16_224.mae",
-        "relation",
-        ("hd_vitb16_deit_mae", "hd_vitb16_clip_mae"),
+        ("hd_vitb16_deit_mae:mae", "hd_vitb16_clip_mae:mae", "hd3_vitb16_clip_dino_mae:mae"),
         "MAE ViT-B/16 encoder",
     ),
     Teacher(
         "hf-hub:timm/vit_large_patch16_224.mae",
-        "relation",
-        ("hd_vitl16_clipl14_mae",),
+        ("hd_vitl16_clipl14_mae:mae",),
         "MAE ViT-L/16 encoder",
     ),
 )
 
 
-def teacher(recipe: str, role: str) -> str:
-    """The known teacher name a recipe uses for ``role`` (the recipes' defaults)."""
-    (found,) = [t.name for t in TEACHERS if t.role == role and recipe in t.recipes]
+def teacher(recipe: str, name: str) -> str:
+    """The hub name of the teacher ``configs/RECIPE.py`` calls ``teachers.NAME`` (the recipes' defaults)."""
+    (found,) = [t.name for t in TEACHERS if f"{recipe}:{name}" in t.recipes]
     return found
 
 
@@ -397,12 +390,12 @@ def _listdir(path: str) -> list[str]:
 
 
 def list_teachers(print_fn=print) -> None:
-    """The known teacher names, their role and the recipes that use them."""
+    """The known teacher names, what each is, and the recipes that use them (as which teacher)."""
     width = max(len(t.name) for t in TEACHERS)
-    print_fn(f"{'name':{width}}  {'role':8}  recipes / what")
+    print_fn(f"{'name':{width}}  what; used by")
     for t in TEACHERS:
-        recipes = ", ".join(f"configs/{r}.py" for r in t.recipes) or "-"
-        print_fn(f"{t.name:{width}}  {t.role:8}  {recipes}: {t.what}")
+        used = [f"configs/{r.split(':')[0]}.py (teachers.{r.split(':')[1]})" for r in t.recipes]
+        print_fn(f"{t.name:{width}}  {t.what}; {', '.join(used) or '-'}")
     print_fn(
         f"\nconverted once into {os.path.join(cache_root(), 'teachers')} ({CACHE_ENV} to move it); "
         "files come from huggingface_hub's cache (HF_HOME, HF_HUB_OFFLINE)"

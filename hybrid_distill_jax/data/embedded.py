@@ -8,6 +8,7 @@ The examples come from ``embedded_data/fashion_mnist_subset.npz`` (see ``embedde
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import zipfile
@@ -124,17 +125,24 @@ def ensure_prepared(data_dir: str | None = None) -> tfds.core.DatasetBuilder:
     """
     data_dir = default_data_dir() if data_dir is None else os.path.expanduser(str(data_dir))
     builder = EmbeddedFashionMnist(data_dir=data_dir)
-    if not builder.is_prepared():
-        try:
-            builder.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(
-                    download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
-                    try_download_gcs=False,
+    if builder.is_prepared():
+        return builder
+    try:
+        # Processes that start together (a multi-process run, parallel test workers) prepare it once:
+        # the others wait on the lock, then find it prepared.
+        os.makedirs(data_dir, exist_ok=True)
+        with open(os.path.join(data_dir, f".{NAME}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            builder = EmbeddedFashionMnist(data_dir=data_dir)
+            if not builder.is_prepared():
+                builder.download_and_prepare(
+                    download_config=tfds.download.DownloadConfig(
+                        download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
+                        try_download_gcs=False,
+                    )
                 )
-            )
-        except DataError:
-            raise
-        except OSError as e:
-            raise DataError(f"could not prepare dataset '{NAME}' in data_dir {data_dir}: {e}") from e
-        builder = EmbeddedFashionMnist(data_dir=data_dir)
-    return builder
+    except DataError:
+        raise
+    except OSError as e:
+        raise DataError(f"could not prepare dataset '{NAME}' in data_dir {data_dir}: {e}") from e
+    return EmbeddedFashionMnist(data_dir=data_dir)

@@ -30,8 +30,8 @@ def run_demo(config, workdir: str) -> dict:
     for key in config.students:
         sub = config[key]
         with sub.unlocked():
-            sub.teachers.feature.checkpoint = teachers["teacher_supervised"]
-            sub.teachers.relation.checkpoint = teachers["teacher_mae"]
+            sub.teachers.deit.checkpoint = teachers["teacher_supervised"]
+            sub.teachers.mae.checkpoint = teachers["teacher_mae"]
         results[sub.name] = run_stage(sub, os.path.join(workdir, sub.name))
     baseline = config[config.students[0]]
     results["random_init_student"] = run_random_init_stage(baseline, os.path.join(workdir, "random_init"))

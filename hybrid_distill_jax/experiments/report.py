@@ -417,13 +417,16 @@ def write_report(config, stages, per_seed, claim_list, figures, times, bounds, p
     ]
     for key, sub in stages.items():
         if sub.mode == "distill":
-            objective = f"alpha={sub.loss.alpha:g} (feature), beta={sub.loss.beta:g} (relation)"
+            objective = ", ".join(
+                f"{name} {term.weight:g} ({term.kind}, teachers.{term.teacher})"
+                for name, term in sub.terms.items()
+            )
             ratios = tuple(sub.masking.stage_ratios)
             masking = (
                 "none"
                 if max(ratios) == 0
                 else f"ratios {list(ratios)} from {list(sub.masking.stage_starts)} of training, "
-                f"{sub.masking.selection} on {sub.masking.score_source}"
+                f"{sub.masking.selection} on {sub.masking.score_teacher or 'uniform'} scores"
             )
         else:
             objective = {"supervised": "cross-entropy on labels", "mae": "MAE pixel reconstruction (75%)"}[

@@ -112,7 +112,7 @@ def _masking_cost(config, workdir: str) -> dict | None:
                 sub.batch_size, sub.total_steps, sub.log_every = cc.batch_size, cc.steps, cc.log_every
                 sub.optim.warmup_steps = 1
                 sub.masking.update(dict(stage_starts=(0.0,), stage_ratios=(ratio,)))
-                sub.teachers.feature.checkpoint = sub.teachers.relation.checkpoint = export
+                sub.teachers.deit.checkpoint = sub.teachers.mae.checkpoint = export
                 sub.eval.knn = sub.eval.linear = False
                 sub.eval.diagnostics_every = 0
             run_dir = os.path.join(scratch, f"round{r}_{setting}")
@@ -198,8 +198,8 @@ def run_study(config, workdir: str) -> dict:
     def student(key: str, seed: int):
         sub = _shared(config, config[key], seed)
         with sub.unlocked():
-            sub.teachers.feature.checkpoint = exports["teacher_supervised"]
-            sub.teachers.relation.checkpoint = exports["teacher_mae"]
+            sub.teachers.deit.checkpoint = exports["teacher_supervised"]
+            sub.teachers.mae.checkpoint = exports["teacher_mae"]
         return sub
 
     for key in teachers:

@@ -14,9 +14,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from hybrid_distill_jax import checks
 from hybrid_distill_jax.errors import ConfigError
 from hybrid_distill_jax.models import io as model_io
-from hybrid_distill_jax.models.vit import VisionTransformer, add_fp8_scales, make_vit
+from hybrid_distill_jax.models.vit import (
+    REMAT_POLICIES,
+    VisionTransformer,
+    add_fp8_scales,
+    decode_variant,
+    make_vit,
+)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -25,6 +32,40 @@ def dtype_of(name: str, field: str):
     if name not in DTYPES:
         raise ConfigError(f"{field}={name!r}: expected one of {sorted(DTYPES)}")
     return DTYPES[name]
+
+
+def model_defaults() -> dict:
+    """The architecture and numerics fields of a trained ViT's config section (``student`` in distill
+    mode, ``model`` in the others)."""
+    return dict(
+        variant="B/16",
+        drop_path=0.1,
+        dtype="float32",
+        param_dtype="float32",
+        remat_policy="none",  # or 'full', 'dots_saveable', ... (models.vit.REMAT_POLICIES)
+        mean=model_io.IMAGENET_MEAN,
+        std=model_io.IMAGENET_STD,
+    )
+
+
+MODEL_RANGES = {"drop_path": checks.UNIT, "mean": checks.PROBABILITY, "std": checks.POSITIVE}
+
+
+def check_model_config(mcfg, image_size: int, field: str) -> dict:
+    """A trained ViT's config section checked up front; its patch_size, depth, num_heads and width."""
+    checks.check_ranges(mcfg, MODEL_RANGES, prefix=f"{field}.")
+    arch = decode_variant(mcfg.variant) if mcfg.get("variant") else {}
+    patch = mcfg.get("patch_size", arch.get("patch_size"))
+    checks.require(patch is not None and patch > 0, f"{field}.patch_size: a positive patch size is required")
+    checks.require(
+        image_size % patch == 0, f"image_size={image_size} is not divisible by {field} patch size {patch}"
+    )
+    checks.one_of(mcfg.get("remat_policy", "none"), REMAT_POLICIES, f"{field}.remat_policy")
+    width = mcfg.get("width", arch.get("width"))
+    heads = mcfg.get("num_heads", arch.get("num_heads"))
+    checks.require(width % heads == 0, f"{field}: width {width} is not divisible by num_heads {heads}")
+    depth = mcfg.get("depth", arch.get("depth"))
+    return {"patch_size": patch, "depth": depth, "num_heads": heads, "width": width}
 
 
 def vit_from_config(mcfg, field: str, **overrides) -> VisionTransformer:

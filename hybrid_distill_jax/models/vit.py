@@ -322,7 +322,9 @@ class VisionTransformer(nn.Module):
     ``attn_logits`` {layer: fp32 [B, H, N_l, N_l]} for ``attn_layers``, ``cls_attn``
     {layer: fp32 [B, H, K_l]} (CLS -> patch probabilities) for ``cls_attn_layers``, and ``qk``
     {layer: (q / sqrt(Dh), k), each [B, N_l, H, Dh] in ``dtype``} for ``qk_layers``: the logits of any
-    token subset, ``einsum('bqhd,bkhd->bhqk', q[:, rows], k[:, cols])``, without the N x N map.
+    token subset, ``einsum('bqhd,bkhd->bhqk', q[:, rows], k[:, cols])``, without the N x N map; and
+    ``hidden`` {layer: [B, P+K_l, D] in ``dtype``}, the residual stream after block l (before any drop
+    there and before the final norm), for ``hidden_layers``.
     """
 
     patch_size: int = 16
@@ -371,11 +373,13 @@ class VisionTransformer(nn.Module):
         attn_layers: Sequence[int] = (),
         cls_attn_layers: Sequence[int] = (),
         qk_layers: Sequence[int] = (),
+        hidden_layers: Sequence[int] = (),
         train: bool = False,
     ) -> dict[str, Any]:
         attn_layers, cls_attn_layers, qk_layers = tuple(attn_layers), tuple(cls_attn_layers), tuple(qk_layers)
+        hidden_layers = tuple(hidden_layers)
         drop_after = dict(drop_after or {})
-        for layer in attn_layers + cls_attn_layers + qk_layers + tuple(drop_after):
+        for layer in attn_layers + cls_attn_layers + qk_layers + hidden_layers + tuple(drop_after):
             if not 1 <= layer <= self.depth:
                 raise ConfigError(
                     f"layer {layer} requested from a ViT of depth {self.depth} (layers are 1..depth)"
@@ -423,7 +427,7 @@ class VisionTransformer(nn.Module):
             Block if policy is False else nn.remat(Block, static_argnums=(2, 3, 4, 5, 6), policy=policy)
         )
         drop_rates = np.linspace(0.0, self.drop_path, self.depth)
-        attn_logits, cls_attn, qk = {}, {}, {}
+        attn_logits, cls_attn, qk, hidden = {}, {}, {}, {}
         for layer in range(1, self.depth + 1):
             want_logits, want_cls, want_qk = (
                 layer in attn_layers,
@@ -449,6 +453,8 @@ class VisionTransformer(nn.Module):
                 qk[layer] = (extras["q"], extras["k"])
             if want_cls:
                 cls_attn[layer] = extras["cls"]
+            if layer in hidden_layers:
+                hidden[layer] = x
             if layer in drop_after:
                 x = jnp.concatenate([x[:, :p], gather_tokens(x[:, p:], drop_after[layer])], axis=1)
 
@@ -456,7 +462,9 @@ class VisionTransformer(nn.Module):
             x = nn.LayerNorm(
                 epsilon=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm"
             )(x)
-        out: dict[str, Any] = {"tokens": x, "attn_logits": attn_logits, "cls_attn": cls_attn, "qk": qk}
+        out: dict[str, Any] = {
+            "tokens": x, "attn_logits": attn_logits, "cls_attn": cls_attn, "qk": qk, "hidden": hidden
+        }
         pooled = x[:, 0] if self.pool == "cls" else jnp.mean(x[:, p:], axis=1)
         out["pooled"] = pooled
         if self.proj_dim:

@@ -10,7 +10,7 @@ The mesh has three named axes, sized by ``config.mesh``:
 
 The batch is split over ``('data', 'fsdp')`` and replicated along ``model``. Which parameters are
 split is decided per leaf from its path (``params/student/block3/mlp/fc1/kernel``,
-``opt_state/1/0/mu/student/...``, ``teachers/relation/...``) and shape:
+``opt_state/1/0/mu/student/...``, ``teachers/mae/...``) and shape:
 
 1. the first matching user rule (``config.sharding.rules``: ``'REGEX=SPEC'``, SPEC being ``replicated``
    or one comma-separated entry per dimension: an axis name, ``None``, or axes joined by ``+``);

@@ -16,10 +16,12 @@ from collections.abc import Hashable
 from typing import Any, ClassVar
 
 import jax
+import ml_collections
 
+from hybrid_distill_jax import checks
 from hybrid_distill_jax.errors import ConfigError
 from hybrid_distill_jax.models import io as model_io
-from hybrid_distill_jax.models.build import normalize, pooled_features
+from hybrid_distill_jax.models.build import check_model_config, model_defaults, normalize, pooled_features
 from hybrid_distill_jax.models.vit import VisionTransformer
 from hybrid_distill_jax.train.optim import make_optimizer
 
@@ -61,6 +63,21 @@ class Task:
         self.abstract = abstract
         self.image_size = config.image_size
         self.frozen = {}
+
+    # -- configuration -------------------------------------------------------------------------------
+    @staticmethod
+    def add_defaults(c: ml_collections.ConfigDict) -> None:
+        """Adds this mode's sections and changes to the shared defaults (``config_lib.base_config``)."""
+
+    @staticmethod
+    def check_config(config, *, check_teachers: bool = True, deviceless: bool = False) -> None:
+        """This mode's up-front checks (after ``config_lib.validate``'s shared ones); a one-line
+        ConfigError naming the field. ``deviceless``: models are described, never downloaded."""
+
+    @staticmethod
+    def renamed(field: str) -> str | None:
+        """A one-line hint naming the new field when ``field`` is one this mode renamed, else None."""
+        return None
 
     # -- required ------------------------------------------------------------------------------------
     def init_params(self, rng: jax.Array) -> Any:
@@ -125,3 +142,16 @@ class Task:
             std=self.std,
             extra=self.export_metadata(),
         )
+
+
+def model_section(**changes) -> ml_collections.ConfigDict:
+    """The ``model`` section of the single-model modes: a ViT's fields and its pooling."""
+    return ml_collections.ConfigDict({**model_defaults(), "pool": "cls", **changes})
+
+
+LABEL_SMOOTHING = {"label_smoothing": checks.UNIT}
+
+
+def check_model_section(config) -> None:
+    """``config.model`` as a ViT trained from scratch at ``config.image_size``."""
+    check_model_config(config.model, config.image_size, "model")

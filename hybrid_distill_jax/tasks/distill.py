@@ -1,144 +1,280 @@
-"""The Hybrid Distill objective: frozen teachers -> targets -> kept tokens -> student -> loss terms.
+"""The distillation objective: named frozen teachers -> kept tokens -> student -> named loss terms.
 
-``L = alpha * L_feat(T_c -> S) + beta * L_rel(T_m -> S)``. FD-only (beta=0), relation-only (alpha=0),
-random masking (``masking.selection='random'``) and no masking (mask ratios 0) are configurations of
-this one objective; which patches are kept, and where, is the ``masking.KeepPlan``'s business.
+``L = sum over config.terms of weight * term``. Each term names its teacher (``config.teachers``) and a
+kind (``hybrid_distill_jax.terms``): ``tokens`` regression (final tokens or block l's), attention
+``relations`` at chosen blocks, a summary ``embedding``. Hybrid Distill is two teachers and two terms (the
+defaults here); FD-only, relation-only, random or no masking, and three-teacher objectives are
+configurations of this one task. Which patches are kept, and where, is the ``masking.KeepPlan``'s
+business; the patches are scored by ``masking.score_teacher``'s CLS attention.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
-from hybrid_distill_jax import losses, masking
+from hybrid_distill_jax import checks, masking, terms
+from hybrid_distill_jax.convert import hub
 from hybrid_distill_jax.errors import ConfigError
-from hybrid_distill_jax.models.build import FrozenTeacher, normalize, vit_from_config
-from hybrid_distill_jax.models.vit import arch_dict, forward_flops, gather_tokens
+from hybrid_distill_jax.models import io as model_io
+from hybrid_distill_jax.models.build import (
+    FrozenTeacher,
+    check_model_config,
+    model_defaults,
+    normalize,
+    vit_from_config,
+)
+from hybrid_distill_jax.models.vit import arch_dict, forward_flops
 from hybrid_distill_jax.tasks.base import Task, register
 
 log = logging.getLogger("hybrid_distill_jax")
 
+ATTN_IMPLS = ("", "xla", "cudnn")
+TEACHER_RANGES = {"image_size": checks.ints(0, "0: the teacher's own")}
 
-def relation_layers(loss_cfg, student_depth: int) -> tuple[int, ...]:
-    """The student blocks the relation term distils (``loss.relation_layers``; default all but the last)."""
-    layers = loss_cfg.get("relation_layers")
-    return tuple(layers) if layers is not None else tuple(range(1, student_depth))
+# The two-role form's fields -> the field that replaced each (base_config's names for the paper's pair).
+RENAMED_FIELDS = {
+    "loss.alpha": "terms.feature.weight",
+    "loss.beta": "terms.relation.weight",
+    "loss.feature_loss": "terms.feature.loss",
+    "loss.smooth_l1_beta": "terms.feature.smooth_l1_beta",
+    "loss.whiten_target": "terms.feature.target_norm",
+    "loss.head": "terms.feature.head",
+    "loss.relation_loss": "terms.relation.loss",
+    "loss.relation_layers": "terms.relation.layers",
+    "loss.relation_teacher_on_kept": "terms.relation.teacher_on_kept",
+    "teachers.feature": "teachers.<name> (e.g. teachers.deit), the teacher terms.feature.teacher names",
+    "teachers.relation": "teachers.<name> (e.g. teachers.mae), the teacher terms.relation.teacher names",
+    "masking.score_source": "masking.score_teacher (a teacher's name, or '' for uniform scores)",
+}
 
 
-def teacher_roles(config, student_depth: int) -> tuple[str, ...]:
-    """The teachers the objective loads: for a loss term with a positive weight, or to score patches."""
-    lcfg, score_role = config.loss, masking.SCORE_ROLES[config.masking.score_source]
-    roles = []
-    if lcfg.alpha > 0 or score_role == "feature":
-        roles.append("feature")
-    if (lcfg.beta > 0 and relation_layers(lcfg, student_depth)) or score_role == "relation":
-        roles.append("relation")
-    return tuple(roles)
+def renamed(field: str) -> str | None:
+    """'FIELD was renamed: use NEW' for a field (or a field below one) of the two-role form, else None."""
+    for old, new in RENAMED_FIELDS.items():
+        if field == old or field.startswith(old + "."):
+            return f"{field} belongs to the old two-teacher form; use {new} (docs/METHOD.md, 'Objective')"
+    return None
 
 
-def check_teachers(config, archs: Mapping[str, Mapping[str, Any]]) -> None:
+def teacher_config(checkpoint: str = "", **fields) -> ml_collections.ConfigDict:
+    """A ``config.teachers`` entry: a frozen exported/converted ViT (directory or ``hf-hub:`` name)."""
+    entry = dict(checkpoint=checkpoint, dtype="bfloat16", image_size=0, attn_impl="", fp8=False)
+    unknown = sorted(set(fields) - set(entry))
+    if unknown:
+        raise ConfigError(f"teacher_config: no field {unknown[0]!r}; fields: {sorted(entry)}")
+    return ml_collections.ConfigDict(dict(entry, **fields))
+
+
+def add_defaults(c: ml_collections.ConfigDict) -> None:
+    """The distill sections of ``base_config('distill')``: Hybrid Distill's two teachers and two terms."""
+    c.student = ml_collections.ConfigDict(model_defaults())
+    c.teachers = ml_collections.ConfigDict(dict(deit=teacher_config(), mae=teacher_config()))
+    c.terms = ml_collections.ConfigDict(
+        dict(
+            feature=terms.term_config("tokens", "deit"),
+            relation=terms.term_config("relations", "mae"),
+        )
+    )
+    c.masking = ml_collections.ConfigDict(
+        dict(
+            mode="over_training",
+            selection="gumbel",
+            temperature=1.0,
+            score_teacher="deit",
+            stage_starts=(0.0, 0.3, 0.6),
+            stage_ratios=(0.0, 0.25, 0.5),
+            drop_layers=(4, 7, 10),
+            drop_ratios=(0.25, 0.4, 0.5),
+        )
+    )
+
+
+MASKING_RANGES = {
+    "temperature": checks.POSITIVE,
+    "stage_starts": checks.UNIT,
+    "stage_ratios": checks.UNIT,
+    "drop_layers": checks.ints(1),
+    "drop_ratios": checks.UNIT,
+}
+
+
+def active_terms(config, student_depth: int) -> dict[str, Any]:
+    """{name: config entry} of the terms that contribute (a positive weight; relations: some layer)."""
+    return {
+        name: cfg
+        for name, cfg in config.terms.items()
+        if terms.term_class(cfg.kind, f"terms.{name}").is_active(cfg, student_depth)
+    }
+
+
+def teachers_used(config, student_depth: int) -> tuple[str, ...]:
+    """The teachers the objective loads: named by an active term, or scoring the patches; sorted."""
+    used = {cfg.teacher for cfg in active_terms(config, student_depth).values()}
+    if config.masking.score_teacher:
+        used.add(config.masking.score_teacher)
+    return tuple(sorted(used))
+
+
+def check_fields(config) -> int:
+    """Every distill field that needs neither teacher weights nor data; returns the student's depth."""
+    for field in _leaf_names(config):
+        message = renamed(field)
+        checks.require(message is None, message or "")
+    s = check_model_config(config.student, config.image_size, "student")
+    checks.require(
+        not config.student.get("dist_token", False),
+        "student.dist_token=True: the student must have a single CLS prefix token",
+    )
+    checks.require(len(config.teachers) > 0, "teachers: no teacher; name one, e.g. teachers.deit")
+    for name, tcfg in config.teachers.items():
+        field = f"teachers.{name}"
+        checks.require(
+            name.isidentifier() and name != "student",
+            f"{field}: a teacher's name must be an identifier other than 'student'",
+        )
+        checks.require(
+            isinstance(tcfg, ml_collections.ConfigDict) and "checkpoint" in tcfg,
+            f"{field}: expected a teacher entry (checkpoint, dtype, image_size, attn_impl, fp8)",
+        )
+        checks.one_of(tcfg.get("attn_impl", ""), ATTN_IMPLS, f"{field}.attn_impl")
+        checks.check_ranges(tcfg, TEACHER_RANGES, prefix=f"{field}.")
+    checks.require(len(config.terms) > 0, "terms: no loss term; see docs/METHOD.md, 'Objective'")
+    for name, cfg in config.terms.items():
+        field = f"terms.{name}"
+        checks.require(
+            isinstance(cfg, ml_collections.ConfigDict) and "kind" in cfg,
+            f"{field}: expected a term entry (kind, teacher, weight, ...); build it with terms.term_config",
+        )
+        cls = terms.term_class(cfg.kind, field)
+        checks.require(
+            cfg.teacher in config.teachers,
+            f"{field}.teacher={cfg.teacher!r}: no such teacher; config.teachers has "
+            f"{', '.join(sorted(config.teachers))}",
+        )
+        cls.check_fields(name, cfg, s["depth"])
+    checks.require(
+        bool(active_terms(config, s["depth"])),
+        "terms: every term has weight 0 (or no layer): nothing to distil",
+    )
+    mc = config.masking
+    checks.one_of(mc.mode, masking.MODES, "masking.mode")
+    checks.one_of(mc.selection, masking.SELECTIONS, "masking.selection")
+    checks.check_ranges(mc, MASKING_RANGES, prefix="masking.")
+    checks.require(
+        mc.score_teacher == "" or mc.score_teacher in config.teachers,
+        f"masking.score_teacher={mc.score_teacher!r}: no such teacher; expected '' (uniform scores) or one "
+        f"of {', '.join(sorted(config.teachers))}",
+    )
+    return s["depth"]
+
+
+def _leaf_names(config, prefix: str = "") -> list[str]:
+    names = []
+    for key, value in config.items():
+        names.append(prefix + key)
+        if isinstance(value, ml_collections.ConfigDict) and not prefix.startswith(("teachers.", "terms.")):
+            names.extend(_leaf_names(value, f"{prefix}{key}."))
+    return names
+
+
+def check_archs(config, archs: Mapping[str, Mapping[str, Any]]) -> None:
     """Student/teacher compatibility; raises a one-line ConfigError naming the field.
 
-    ``archs``: ``'student'`` and each available teacher role -> its architecture dict (``model.json``'s
-    ``arch``, ``models.vit.arch_dict``) with ``image_size`` set to the resolution the model runs at.
-    ``config_lib.validate`` calls it with the teachers' ``model.json`` (or the student alone), the task
-    with the loaded teachers.
+    ``archs``: ``'student'`` and each described teacher's name -> its architecture dict (``model.json``'s
+    ``arch``, ``models.vit.arch_dict``) with ``image_size`` set to the resolution it runs at. Teachers
+    missing from ``archs`` are not checked (validation before they are trained or fetched).
     """
-    lcfg, mcfg = config.loss, config.masking
     student = archs["student"]
     depth, grid = student["depth"], student["image_size"] // student["patch_size"]
-    if student.get("dist_token"):
-        raise ConfigError("student.dist_token=True: the student must have a single CLS prefix token")
-    layers = relation_layers(lcfg, depth)
-    for layer in layers:
-        if not 1 <= layer < depth:
-            raise ConfigError(
-                f"loss.relation_layers: layer {layer} is outside 1..{depth - 1} (the last block, "
-                f"{depth}, belongs to the feature term)"
-            )
-    plan = masking.keep_plan(mcfg, grid**2, depth)
-    for role, arch in archs.items():
-        if role == "student":
-            continue
-        size, patch = arch["image_size"], arch["patch_size"]
-        if size % patch:
-            raise ConfigError(f"teachers.{role}.image_size={size} is not divisible by its patch size {patch}")
-        if size // patch != grid:
-            raise ConfigError(
-                f"teachers.{role}: patch grid {size // patch}x{size // patch} differs from the student's "
-                f"{grid}x{grid} ({size}px / patch {patch}); set teachers.{role}.image_size={grid * patch}"
-            )
-    relation = archs.get("relation")
-    if relation is not None and lcfg.beta > 0 and layers:
-        for layer in layers:
-            if layer > relation["depth"]:
-                raise ConfigError(
-                    f"loss.relation_layers: layer {layer} exceeds the relation teacher's depth "
-                    f"{relation['depth']}"
-                )
-        if lcfg.relation_teacher_on_kept and relation.get("dist_token"):
-            raise ConfigError(
-                "loss.relation_teacher_on_kept=True needs a relation teacher with one prefix (CLS) token"
-            )
-        if relation["num_heads"] != student["num_heads"]:
-            raise ConfigError(
-                f"loss.relation_layers: the relation teacher has {relation['num_heads']} heads per layer, "
-                f"the student {student['num_heads']}; head counts must match on distilled layers"
-            )
-    scorer = archs.get(masking.SCORE_ROLES[mcfg.score_source])
+    plan = masking.keep_plan(config.masking, grid**2, depth)
+    needs_grid = {config.masking.score_teacher} - {""}
+    for name, cfg in active_terms(config, depth).items():
+        teacher = archs.get(cfg.teacher)
+        cls = terms.term_class(cfg.kind, f"terms.{name}")
+        if teacher is not None:
+            cls.check_archs(name, cfg, student, teacher)
+        if cls.needs_grid:
+            needs_grid.add(cfg.teacher)
+    for name in sorted(needs_grid & set(archs)):
+        size, patch = archs[name]["image_size"], archs[name]["patch_size"]
+        checks.require(
+            size % patch == 0, f"teachers.{name}.image_size={size} is not divisible by its patch size {patch}"
+        )
+        checks.require(
+            size // patch == grid,
+            f"teachers.{name}: patch grid {size // patch}x{size // patch} differs from the student's "
+            f"{grid}x{grid} ({size}px / patch {patch}); set teachers.{name}.image_size={grid * patch}",
+        )
+    scorer = archs.get(config.masking.score_teacher)
     if scorer is not None:
         deepest = max(plan.score_layers(scorer["depth"]))
-        if deepest > scorer["depth"]:
-            raise ConfigError(
-                f"masking.drop_layers: layer {deepest} exceeds the scoring teacher's depth {scorer['depth']}"
-            )
+        checks.require(
+            deepest <= scorer["depth"],
+            f"masking.drop_layers: layer {deepest} exceeds the scoring teacher's depth {scorer['depth']}",
+        )
+
+
+def check_config(config, *, check_teachers: bool = True, deviceless: bool = False) -> None:
+    """``check_fields``, then ``check_archs`` against the teachers' descriptions (``model.json``, or a
+    hub name's cached or listed description: validation never downloads). A hub teacher nothing
+    describes yet is checked once it is loaded, unless ``deviceless`` (which needs every shape)."""
+    depth = check_fields(config)
+    archs = {"student": dict(check_model_config(config.student, config.image_size, "student"))}
+    archs["student"]["image_size"] = config.image_size
+    for name in teachers_used(config, depth) if check_teachers else ():
+        tcfg = config.teachers[name]
+        try:
+            meta = model_io.describe_model(tcfg.checkpoint, f"teachers.{name}.checkpoint")
+        except ConfigError:
+            if deviceless or not hub.is_hub_name(tcfg.checkpoint):
+                raise
+            continue
+        archs[name] = {**meta["arch"], "image_size": tcfg.image_size or meta["input"]["image_size"]}
+    check_archs(config, archs)
 
 
 @register
 class DistillTask(Task):
-    """Student (+ linear feature head) trained against a feature teacher and a relation teacher."""
+    """A student trained against named frozen teachers through named loss terms."""
 
     name = "distill"
+    add_defaults = staticmethod(add_defaults)
+    check_config = staticmethod(check_config)
+    renamed = staticmethod(renamed)
 
     def __init__(self, config, num_classes: int = 0, *, abstract: bool = False, platform: str | None = None):
         super().__init__(config, num_classes, abstract=abstract, platform=platform)
-        scfg, lcfg, mcfg = config.student, config.loss, config.masking
+        scfg, mcfg = config.student, config.masking
         self.student = vit_from_config(scfg, "student", image_size=config.image_size, num_classes=0)
         self.mean, self.std = tuple(scfg.mean), tuple(scfg.std)
-        self.alpha, self.beta = float(lcfg.alpha), float(lcfg.beta)
         self.depth = self.student.depth
         self.num_patches = self.student.grid**2
-        self.relation_layers = relation_layers(lcfg, self.depth)
         self.teachers = {}
-        for role in teacher_roles(config, self.depth):
-            self.teachers[role], self.frozen[role] = FrozenTeacher.load(
-                config.teachers[role], f"teachers.{role}", abstract=abstract, platform=self.platform
+        for name in teachers_used(config, self.depth):
+            self.teachers[name], self.frozen[name] = FrozenTeacher.load(
+                config.teachers[name], f"teachers.{name}", abstract=abstract, platform=self.platform
             )
+            log.info("teachers.%s: %s", name, json.dumps(self.teachers[name].source))
         archs = {
-            role: {**arch_dict(t.model), "image_size": t.image_size} for role, t in self.teachers.items()
+            name: {**arch_dict(t.model), "image_size": t.image_size} for name, t in self.teachers.items()
         }
-        for role, t in self.teachers.items():
-            log.info("teachers.%s: %s", role, json.dumps(t.source))
-        check_teachers(config, {"student": arch_dict(self.student), **archs})
+        check_archs(config, {"student": {**arch_dict(self.student), "image_size": self.image_size}, **archs})
+        self.terms = {
+            name: terms.build_term(name, cfg, self.student, self.teachers[cfg.teacher])
+            for name, cfg in active_terms(config, self.depth).items()
+        }
         self.plan = masking.keep_plan(mcfg, self.num_patches, self.depth)
-        self.score_role = masking.SCORE_ROLES[mcfg.score_source]
-        scorer_depth = self.teachers[self.score_role].model.depth if self.score_role else self.depth
+        self.score_teacher = mcfg.score_teacher
+        scorer_depth = self.teachers[self.score_teacher].model.depth if self.score_teacher else self.depth
         self.score_layers = self.plan.score_layers(scorer_depth)
-        self.feature_width = self.teachers["feature"].model.width if "feature" in self.teachers else 0
-        self.head = None
-        if self.alpha > 0 and not (lcfg.head == "identity" and self.feature_width == self.student.width):
-            self.head = nn.Dense(
-                self.feature_width,
-                dtype=self.student.dtype,
-                param_dtype=self.student.param_dtype,
-                name="head",
-            )
 
     # -- task interface ------------------------------------------------------------------------------
     @property
@@ -149,14 +285,18 @@ class DistillTask(Task):
         return params["student"]
 
     def export_metadata(self) -> dict:
-        teachers = {role: t.source for role, t in self.teachers.items()}
+        teachers = {name: t.source for name, t in self.teachers.items()}
         return dict(super().export_metadata(), teachers=teachers)
 
     def init_params(self, rng):
         x = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
         params = {"student": self.student.init(rng, x)["params"]}
-        if self.head is not None:
-            params["head"] = self.head.init(rng, jnp.zeros((1, 1, self.student.width)))["params"]
+        # Each head from the run's init key, like the student: adding or removing a term changes no other
+        # term's initial head.
+        heads = {name: term.init_params(rng) for name, term in self.terms.items()}
+        heads = {name: p for name, p in heads.items() if p is not None}
+        if heads:
+            params["heads"] = heads
         return params
 
     def stage(self, step: int, total_steps: int):
@@ -170,117 +310,92 @@ class DistillTask(Task):
         return self.plan.stages(total_steps)
 
     def flops_per_example(self, stage) -> dict[str, float]:
-        """Student forward + backward (3x forward, head included) and each teacher's forward."""
+        """Student forward + backward (3x forward; heads included), each teacher's forward passes (a
+        full-image pass no term reads the final tokens of runs only up to the deepest block asked for)."""
         patches = self.plan.patches_per_block(stage, self.depth)
-        student = forward_flops(self.student, patches, self.image_size)
-        if self.head is not None:
-            student += 2 * (1 + patches[-1]) * self.student.width * self.feature_width
-        out = {"student_fwd_bwd": 3 * student}
-        on_kept = self.beta > 0 and bool(self.relation_layers) and self.config.loss.relation_teacher_on_kept
-        for role, t in self.teachers.items():
-            seen = [t.grid**2] * t.model.depth
-            if role == "relation" and on_kept:
-                seen = [patches[min(i, len(patches) - 1)] for i in range(t.model.depth)]
-            out[f"{role}_teacher_fwd"] = forward_flops(t.model, seen, t.image_size)
+        out = {"student_fwd_bwd": 3 * forward_flops(self.student, patches, self.image_size)}
+        for name, request in self._full_image_requests().items():
+            t = self.teachers[name]
+            final = any(term.reads_final_tokens for term in self.terms.values() if term.cfg.teacher == name)
+            blocks = t.model.depth if final else max(max(layers) for layers in request.values())
+            model = (
+                t.model
+                if blocks == t.model.depth
+                else t.model.clone(depth=blocks, num_classes=0, proj_dim=None)
+            )
+            out[f"{name}_teacher_fwd"] = forward_flops(model, [t.grid**2] * blocks, t.image_size)
+        for term in self.terms.values():
+            for part, flops in term.flops_per_example(patches).items():
+                out[part] = out.get(part, 0.0) + flops
         out["total"] = sum(out.values())
         return out
 
+    def _full_image_requests(self) -> dict[str, dict[str, tuple]]:
+        """{teacher: keyword arguments of its one full-image pass}: the union of what its terms ask for,
+        plus the scoring teacher's CLS attention at the plan's layers."""
+        requests: dict[str, dict[str, set]] = {}
+        for term in self.terms.values():
+            wanted = term.teacher_outputs()
+            if wanted is not None:
+                request = requests.setdefault(term.cfg.teacher, {})
+                for key, layers in wanted.items():
+                    request.setdefault(key, set()).update(layers)
+        if self.score_teacher:
+            requests.setdefault(self.score_teacher, {}).setdefault("cls_attn_layers", set()).update(
+                self.score_layers
+            )
+        return {
+            name: {key: tuple(sorted(layers)) for key, layers in request.items()}
+            for name, request in sorted(requests.items())
+        }
+
     def loss_fn(self, params, frozen, batch, rng, stage):
-        lcfg = self.config.loss
         images = batch["image"]
         b = images.shape[0]
         rng_mask, rng_drop = jax.random.split(rng)
-        rel_layers = self.relation_layers if self.beta > 0 else ()
-        on_kept = bool(rel_layers) and lcfg.relation_teacher_on_kept
 
-        # Teachers on the full image, on fused attention: no N x N map is formed. The relation teacher
-        # hands out its distilled blocks' queries and keys; the scoring teacher its CLS attention rows.
-        tout = {}
-        for role, teacher in self.teachers.items():
-            cls_layers = self.score_layers if role == self.score_role else ()
-            qk_layers = rel_layers if role == "relation" and not on_kept else ()
-            if (role == "feature" and self.alpha > 0) or cls_layers or qk_layers:
-                tout[role] = teacher(frozen[role], images, cls_attn_layers=cls_layers, qk_layers=qk_layers)
-
+        # Every teacher once, on the full image and fused attention: no N x N map is formed. Each hands
+        # out what some term reads (queries and keys, hidden states) and the scorer its CLS attention.
+        tout = {
+            name: self.teachers[name](frozen[name], images, **request)
+            for name, request in self._full_image_requests().items()
+        }
         scores = {
-            layer: masking.redundancy_scores(tout[self.score_role]["cls_attn"][layer])
-            if self.score_role
+            layer: masking.redundancy_scores(tout[self.score_teacher]["cls_attn"][layer])
+            if self.score_teacher
             else jnp.ones((b, self.num_patches), jnp.float32)
             for layer in self.score_layers
         }
         kept = self.plan.select(rng_mask, scores, stage)
 
-        relation_targets = self._relation_targets(frozen, images, tout, kept, rel_layers, on_kept)
+        wanted: dict[str, set] = {}
+        for term in self.terms.values():
+            for key, layers in term.student_outputs().items():
+                wanted.setdefault(key, set()).update(layers)
         out = self.student.apply(
             {"params": params["student"]},
             normalize(images, self.mean, self.std, self.image_size),
             keep_indices=kept.input_indices,
             drop_after=kept.drop_after,
-            attn_layers=rel_layers,
             train=True,
             rngs={"dropout": rng_drop},
+            **{key: tuple(sorted(layers)) for key, layers in wanted.items()},
         )
-        metrics = {}
-        total = 0.0
-        if self.alpha > 0:
-            target = self._feature_target(tout["feature"]["tokens"], kept)
-            pred = out["tokens"]
-            if self.head is not None:
-                pred = self.head.apply({"params": params["head"]}, pred)
-            feat = losses.feature_loss(pred, target, lcfg.feature_loss, lcfg.smooth_l1_beta)
-            metrics["feature_loss"] = feat
-            total = total + self.alpha * feat
-        if rel_layers:
-            rel = jnp.mean(
-                jnp.stack(
-                    [
-                        losses.relation_loss(
-                            relation_targets[layer], out["attn_logits"][layer], lcfg.relation_loss
-                        )
-                        for layer in rel_layers
-                    ]
-                )
+        heads = params.get("heads", {})
+        metrics, total = {}, 0.0
+        for name, term in self.terms.items():
+            teacher = term.cfg.teacher
+            inputs = terms.TermInputs(
+                student=out,
+                teacher=tout.get(teacher),
+                kept=kept,
+                run_teacher=lambda t=teacher, **kw: self.teachers[t](frozen[t], images, **kw),
             )
-            metrics["relation_loss"] = rel
-            total = total + self.beta * rel
+            value = term.value(heads.get(name), inputs)
+            metrics[f"{name}_loss"] = value
+            if term.drop_prob:  # its own stream from the step's key: no other term's draws change
+                key = jax.random.fold_in(rng, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+                value = jnp.where(jax.random.bernoulli(key, 1.0 - term.drop_prob), value, 0.0)
+            total = total + term.weight * value
         metrics["loss"] = total
         return total, metrics
-
-    def _feature_target(self, teacher_tokens, kept: masking.KeptTokens) -> jax.Array:
-        """The feature teacher's CLS and the student's final patches, from its full-image tokens."""
-        p = self.teachers["feature"].model.num_prefix
-        patches = gather_tokens(teacher_tokens[:, p:], kept.final_indices)
-        target = jnp.concatenate([teacher_tokens[:, :1], patches], axis=1)
-        return losses.whiten(target) if self.config.loss.whiten_target else target
-
-    def _relation_targets(
-        self, frozen, images, tout, kept: masking.KeptTokens, layers, on_kept: bool
-    ) -> dict:
-        """{layer: relation teacher logits over CLS + the patches that student block sees}.
-
-        Default: the full-image teacher's logits at those rows and columns, as the product of its
-        queries and keys at those tokens. ``on_kept``: the relation teacher itself runs on the student's
-        token sets (same input patches, same drops).
-        """
-        if not layers:
-            return {}
-        teacher = self.teachers["relation"]
-        if on_kept:
-            # Drops after the last distilled layer change no target: the teacher stops needing tokens there.
-            drops = {k: v for k, v in (kept.drop_after or {}).items() if k < max(layers)}
-            return teacher(
-                frozen["relation"],
-                images,
-                keep_indices=kept.input_indices,
-                drop_after=drops,
-                attn_layers=layers,
-            )["attn_logits"]
-        b = images.shape[0]
-        cls = jnp.zeros((b, 1), jnp.int32)
-        p = teacher.model.num_prefix
-        return {
-            layer: losses.relation_logits(
-                *tout["relation"]["qk"][layer], jnp.concatenate([cls, kept.patches_at(layer) + p], axis=1)
-            )
-            for layer in layers
-        }

@@ -21,15 +21,31 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
+from hybrid_distill_jax import checks
 from hybrid_distill_jax.errors import CheckpointError
 from hybrid_distill_jax.models import io as model_io
-from hybrid_distill_jax.models.build import normalize, vit_from_config
+from hybrid_distill_jax.models.build import MODEL_RANGES, normalize, vit_from_config
 from hybrid_distill_jax.models.vit import resample_posemb
-from hybrid_distill_jax.tasks.base import Task, register
+from hybrid_distill_jax.tasks.base import (
+    LABEL_SMOOTHING,
+    Task,
+    check_model_section,
+    model_section,
+    register,
+)
 from hybrid_distill_jax.train.optim import make_optimizer
+
+FINETUNE_RANGES = {
+    "layer_decay": checks.Range(0.0, 1.0, open_lo=True, open_hi=False),
+    "mixup": checks.Range(0.0, note="the Beta parameter; 0: off"),
+    "cutmix": checks.Range(0.0, note="the Beta parameter; 0: off"),
+    "mix_prob": checks.PROBABILITY,
+    "switch_prob": checks.PROBABILITY,
+}
 
 # Top-level parameter names that sit below block 1 (layer id 0) for layer-wise lr decay.
 EMBEDDING_NAMES = ("patch_embed", "pos_embed", "cls_token", "dist_token", "norm_pre")
@@ -122,6 +138,35 @@ class FinetuneTask(Task):
     """Supervised fine-tuning of a pre-trained (or fresh) ViT with a new classification head."""
 
     name = "finetune"
+
+    @staticmethod
+    def add_defaults(c):
+        """MAE's fine-tuning protocol (ViT-B: 100 epochs, blr 5e-4, layer decay 0.65)."""
+        c.model = model_section(pool="gap")
+        c.loss = ml_collections.ConfigDict(dict(label_smoothing=0.1))
+        c.init_from = ""  # an exported/converted model directory; "" = train config.model from scratch
+        c.eval.pool = "gap"
+        c.eval.knn = c.eval.linear = False  # the fine-tuned classifier's top-1 is always reported
+        c.total_epochs = 100.0
+        c.optim.update(dict(base_lr=5e-4, b2=0.999, min_lr=1e-6, warmup_epochs=5.0, grad_clip=0.0))
+        c.finetune = ml_collections.ConfigDict(
+            dict(layer_decay=0.65, mixup=0.8, cutmix=1.0, mix_prob=1.0, switch_prob=0.5)
+        )
+
+    @staticmethod
+    def check_config(config, *, check_teachers=True, deviceless=False):
+        checks.check_ranges(config.loss, LABEL_SMOOTHING, prefix="loss.")
+        checks.check_ranges(config.finetune, FINETUNE_RANGES, prefix="finetune.")
+        checks.one_of(config.model.pool, ("cls", "gap"), "model.pool")
+        if not config.init_from:
+            return check_model_section(config)
+        checks.check_ranges(config.model, MODEL_RANGES, prefix="model.")
+        read = model_io.describe_model if deviceless else model_io.read_model_json
+        patch = read(config.init_from, "init_from")["arch"]["patch_size"]
+        checks.require(
+            config.image_size % patch == 0,
+            f"image_size={config.image_size} is not divisible by init_from's patch size {patch}",
+        )
 
     def __init__(self, config, num_classes: int, *, abstract: bool = False, platform: str | None = None):
         super().__init__(config, num_classes, abstract=abstract, platform=platform)

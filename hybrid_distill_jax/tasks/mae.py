@@ -1,23 +1,45 @@
 """``mode='mae'``: MAE pre-training, reconstructing the pixels of a random 75% of the patches.
 
-It trains the relation (MIM) teacher for the demo and for users without checkpoints; only the encoder
-is exported, as a plain ViT that ``teachers.relation.checkpoint`` can point at.
+It trains the MIM teacher (whose attention relations a student imitates) for the demo and for users
+without checkpoints; only the encoder is exported, as a plain ViT that ``teachers.NAME.checkpoint`` can
+point at.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
-from hybrid_distill_jax import masking
+from hybrid_distill_jax import checks, masking
 from hybrid_distill_jax.models.build import normalize, vit_from_config
 from hybrid_distill_jax.models.mae import MAE, mae_loss
-from hybrid_distill_jax.tasks.base import Task, register
+from hybrid_distill_jax.tasks.base import Task, check_model_section, model_section, register
+
+MAE_RANGES = {
+    "mask_ratio": checks.Range(0.0, 1.0, open_lo=True),
+    "decoder_width": checks.ints(1),
+    "decoder_depth": checks.ints(1),
+    "decoder_heads": checks.ints(1),
+}
 
 
 @register
 class MAETask(Task):
     name = "mae"
+
+    @staticmethod
+    def add_defaults(c):
+        c.model = model_section(posemb="sincos2d")
+        c.mae = ml_collections.ConfigDict(
+            dict(mask_ratio=0.75, decoder_width=512, decoder_depth=8, decoder_heads=16, norm_pix_loss=True)
+        )
+        c.eval.pool = "gap"
+
+    @staticmethod
+    def check_config(config, *, check_teachers=True, deviceless=False):
+        check_model_section(config)
+        checks.check_ranges(config.mae, MAE_RANGES, prefix="mae.")
 
     def __init__(self, config, num_classes: int, *, abstract: bool = False, platform: str | None = None):
         super().__init__(config, num_classes, abstract=abstract, platform=platform)

@@ -1,21 +1,32 @@
 """``mode='supervised'``: cross-entropy classification of the training labels.
 
 It trains a DeiT-like feature teacher for the demo and for users without checkpoints; the export is a
-plain ViT that ``teachers.feature.checkpoint`` can point at.
+plain ViT that a distillation teacher (``teachers.NAME.checkpoint``) can point at.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
+import ml_collections
 
-from hybrid_distill_jax import losses
+from hybrid_distill_jax import checks, losses
 from hybrid_distill_jax.models.build import normalize, vit_from_config
-from hybrid_distill_jax.tasks.base import Task, register
+from hybrid_distill_jax.tasks.base import LABEL_SMOOTHING, Task, check_model_section, model_section, register
 
 
 @register
 class SupervisedTask(Task):
     name = "supervised"
+
+    @staticmethod
+    def add_defaults(c):
+        c.model = model_section()
+        c.loss = ml_collections.ConfigDict(dict(label_smoothing=0.1))
+
+    @staticmethod
+    def check_config(config, *, check_teachers=True, deviceless=False):
+        check_model_section(config)
+        checks.check_ranges(config.loss, LABEL_SMOOTHING, prefix="loss.")
 
     def __init__(self, config, num_classes: int, *, abstract: bool = False, platform: str | None = None):
         super().__init__(config, num_classes, abstract=abstract, platform=platform)

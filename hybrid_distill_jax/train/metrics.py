@@ -122,7 +122,10 @@ class Progress:
         }
 
     def line(self, name: str, step: int, scalars: Mapping[str, float], rate: Mapping[str, float]) -> str:
-        keys = [k for k in ("loss", "feature_loss", "relation_loss", "accuracy", "keep") if k in scalars]
+        # The total, each loss term's value (the distill task's ``NAME_loss``, whatever its terms are
+        # called), then accuracy and the kept-patch count.
+        term_keys = sorted(k for k in scalars if k.endswith("_loss"))
+        keys = [k for k in ("loss", *term_keys, "accuracy", "keep") if k in scalars]
         terms = " ".join(f"{k} {scalars[k]:.4g}" for k in keys)
         return (
             f"[{name}] step {step}/{self.total_steps} | {terms} | lr {scalars.get('lr', 0):.3g} | "

@@ -68,8 +68,8 @@ def prepare(root: str, tfds_dir: str) -> None:
     from hybrid_distill_jax.main import run_config
     from tests.helpers import make_teacher
 
-    make_teacher(os.path.join(root, "teachers", "feature"), seed=1)
-    make_teacher(os.path.join(root, "teachers", "relation"), seed=2)
+    make_teacher(os.path.join(root, "teachers", "deit"), seed=1)
+    make_teacher(os.path.join(root, "teachers", "mae"), seed=2)
     shutil.copytree(
         os.path.join(tfds_dir, "embedded_fashion_mnist"), os.path.join(root, "data", "embedded_fashion_mnist")
     )
@@ -77,7 +77,7 @@ def prepare(root: str, tfds_dir: str) -> None:
     os.makedirs(os.path.join(root, "convert"))
     for suffix in ("safetensors", "pth"):
         export_timm(
-            os.path.join(root, "teachers", "feature"),
+            os.path.join(root, "teachers", "deit"),
             os.path.join(root, "convert", f"vit.{suffix}"),
             log=lambda *_: None,
         )
@@ -92,9 +92,9 @@ def _distill_config(root: str, data_root: str | None = None):
     c = tiny_common(base_config("distill"), os.path.join(data_root or root, "data"), steps=2, batch=8)
     c.student.update(ARCH)
     c.checkpoint_every = 2
-    for role in ("feature", "relation"):
-        c.teachers[role].checkpoint = os.path.join(root, "teachers", role)
-        c.teachers[role].dtype = "float32"
+    for name in ("deit", "mae"):
+        c.teachers[name].checkpoint = os.path.join(root, "teachers", name)
+        c.teachers[name].dtype = "float32"
     return c
 
 
@@ -190,7 +190,7 @@ def _convert_import(suffix: str):
 
 
 def _evaluate(case: str, root: str):
-    config = _evaluate_config(os.path.join(case, "teachers", "feature"), os.path.join(root, "data"))
+    config = _evaluate_config(os.path.join(case, "teachers", "deit"), os.path.join(root, "data"))
     with contextlib.redirect_stdout(io.StringIO()):
         return _run_config(config, os.path.join(case, "w"))
 
@@ -211,8 +211,8 @@ _CHECKPOINT = dict(
 )
 KINDS = {
     "config file": Kind("config.py", "config.py", _config_file),
-    "teacher model.json": Kind("teachers", "teachers/feature/model.json", _teacher),
-    "teacher params.msgpack": Kind("teachers", "teachers/relation/params.msgpack", _teacher),
+    "teacher model.json": Kind("teachers", "teachers/deit/model.json", _teacher),
+    "teacher params.msgpack": Kind("teachers", "teachers/mae/params.msgpack", _teacher),
     "checkpoint tree metadata": Kind(target="run/checkpoints/2/state/_METADATA", **_CHECKPOINT),
     "checkpoint manifest": Kind(target="run/checkpoints/2/state/manifest.ocdbt", **_CHECKPOINT),
     "checkpoint array data": Kind(target="run/checkpoints/2/state/ocdbt.process_0/d/*", **_CHECKPOINT),
@@ -221,8 +221,8 @@ KINDS = {
         "convert", "convert/vit.safetensors", _convert_import("safetensors")
     ),
     "converter input .pth": Kind("convert", "convert/vit.pth", _convert_import("pth")),
-    "evaluate model.json": Kind("teachers", "teachers/feature/model.json", _evaluate),
-    "evaluate params.msgpack": Kind("teachers", "teachers/feature/params.msgpack", _evaluate),
+    "evaluate model.json": Kind("teachers", "teachers/deit/model.json", _evaluate),
+    "evaluate params.msgpack": Kind("teachers", "teachers/deit/params.msgpack", _evaluate),
 }
 # Read by TensorFlow/TFDS inside data/ (sources.py, pipeline.py).
 DATASET_KINDS = {

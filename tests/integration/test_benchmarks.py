@@ -76,10 +76,10 @@ def test_throughput_runs_without_tensorflow_and_reuses_exported_teachers(tmp_pat
     cmd = [sys.executable, os.path.join(BENCH, "throughput.py"), "--cpu-smoke", "--keep", "0.5"]
     cmd += ["--teachers_dir", str(teachers)]
     (first,) = _json_lines(cmd, env=env)
-    assert first["finite"] and (teachers / "tiny" / "feature" / "model.json").exists()
-    stamp = os.path.getmtime(teachers / "tiny" / "relation" / "params.msgpack")
+    assert first["finite"] and (teachers / "tiny" / "deit" / "model.json").exists()
+    stamp = os.path.getmtime(teachers / "tiny" / "mae" / "params.msgpack")
     (second,) = _json_lines(cmd, env=env)
-    assert second["finite"] and os.path.getmtime(teachers / "tiny" / "relation" / "params.msgpack") == stamp
+    assert second["finite"] and os.path.getmtime(teachers / "tiny" / "mae" / "params.msgpack") == stamp
 
 
 def test_input_pipeline_benchmark_measures_each_implementation(tmp_path):
@@ -94,14 +94,15 @@ def test_input_pipeline_benchmark_measures_each_implementation(tmp_path):
 
 
 def _make_teachers(tmp_path):
-    """Two exported tiny teachers (nano/8 feature, pico/8 relation), as a recipe would name them."""
+    """Two exported tiny teachers (nano/8 deit: the feature term's, pico/8 mae: the relation term's), as a
+    recipe would name them."""
     from tests.helpers import make_teacher
 
-    feature = make_teacher(tmp_path / "feature_teacher", variant="nano/8")
-    relation = make_teacher(tmp_path / "relation_teacher")
+    deit = make_teacher(tmp_path / "deit_teacher", variant="nano/8")
+    mae = make_teacher(tmp_path / "mae_teacher")
     return [
-        f"--config.teachers.feature.checkpoint={feature}",
-        f"--config.teachers.relation.checkpoint={relation}",
+        f"--config.teachers.deit.checkpoint={deit}",
+        f"--config.teachers.mae.checkpoint={mae}",
     ]
 
 
@@ -117,13 +118,11 @@ def test_throughput_times_a_recipe_as_shipped(tmp_path):
         "tests/tiny_config.py",
         "--cpu-smoke",
     ]
-    cmd += [*_make_teachers(tmp_path), "--config.loss.beta=0.5", "--json", str(out)]
+    cmd += [*_make_teachers(tmp_path), "--config.terms.relation.weight=0.5", "--json", str(out)]
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # one CPU device: 8 images per chip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (
-        "# recipe tiny (tests/tiny_config.py, overrides --config.teachers.feature.checkpoint=" in proc.stdout
-    )
+    assert "# recipe tiny (tests/tiny_config.py, overrides --config.teachers.deit.checkpoint=" in proc.stdout
     assert "student pico/8 at 32 px computes in float32, params in float32" in proc.stdout
     runs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [r["stage"] for r in runs] == ["keep=12", "keep=8"]  # stage_ratios (0.25, 0.5) of 16 patches
@@ -132,13 +131,13 @@ def test_throughput_times_a_recipe_as_shipped(tmp_path):
         assert r["precision"] == {
             "student": "float32",
             "student_params": "float32",
-            "teachers": {"feature": "float32", "relation": "float32"},
-            "teacher_attn_impl": {"feature": "xla", "relation": "xla"},
-            "teacher_fp8": {"feature": False, "relation": False},
+            "teachers": {"deit": "float32", "mae": "float32"},
+            "teacher_attn_impl": {"deit": "xla", "mae": "xla"},
+            "teacher_fp8": {"deit": False, "mae": False},
         }
         assert r["finite"] and r["img_s"] > 0 and r["step_s"] > 0
-        parts = r["gflop_per_img_parts"]  # the recipe's teachers: a nano/8 feature, a pico/8 relation teacher
-        assert parts["feature_teacher_fwd"] > parts["relation_teacher_fwd"] > 0
+        parts = r["gflop_per_img_parts"]  # the recipe's teachers: a nano/8 deit, a pico/8 mae
+        assert parts["deit_teacher_fwd"] > parts["mae_teacher_fwd"] > 0
     result = json.loads(out.read_text())
     assert result["recipe"] == "tiny" and result["config"] == "tests/tiny_config.py"
     assert result["schedule"]["shares"] == {"keep=12": 0.5, "keep=8": 0.5}
@@ -152,7 +151,7 @@ def test_throughput_times_a_recipe_as_shipped(tmp_path):
         (["--remat_policy", "full"], "override the recipe instead: --config.student.remat_policy=POLICY"),
         (["--keep", "0.5"], "--config.masking.stage_ratios"),
         (["--config.no_such=1"], "error: --config.no_such: no such field in the config"),
-        ([], "error: teachers.feature.checkpoint='': no model.json there"),  # the tiny recipe names none
+        ([], "error: teachers.deit.checkpoint='': no model.json there"),  # the tiny recipe names none
     ],
 )
 def test_throughput_recipe_command_line_errors(args, message):

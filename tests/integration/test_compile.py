@@ -55,8 +55,8 @@ def describe_teacher(directory, **arch) -> str:
 @pytest.fixture
 def teachers(tmp_path):
     return [
-        f"--config.teachers.feature.checkpoint={describe_teacher(tmp_path / 'feature', variant='nano/8')}",
-        f"--config.teachers.relation.checkpoint={describe_teacher(tmp_path / 'relation')}",
+        f"--config.teachers.deit.checkpoint={describe_teacher(tmp_path / 'deit', variant='nano/8')}",
+        f"--config.teachers.mae.checkpoint={describe_teacher(tmp_path / 'mae')}",
     ]
 
 
@@ -96,7 +96,7 @@ def test_tiny_recipe_compiles_for_an_8_chip_tpu_slice_with_fsdp(tmp_path, teache
 
 @needs_cuda_plugin
 def test_tiny_recipe_compiles_for_8_h100s_with_a_kernel_plan(tmp_path, teachers):
-    bf16_teachers = ["--config.teachers.feature.dtype=bfloat16", "--config.teachers.relation.dtype=bfloat16"]
+    bf16_teachers = ["--config.teachers.deit.dtype=bfloat16", "--config.teachers.mae.dtype=bfloat16"]
     proc, report = run_compile(
         ["--target=h100-sxm", "--gpus_per_host=8", *teachers, *bf16_teachers], tmp_path
     )
@@ -110,8 +110,8 @@ def test_tiny_recipe_compiles_for_8_h100s_with_a_kernel_plan(tmp_path, teachers)
         assert plan["gemm_calls"] > 0 and plan["triton_gemm_fusions"] == 0
         by_dtype = plan["gemm_calls_by_operand_dtype"]
         assert by_dtype.get("bf16 x bf16", 0) > 0  # the bf16 teachers
-        # bf16 frozen teachers run on cuDNN's fused attention (attn_impl ''): the feature teacher's 4 blocks
-        # (the relation teacher's one distilled block feeds nothing the step uses: only its q, k are kept)
+        # bf16 frozen teachers run on cuDNN's fused attention (attn_impl ''): teachers.deit's 4 blocks
+        # (teachers.mae's one distilled block feeds nothing the step uses: only its q, k are kept)
         assert plan["fused_attention_calls"] == {"__cudnn$fmhaSoftmax": 4}
         assert by_dtype.get("f32 x f32", 0) > 0  # the fp32 student
         assert sum(by_dtype.values()) == plan["gemm_calls"]
@@ -136,11 +136,11 @@ def test_a_stage_that_does_not_fit_exits_1_naming_the_stage_and_the_bytes(tmp_pa
 
 @needs_cuda_plugin
 def test_fp8_teachers_compile_to_cublaslt_fp8_gemms_on_an_h200(tmp_path, teachers):
-    fp8 = ["--config.teachers.feature.fp8=True", "--config.teachers.relation.fp8=True", "--stages=first"]
+    fp8 = ["--config.teachers.deit.fp8=True", "--config.teachers.mae.fp8=True", "--stages=first"]
     proc, report = run_compile(["--target=h200", "--gpus_per_host=1", *teachers, *fp8], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     plan = report["stages"][0]["kernels"]
-    # the feature teacher's 4 blocks x (qkv, proj, fc1, fc2), and the relation teacher's block-1 qkv: the
+    # teachers.deit's 4 blocks x (qkv, proj, fc1, fc2), and teachers.mae's block-1 qkv: the
     # queries and keys of its one distilled layer are all the step reads of it (XLA drops the rest)
     assert plan["gemm_calls_by_kernel"]["__cublas$lt$matmul$f8"] == 4 * 4 + 1
     assert plan["gemm_calls_by_operand_dtype"]["f8e4m3fn x f8e4m3fn"] == 4 * 4 + 1
@@ -185,7 +185,7 @@ target = targets.describe("h100-sxm", gpus_per_host=8)
 out = {}
 for name, fsdp in (("replicated", False), ("fsdp", True)):
     c = load_config_file(sys.argv[1])
-    c.teachers.feature.checkpoint, c.teachers.relation.checkpoint = sys.argv[2], sys.argv[3]
+    c.teachers.deit.checkpoint, c.teachers.mae.checkpoint = sys.argv[2], sys.argv[3]
     if fsdp:
         c.mesh.update(dict(data=1, fsdp=-1))
         c.sharding.update(dict(student="fsdp", teachers="fsdp", fsdp_min_size=0))

@@ -91,12 +91,14 @@ def test_a_source_that_yields_nothing_is_a_data_error_naming_it(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     # The message goes to stdout: libjpeg's decoder threads write to stderr and can split its lines.
     assert proc.returncode == 3, proc.stderr[-2000:]
-    assert "no batch arrived in 3 s" in proc.stdout and os.path.join(root, "train") in proc.stdout, proc.stdout
+    assert "no batch arrived in 3 s" in proc.stdout and os.path.join(root, "train") in proc.stdout, (
+        proc.stdout
+    )
 
 
 def test_cli_on_a_folder_of_unreadable_images_exits_2_with_one_line(tmp_path):
     root = _folder(tmp_path / "images", good=0, bad={i: GARBAGE for i in range(24)})
-    teachers = [make_teacher(tmp_path / role, seed=s) for s, role in enumerate(("feature", "relation"))]
+    teachers = [make_teacher(tmp_path / name, seed=s) for s, name in enumerate(("deit", "mae"))]
     cmd = tiny_cli(tmp_path / "run", root, teachers) + ["--config.data.name=folder"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=tiny_cli_env(), timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]

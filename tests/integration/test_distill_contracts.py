@@ -1,23 +1,19 @@
 """What distillation promises beyond its loss value: which tokens the student sees, that the teachers stay
 frozen through training, and that the distilled student leaves as a timm ViT computing the same tokens."""
 
-import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
-from hybrid_distill_jax import convert
 from hybrid_distill_jax.config_lib import validate
 from hybrid_distill_jax.errors import ConfigError
 from hybrid_distill_jax.models import io as model_io
 from hybrid_distill_jax.models.build import FrozenTeacher
 from hybrid_distill_jax.tasks.distill import DistillTask
 from hybrid_distill_jax.train import Trainer
-from tests.helpers import make_teacher, tiny_distill_config
+from tests.helpers import make_teacher, timm_parity_error, tiny_distill_config
 
 torch = pytest.importorskip("torch", reason="needs torch: bash scripts/install_torch_cpu.sh")
 from hybrid_distill_jax.convert.torch_io import declare_torchvision_ops  # noqa: E402
@@ -32,15 +28,20 @@ STEPS = 3
     "teacher,arch,changes,message",
     [
         (
-            "feature",
+            "deit",
             dict(patch_size=4),
             {},
-            "teachers.feature: patch grid 8x8 differs from the student's 4x4",
+            "teachers.deit: patch grid 8x8 differs from the student's 4x4",
         ),
-        ("relation", dict(num_heads=4, depth=4), {}, "head counts must match"),
-        ("relation", dict(depth=2), {"loss.relation_layers": (3,)}, "exceeds the relation teacher's depth 2"),
+        ("mae", dict(num_heads=4, depth=4), {}, "head counts must match"),
         (
-            "feature",
+            "mae",
+            dict(depth=2),
+            {"terms.relation.layers": (3,)},
+            "terms.relation.layers: layer 3 exceeds the depth 2 of teacher 'mae'",
+        ),
+        (
+            "deit",
             dict(depth=2),
             {"masking.mode": "over_depth", "masking.drop_layers": (1, 3), "masking.drop_ratios": (0.25, 0.5)},
             "masking.drop_layers: layer 3 exceeds the scoring teacher's depth 2",
@@ -53,12 +54,15 @@ def test_validate_and_the_task_reject_the_same_teachers_alike(
     """One check serves both: ``validate`` on the teachers' model.json, the task on the loaded teachers."""
     c = tiny_distill_config(tmp_path, tfds_dir)
     c.student.depth = 4
-    c.teachers.feature.checkpoint = make_teacher(tmp_path / "deep_feature", seed=1, depth=4)
-    c.teachers.relation.checkpoint = make_teacher(tmp_path / "deep_relation", seed=2, depth=4)
+    c.teachers.deit.checkpoint = make_teacher(tmp_path / "deep_feature", seed=1, depth=4)
+    c.teachers.mae.checkpoint = make_teacher(tmp_path / "deep_relation", seed=2, depth=4)
     c.teachers[teacher].checkpoint = make_teacher(tmp_path / "odd", seed=3, **arch)
     for dotted, value in changes.items():
-        section, leaf = dotted.split(".")
-        c[section][leaf] = value
+        *parents, leaf = dotted.split(".")
+        node = c
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
     with pytest.raises(ConfigError) as from_files:
         validate(c)
     with pytest.raises(ConfigError) as from_loaded:
@@ -86,9 +90,9 @@ def test_kept_tokens_are_the_top_k_of_the_feature_teachers_cls_attention(tmp_pat
         task.loss_fn(params, task.frozen, {"image": images}, jax.random.key(2), stage)
     assert len(seen) == 1 and seen[0].shape == (4, 8)
 
-    teacher = task.teachers["feature"]
+    teacher = task.teachers["deit"]
     depth = teacher.model.depth
-    logits = np.asarray(teacher(task.frozen["feature"], images, attn_layers=(depth,))["attn_logits"][depth])
+    logits = np.asarray(teacher(task.frozen["deit"], images, attn_layers=(depth,))["attn_logits"][depth])
     e = np.exp(logits - logits.max(-1, keepdims=True))
     cls_attention = (e / e.sum(-1, keepdims=True))[:, :, 0, 1:].mean(axis=1)  # [B, 16], mean over heads
     order = np.argsort(-cls_attention, axis=1)
@@ -113,10 +117,10 @@ def test_frozen_teachers_are_bit_identical_after_training(distilled):
     trainer, result, c, _ = distilled
     assert result.step == STEPS
     after = jax.device_get(trainer.frozen)
-    assert set(after) == {"feature", "relation"}
-    for role in after:
-        _, original = FrozenTeacher.load(c.teachers[role], f"teachers.{role}")
-        leaves_after, leaves_before = jax.tree.leaves(after[role]), jax.tree.leaves(jax.device_get(original))
+    assert set(after) == {"deit", "mae"}
+    for name in after:
+        _, original = FrozenTeacher.load(c.teachers[name], f"teachers.{name}")
+        leaves_after, leaves_before = jax.tree.leaves(after[name]), jax.tree.leaves(jax.device_get(original))
         assert len(leaves_after) == len(leaves_before) > 0
         for a, b in zip(leaves_after, leaves_before):
             np.testing.assert_array_equal(a, b)
@@ -131,25 +135,6 @@ def test_distilled_student_exports_to_timm(distilled, tmp_path):
     moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(initial))]
     assert any(moved)  # ... which training moved away from its initialisation
 
-    out_path = str(tmp_path / "student.safetensors")
-    cli = [sys.executable, "-m", "hybrid_distill_jax.convert", "export", "--input", result.export_dir]
-    proc = subprocess.run(
-        [*cli, "--output", out_path],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
-    assert proc.returncode == 0, proc.stderr
-    _, kwargs, _ = convert.timm_state_dict(model, params)
-    tm = timm.create_model("vit_base_patch16_224", pretrained=False, **kwargs).eval()
-    from safetensors.torch import load_file
-
-    tm.load_state_dict(load_file(out_path), strict=True)
-    x = torch.randn((4, 3, 32, 32), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        reference = tm.forward_features(x).numpy()
-    ours = np.asarray(model.apply({"params": params}, np.asarray(x.permute(0, 2, 3, 1)))["tokens"])
-    err = float(np.abs(ours - reference).max())
+    err = timm_parity_error(result.export_dir, str(tmp_path / "student.safetensors"))
     print(f"\n[parity] distilled student -> timm: tokens max|err|={err:.2e}")
     assert err < 1e-5

@@ -19,7 +19,7 @@ from tests.integration.test_data_faults import GARBAGE, _folder
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tfds_dir):
     root = tmp_path_factory.mktemp("exits")
-    teachers = [make_teacher(root / "feature", seed=1), make_teacher(root / "relation", seed=2)]
+    teachers = [make_teacher(root / "deit", seed=1), make_teacher(root / "mae", seed=2)]
     env = dict(tiny_cli_env(), JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"))
     return tfds_dir, teachers, env
 

@@ -325,16 +325,16 @@ def test_cli_import_by_name_offline_and_concurrent_resolution(hub_env, tmp_path)
 
 
 def test_teacher_checkpoint_by_name_in_a_distill_config(hub_env, tmp_path, tfds_dir):
-    """``teachers.relation.checkpoint=hf-hub:...`` through validation and the teacher loader, then a
+    """``teachers.mae.checkpoint=hf-hub:...`` through validation and the teacher loader, then a
     two-step run of the CLI with the name as a --config override."""
     from hybrid_distill_jax.tasks import build_task
     from tests.helpers import tiny_distill_config
 
     c = tiny_distill_config(str(tmp_path), tfds_dir, steps=2)
-    c.teachers.relation.checkpoint = MAE
+    c.teachers.mae.checkpoint = MAE
     config_lib.validate(c)
     task = build_task(c, 10)
-    teacher = task.teachers["relation"]
+    teacher = task.teachers["mae"]
     assert teacher.model.num_heads == 2 and teacher.grid == 4
     assert teacher.mean == tuple(model_io.IMAGENET_MEAN)
     _, env = hub_env
@@ -348,8 +348,8 @@ def test_teacher_checkpoint_by_name_in_a_distill_config(hub_env, tmp_path, tfds_
             "--workdir",
             str(tmp_path / "run"),
             f"--config.data.data_dir={tfds_dir}",
-            f"--config.teachers.feature.checkpoint={c.teachers.feature.checkpoint}",
-            f"--config.teachers.relation.checkpoint={MAE}",
+            f"--config.teachers.deit.checkpoint={c.teachers.deit.checkpoint}",
+            f"--config.teachers.mae.checkpoint={MAE}",
             "--config.total_steps=2",
             "--config.checkpoint_every=0",
         ],
@@ -361,8 +361,8 @@ def test_teacher_checkpoint_by_name_in_a_distill_config(hub_env, tmp_path, tfds_
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"{MAE}: cached conversion" in r.stderr
     exported = model_io.read_model_json(str(tmp_path / "run" / "export"))
-    assert exported["teachers"]["relation"]["hub"]["commit"] == _commit(MAE[7:])
-    assert exported["teachers"]["feature"] == {"model_dir": c.teachers.feature.checkpoint}
+    assert exported["teachers"]["mae"]["hub"]["commit"] == _commit(MAE[7:])
+    assert exported["teachers"]["deit"] == {"model_dir": c.teachers.deit.checkpoint}
 
 
 def test_init_from_and_model_dir_take_names(hub_env, tfds_dir):
@@ -452,17 +452,29 @@ def test_recipes_default_to_the_listed_names(capsys):
 
     assert cli_main(["list"]) == 0
     listing = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in listing.splitlines() if line.startswith(hub.PREFIX)}
     for t in hub.TEACHERS:
-        assert t.name in listing and t.role in listing
-    for recipe in ("hd_vitb16_deit_mae", "hd_vitb16_clip_mae", "hd_vitl16_clipl14_mae"):
+        assert t.what in rows[t.name]
+        for entry in t.recipes:  # "RECIPE:TEACHER"
+            recipe, name = entry.split(":")
+            assert f"configs/{recipe}.py (teachers.{name})" in rows[t.name]
+
+    def recipe_config(recipe, *arg):
         spec = importlib.util.spec_from_file_location(recipe, f"configs/{recipe}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        c = module.get_config()
-        assert c.teachers.feature.checkpoint == hub.teacher(recipe, "feature")
-        assert c.teachers.relation.checkpoint == hub.teacher(recipe, "relation")
-        local = module.get_config("teachers/a,teachers/b")
-        assert (local.teachers.feature.checkpoint, local.teachers.relation.checkpoint) == (
-            "teachers/a",
-            "teachers/b",
-        )
+        return module.get_config(*arg)
+
+    for t in hub.TEACHERS:  # each recipe the table names uses that teacher by default, under that name
+        for entry in t.recipes:
+            recipe, name = entry.split(":")
+            assert recipe_config(recipe).teachers[name].checkpoint == t.name == hub.teacher(recipe, name)
+    pairs = {"hd_vitb16_deit_mae": ("deit", "mae"), "hd_vitb16_clip_mae": ("clip", "mae")}
+    pairs["hd_vitl16_clipl14_mae"] = ("clip", "mae")
+    for recipe, names in pairs.items():
+        c = recipe_config(recipe)
+        assert set(c.teachers) == set(names)
+        for name in names:
+            assert c.teachers[name].checkpoint == hub.teacher(recipe, name)
+        local = recipe_config(recipe, "teachers/a,teachers/b")
+        assert tuple(local.teachers[name].checkpoint for name in names) == ("teachers/a", "teachers/b")

@@ -34,7 +34,7 @@ SLURM_TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "scancel", "scontrol",
 
 
 def teachers(tmp_path) -> dict:
-    paths = {role: str(tmp_path / f"t_{role}") for role in ("feature", "relation")}
+    paths = {name: str(tmp_path / f"t_{name}") for name in ("deit", "mae")}
     for seed, path in enumerate(paths.values(), start=1):
         if not os.path.exists(path):
             make_teacher(path, seed=seed)
@@ -48,8 +48,8 @@ def tiny_fields(tmp_path, tfds_dir, **extra) -> dict:
     t = teachers(tmp_path)
     fields = {
         "data.data_dir": tfds_dir,
-        "teachers.feature.checkpoint": t["feature"],
-        "teachers.relation.checkpoint": t["relation"],
+        "teachers.deit.checkpoint": t["deit"],
+        "teachers.mae.checkpoint": t["mae"],
         "masking.selection": "topk",
         "student.drop_path": 0.0,
     }
@@ -444,8 +444,8 @@ def _described_teachers(tmp_path) -> list[str]:
     from tests.integration.test_compile import describe_teacher
 
     return [
-        f"--config.teachers.feature.checkpoint={describe_teacher(tmp_path / 'tf', variant='nano/8')}",
-        f"--config.teachers.relation.checkpoint={describe_teacher(tmp_path / 'tr')}",
+        f"--config.teachers.deit.checkpoint={describe_teacher(tmp_path / 'tf', variant='nano/8')}",
+        f"--config.teachers.mae.checkpoint={describe_teacher(tmp_path / 'tr')}",
         "--stages=first",
     ]
 

@@ -33,7 +33,7 @@ LOSS_KEYS = ("loss", "feature_loss", "relation_loss", "grad_norm", "lr", "keep",
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory):
     root = tmp_path_factory.mktemp("teachers")
-    return make_teacher(root / "feature", seed=1), make_teacher(root / "relation", seed=2)
+    return make_teacher(root / "deit", seed=1), make_teacher(root / "mae", seed=2)
 
 
 def _last_logged_step(workdir):
@@ -229,10 +229,8 @@ def test_cli_bad_inputs_print_one_line_and_exit_2(tmp_path, tfds_dir, teachers, 
         shutil.copytree(teachers[1], cut)
         data = (cut / "params.msgpack").read_bytes()
         (cut / "params.msgpack").write_bytes(data[: len(data) // 2])
-        command[-1] = f"--config.teachers.relation.checkpoint={cut}"
-        expected = (
-            f"error: teachers.relation.checkpoint: {cut}/params.msgpack is not a readable parameter file"
-        )
+        command[-1] = f"--config.teachers.mae.checkpoint={cut}"
+        expected = f"error: teachers.mae.checkpoint: {cut}/params.msgpack is not a readable parameter file"
     proc = subprocess.run(command, cwd=REPO, env=tiny_cli_env(), capture_output=True, text=True, timeout=300)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]

@@ -181,11 +181,11 @@ def test_leaf_specs_fsdp_tensor_parallel_and_rules():
     )
     assert spec("opt_state/1/0/mu/student/block1/attn/proj/kernel", (4, 24, 96)) == P("model")
     assert spec("params/student/cls_token", (1, 1, 97), strategy="fsdp") == P()  # nothing divisible
-    rules = sharding.parse_rules(["pos_embed=replicated", "head/kernel=fsdp+model,None"])
+    rules = sharding.parse_rules(["pos_embed=replicated", "heads/feature/kernel=fsdp+model,None"])
     assert spec("params/student/pos_embed", (1, 17, 96), strategy="fsdp", rules=rules) == P()
-    assert spec("params/head/kernel", (96, 384), rules=rules) == P(("fsdp", "model"), None)
+    assert spec("params/heads/feature/kernel", (96, 384), rules=rules) == P(("fsdp", "model"), None)
     with pytest.raises(ConfigError, match="which must divide it"):
-        spec("params/head/kernel", (6, 384), rules=rules)
+        spec("params/heads/feature/kernel", (6, 384), rules=rules)
 
 
 def test_remat_policies_give_the_same_gradients():
@@ -243,7 +243,7 @@ def test_fsdp_state_and_teachers_are_split(layouts):
     mu = jax.tree.leaves(state["opt_state"], is_leaf=lambda x: hasattr(x, "mu"))
     mu = [s.mu for s in mu if hasattr(s, "mu")][0]
     assert mu["student"]["block1"]["mlp"]["fc1"]["kernel"].sharding.spec == P(None, "fsdp")
-    teacher_kernel = trainer.frozen["feature"]["block1"]["mlp"]["fc1"]["kernel"]
+    teacher_kernel = trainer.frozen["deit"]["block1"]["mlp"]["fc1"]["kernel"]
     assert teacher_kernel.sharding.spec == P(None, "fsdp")
     tp = layouts["fsdp_tp"]["state"]["params"]["student"]["block1"]["mlp"]["fc1"]["kernel"]
     assert tp.sharding.spec == P("fsdp", "model")

@@ -22,7 +22,7 @@ EXIT_WITHIN_S = 30
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tfds_dir):
     root = tmp_path_factory.mktemp("signals")
-    teachers = [make_teacher(root / "feature", seed=1), make_teacher(root / "relation", seed=2)]
+    teachers = [make_teacher(root / "deit", seed=1), make_teacher(root / "mae", seed=2)]
     env = dict(
         os.environ,
         XLA_FLAGS="--xla_force_host_platform_device_count=1",

@@ -23,11 +23,11 @@ def _study_config(arg="smoke"):
 def test_full_config_lists_the_paper_ablation():
     c = _study_config(None)
     assert c.students == ("fd_only", "relation_only", "hybrid_nomask", "hybrid_random", "hybrid_progressive")
-    assert c.fd_only.loss.beta == 0 and c.relation_only.loss.alpha == 0
+    assert c.fd_only.terms.relation.weight == 0 and c.relation_only.terms.feature.weight == 0
     assert max(c.hybrid_nomask.masking.stage_ratios) == 0
     assert c.hybrid_random.masking.selection == "random"
     assert c.hybrid_progressive.masking.selection == "gumbel"
-    assert c.hybrid_progressive.masking.score_source == "feature_teacher"
+    assert c.hybrid_progressive.masking.score_teacher == "deit"
     assert c.seeds == 3 and {"teacher_supervised", "teacher_mae"} <= set(c.finetune_models)
     # An 8x8 patch grid: attention distance has room between 0 (self) and ~16.5 px (uniform).
     assert report.distance_bounds(c.image_size, c.variant)["grid"] >= 8

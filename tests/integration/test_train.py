@@ -25,12 +25,12 @@ def test_objective_variants_run_and_log_their_terms(tmp_path, tfds_dir, variant)
     c.log_every = 1
     c.masking.stage_ratios = (0.5, 0.5, 0.5)
     if variant == "fd_only":
-        c.loss.beta = 0.0
+        c.terms.relation.weight = 0.0
     elif variant == "relation_only":
-        c.loss.alpha = 0.0
+        c.terms.feature.weight = 0.0
     elif variant == "random_mask":
         c.masking.selection = "random"
-        c.masking.score_source = "uniform"
+        c.masking.score_teacher = ""
     elif variant == "over_depth":
         c.masking.mode = "over_depth"
         c.masking.drop_layers = (1,)

@@ -158,8 +158,8 @@ def test_table_entries_are_what_their_config_json_says():
 
 def test_validation_for_another_machines_device_and_process_counts():
     c = config_lib.base_config("distill")
-    c.teachers.feature.checkpoint = "hf-hub:timm/deit_base_patch16_224.fb_in1k"
-    c.teachers.relation.checkpoint = "hf-hub:timm/vit_base_patch16_224.mae"
+    c.teachers.deit.checkpoint = "hf-hub:timm/deit_base_patch16_224.fb_in1k"
+    c.teachers.mae.checkpoint = "hf-hub:timm/vit_base_patch16_224.mae"
     c.data.data_dir = "/data/on/the/pod/only"
     c.batch_size = 4096
     config_lib.validate(c, num_devices=256, num_processes=64, deviceless=True)

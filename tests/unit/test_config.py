@@ -36,22 +36,22 @@ def _set(c, dotted, value):
         ("masking.stage_starts", (0.1, 0.3, 0.6), "masking.stage_starts"),
         ("masking.selection", "argmax", "masking.selection"),
         ("masking.mode", "sideways", "masking.mode"),
-        ("loss.relation_layers", (0,), "loss.relation_layers"),
-        ("loss.relation_layers", (2,), "loss.relation_layers"),  # pico has depth 2: the last block
-        ("loss.relation_layers", (7,), "loss.relation_layers"),
-        ("loss.feature_loss", "l3", "loss.feature_loss"),
-        ("loss.alpha", 0.0, None),  # valid: relation-only
+        ("terms.relation.layers", (0,), "terms.relation.layers"),
+        ("terms.relation.layers", (2,), "terms.relation.layers"),  # pico has depth 2: the last block
+        ("terms.relation.layers", (7,), "terms.relation.layers"),
+        ("terms.feature.loss", "l3", "terms.feature.loss"),
+        ("terms.feature.weight", 0.0, None),  # valid: relation-only
         ("image_size", 30, "image_size"),
         ("batch_size", 12, "batch_size"),  # 8 devices
         ("data.name", "no_such_dataset_xyz", "data.name"),
         ("data.crop_scale", (0.5, 0.2), "data.crop_scale"),
-        ("teachers.feature.checkpoint", "/nonexistent/teacher", "teachers.feature.checkpoint"),
+        ("teachers.deit.checkpoint", "/nonexistent/teacher", "teachers.deit.checkpoint"),
         ("student.variant", "Q/8", "variant"),
         ("optim.b2", 1.5, "optim.b2 must lie in [0, 1), got 1.5"),
         ("mesh.data", 3, "mesh.data"),
         ("eval.pool", "max", "eval.pool"),
-        ("teachers.feature.attn_impl", "flash", "teachers.feature.attn_impl"),
-        ("teachers.relation.attn_impl", "cudnn", None),  # valid (used on NVIDIA GPUs)
+        ("teachers.deit.attn_impl", "flash", "teachers.deit.attn_impl"),
+        ("teachers.mae.attn_impl", "cudnn", None),  # valid (used on NVIDIA GPUs)
         ("faults.pause_at", "lunch", "faults.pause_at"),
         ("faults.pause_at", "compile", None),
     ],
@@ -79,17 +79,17 @@ def test_folder_dataset_without_data_dir(cfg):
 
 def test_teacher_grid_and_head_mismatches(cfg, tmp_path):
     other_grid = make_teacher(tmp_path / "grid", patch_size=4)
-    _set(cfg, "teachers.feature.checkpoint", other_grid)
-    with pytest.raises(ConfigError, match="teachers.feature: patch grid 8x8 differs .* 4x4"):
+    _set(cfg, "teachers.deit.checkpoint", other_grid)
+    with pytest.raises(ConfigError, match="teachers.deit: patch grid 8x8 differs .* 4x4"):
         validate(cfg)
-    _set(cfg, "teachers.feature.image_size", 16)  # the fix the message suggests: 16px / patch 4 = 4x4
+    _set(cfg, "teachers.deit.image_size", 16)  # the fix the message suggests: 16px / patch 4 = 4x4
     validate(cfg)
 
     heads = make_teacher(tmp_path / "heads", num_heads=4)
-    _set(cfg, "teachers.relation.checkpoint", heads)
+    _set(cfg, "teachers.mae.checkpoint", heads)
     with pytest.raises(ConfigError, match="head counts must match"):
         validate(cfg)
-    _set(cfg, "loss.beta", 0.0)  # FD-only needs no relation teacher at all
+    _set(cfg, "terms.relation.weight", 0.0)  # FD-only needs no relation teacher at all
     validate(cfg)
 
 
@@ -161,7 +161,10 @@ REPO = os.path.join(os.path.dirname(__file__), "..", "..")
             ["--config.data.on_corupt=fail"],
             r"^--config\.data\.on_corupt: .*did you mean --config\.data\.on_corrupt",
         ),
-        (["--config.lossx.beta=0"], r"^--config\.lossx\.beta: .*did you mean --config\.loss\.beta"),
+        (
+            ["--config.termz.relation.weight=0"],
+            r"^--config\.termz\.relation\.weight: .*did you mean --config\.terms\.relation\.weight",
+        ),
         (["--config.batch_size=abc"], r"^--config\.batch_size=abc: expected int "),
         (["--config.optim.lr=fast"], r"^--config\.optim\.lr=fast: expected float "),
         (["--config.tensorboard=maybe"], r"^--config\.tensorboard=maybe: expected bool "),
@@ -215,6 +218,47 @@ def test_bad_config_files_are_one_line_naming_the_file(monkeypatch, tmp_path, co
     assert re.search(expected, str(err.value)), str(err.value)
 
 
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["--config.loss.beta=0"], ["--config.loss.beta belongs to the old", "use terms.relation.weight"]),
+        (
+            ["--config.teachers.feature.checkpoint=X"],
+            ["--config.teachers.feature.checkpoint belongs to the old", "use teachers.", "teachers.deit"],
+        ),
+    ],
+)
+def test_old_field_names_on_the_command_line_name_the_new_field(monkeypatch, args, expected):
+    with pytest.raises(ConfigError) as err:
+        _parse(monkeypatch, *args)
+    message = str(err.value)
+    assert all(part in message for part in expected) and "\n" not in message, message
+
+
+def test_old_field_names_in_a_config_file_name_the_new_field(monkeypatch, tmp_path):
+    """A config file setting a field of the two-teacher form: one line naming the new field (and, where
+    the file itself fails on it, the line)."""
+    header = "from hybrid_distill_jax.config_lib import base_config\n\n\ndef get_config():\n"
+    path = tmp_path / "old_alpha.py"
+    path.write_text(header + '    c = base_config("distill")\n    c.loss.alpha = 0\n    return c\n')
+    with pytest.raises(ConfigError) as err:
+        _parse(monkeypatch, config=str(path))
+    message = str(err.value)
+    assert re.search(r"^--config=.*old_alpha\.py: line 6: .*use terms\.feature\.weight", message), message
+    assert "\n" not in message, message
+
+    path = tmp_path / "old_score.py"
+    path.write_text(
+        header + '    c = base_config("distill")\n    c.masking.score_source = "uniform"\n    return c\n'
+    )
+    config = _parse(monkeypatch, config=str(path))  # a new field of an unlocked section: caught by validate
+    with pytest.raises(ConfigError) as err:
+        validate(config)
+    message = str(err.value)
+    assert "masking.score_source" in message and "masking.score_teacher" in message, message
+    assert "\n" not in message, message
+
+
 def test_every_config_field_the_docs_name_exists():
     """Each ``config.x.y`` in README.md and docs/*.md is a field of base_config (in some mode)."""
     from hybrid_distill_jax.main import field_names
@@ -266,7 +310,9 @@ ZERO_VALID = {
     "optim.b2", "optim.weight_decay", "optim.grad_clip", "optim.warmup_steps", "optim.warmup_epochs",
     "mesh.num_devices", "sharding.fsdp_min_size", "eval.diagnostics_every", "faults.nan_at_step",
     "faults.pause_s", "student.drop_path", "student.mean", "model.drop_path", "model.mean",
-    "teachers.feature.image_size", "teachers.relation.image_size", "loss.alpha", "loss.beta",
+    "teachers.deit.image_size", "teachers.mae.image_size", "terms.feature.weight", "terms.relation.weight",
+    "terms.feature.teacher_block", "terms.feature.student_block", "terms.feature.drop_prob",
+    "terms.relation.drop_prob",
     "loss.label_smoothing", "masking.stage_starts", "masking.stage_ratios", "masking.drop_ratios",
     "finetune.mixup", "finetune.cutmix", "finetune.mix_prob", "finetune.switch_prob", "data.prefetch",
     "data.max_unreadable_fraction",

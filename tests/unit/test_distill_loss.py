@@ -14,7 +14,7 @@ import pytest
 from hybrid_distill_jax.config_lib import validate
 from hybrid_distill_jax.models.build import normalize
 from hybrid_distill_jax.tasks.distill import DistillTask
-from tests.helpers import make_teacher, perturb, tiny_distill_config
+from tests.helpers import make_teacher, perturb, set_fields, tiny_distill_config
 
 GRID, N, B = 4, 16, 3  # pico/8 at 32 px
 
@@ -26,13 +26,10 @@ def _export(directory, seed, depth):
 def _config(tmp_path, student_depth, feature_depth, relation_depth, **changes):
     c = tiny_distill_config(tmp_path, str(tmp_path))
     c.student.depth = student_depth
-    c.teachers.feature.checkpoint = _export(tmp_path / f"f{feature_depth}", 1, feature_depth)
-    c.teachers.relation.checkpoint = _export(tmp_path / f"r{relation_depth}", 2, relation_depth)
+    c.teachers.deit.checkpoint = _export(tmp_path / f"f{feature_depth}", 1, feature_depth)
+    c.teachers.mae.checkpoint = _export(tmp_path / f"r{relation_depth}", 2, relation_depth)
     c.masking.selection = "topk"
-    for dotted, value in changes.items():
-        section, leaf = dotted.split("__")
-        c[section][leaf] = value
-    return c
+    return set_fields(c, changes, separator="__")
 
 
 # ---- numpy reference --------------------------------------------------------------------------------
@@ -81,14 +78,13 @@ def kl_rows(t_logits, s_logits):
 def reference(task, params, frozen, images):
     """(total, feature term, relation term) recomputed from the models' raw outputs."""
     c = task.config
-    lc, mc = c.loss, c.masking
+    fc, rc, mc = c.terms.feature, c.terms.relation, c.masking
     full = {
-        role: jax.device_get(t(frozen[role], images, attn_layers=tuple(range(1, t.model.depth + 1))))
-        for role, t in task.teachers.items()
+        name: jax.device_get(t(frozen[name], images, attn_layers=tuple(range(1, t.model.depth + 1))))
+        for name, t in task.teachers.items()
     }
-    rel_layers = tuple(lc.relation_layers or range(1, task.depth)) if lc.beta > 0 else ()
-    scorer = {"feature_teacher": "feature", "relation_teacher": "relation"}[mc.score_source]
-    scorer_logits = full[scorer]["attn_logits"]
+    rel_layers = tuple(rc.layers or range(1, task.depth)) if rc.weight > 0 else ()
+    scorer_logits = full[mc.score_teacher]["attn_logits"]
 
     # Kept sets, from the CLS attention, by hand.
     student_kwargs = {}
@@ -125,30 +121,30 @@ def reference(task, params, frozen, images):
         )
     )
     feat = rel = 0.0
-    if lc.alpha > 0:
-        ftok = np.asarray(full["feature"]["tokens"], np.float64)
+    if fc.weight > 0:
+        ftok = np.asarray(full[fc.teacher]["tokens"], np.float64)
         final = sets[-1][1]
         target = np.concatenate([ftok[:, :1], np.stack([t[1:][i] for t, i in zip(ftok, final)])], axis=1)
         target = whiten(target)
-        head = jax.device_get(params["head"])
+        head = jax.device_get(params["heads"]["feature"])
         pred = np.asarray(student["tokens"], np.float64) @ head["kernel"] + head["bias"]
-        feat = smooth_l1(pred, target, lc.smooth_l1_beta)
+        feat = smooth_l1(pred, target, fc.smooth_l1_beta)
     if rel_layers:
-        if lc.relation_teacher_on_kept:
+        if rc.teacher_on_kept:
             kept_run = jax.device_get(
-                task.teachers["relation"](frozen["relation"], images, attn_layers=rel_layers, **teacher_kept)
+                task.teachers[rc.teacher](frozen[rc.teacher], images, attn_layers=rel_layers, **teacher_kept)
             )
             targets = {layer: kept_run["attn_logits"][layer] for layer in rel_layers}
         else:
             targets = {
-                layer: gather_square(full["relation"]["attn_logits"][layer], with_cls(patches_at(layer)))
+                layer: gather_square(full[rc.teacher]["attn_logits"][layer], with_cls(patches_at(layer)))
                 for layer in rel_layers
             }
         for layer in rel_layers:
             tokens = 1 + patches_at(layer).shape[1]
             assert targets[layer].shape[-1] == student["attn_logits"][layer].shape[-1] == tokens
         rel = np.mean([kl_rows(targets[layer], student["attn_logits"][layer]) for layer in rel_layers])
-    return lc.alpha * feat + lc.beta * rel, feat, rel
+    return fc.weight * feat + rc.weight * rel, feat, rel
 
 
 def _check(task, expected_stage, expected_keep):
@@ -162,12 +158,12 @@ def _check(task, expected_stage, expected_keep):
         params, task.frozen, {"image": images}, jax.random.key(5), stage
     )
     total, feat, rel = reference(task, params, task.frozen, images)
-    lc = task.config.loss
-    assert ("feature_loss" in metrics) == (lc.alpha > 0)
-    assert ("relation_loss" in metrics) == (lc.beta > 0)
-    if lc.alpha > 0:
+    fc, rc = task.config.terms.feature, task.config.terms.relation
+    assert ("feature_loss" in metrics) == (fc.weight > 0)
+    assert ("relation_loss" in metrics) == (rc.weight > 0)
+    if fc.weight > 0:
         np.testing.assert_allclose(float(metrics["feature_loss"]), feat, rtol=2e-5)
-    if lc.beta > 0:
+    if rc.weight > 0:
         assert rel > 1e-3  # the student's attention differs from the teacher's: the check can fail
         np.testing.assert_allclose(float(metrics["relation_loss"]), rel, rtol=2e-5)
     np.testing.assert_allclose(float(loss), total, rtol=2e-5)
@@ -175,8 +171,8 @@ def _check(task, expected_stage, expected_keep):
     return metrics
 
 
-@pytest.mark.parametrize("score_source", ["feature_teacher", "relation_teacher"])
-def test_over_training(tmp_path, score_source):
+@pytest.mark.parametrize("score_teacher", ["deit", "mae"])
+def test_over_training(tmp_path, score_teacher):
     c = _config(
         tmp_path,
         3,
@@ -184,8 +180,8 @@ def test_over_training(tmp_path, score_source):
         4,
         masking__stage_starts=(0.0,),
         masking__stage_ratios=(0.5,),
-        masking__score_source=score_source,
-        loss__relation_layers=(1, 2),
+        masking__score_teacher=score_teacher,
+        terms__relation__layers=(1, 2),
     )
     _check(DistillTask(c), 8, 8)
 
@@ -201,8 +197,8 @@ def test_over_depth_relation_layer_after_the_drops(tmp_path, tfds_dir, on_kept):
         masking__mode="over_depth",
         masking__drop_layers=(1, 2),
         masking__drop_ratios=(0.25, 0.5),
-        loss__relation_layers=(1, 2, 3),  # 16, 12 then 8 patches
-        loss__relation_teacher_on_kept=on_kept,
+        terms__relation__layers=(1, 2, 3),  # 16, 12 then 8 patches
+        terms__relation__teacher_on_kept=on_kept,
     )
     c.data.data_dir = tfds_dir
     validate(c)  # accepted up front too
@@ -217,16 +213,24 @@ def test_relation_teacher_on_kept_tokens(tmp_path):
         3,
         masking__stage_starts=(0.0,),
         masking__stage_ratios=(0.25,),
-        loss__relation_layers=(1, 2),
-        loss__relation_teacher_on_kept=True,
+        terms__relation__layers=(1, 2),
+        terms__relation__teacher_on_kept=True,
     )
     _check(DistillTask(c), 12, 12)
 
 
 def test_fd_only(tmp_path):
-    c = _config(tmp_path, 2, 2, 2, masking__stage_starts=(0.0,), masking__stage_ratios=(0.5,), loss__beta=0.0)
+    c = _config(
+        tmp_path,
+        2,
+        2,
+        2,
+        masking__stage_starts=(0.0,),
+        masking__stage_ratios=(0.5,),
+        terms__relation__weight=0.0,
+    )
     task = DistillTask(c)
-    assert set(task.teachers) == {"feature"}  # no relation teacher is loaded
+    assert set(task.teachers) == {"deit"}  # no relation teacher is loaded
     _check(task, 8, 8)
 
 
@@ -238,22 +242,24 @@ def test_relation_only(tmp_path):
         3,
         masking__stage_starts=(0.0,),
         masking__stage_ratios=(0.5,),
-        loss__alpha=0.0,
-        loss__relation_layers=(1, 2),
+        terms__feature__weight=0.0,
+        terms__relation__layers=(1, 2),
     )
     task = DistillTask(c)
-    assert set(task.teachers) == {"feature", "relation"}  # the feature teacher still scores patches
-    assert "head" not in task.init_params(jax.random.key(0))
+    assert set(task.teachers) == {"deit", "mae"}  # the feature teacher still scores patches
+    assert "heads" not in task.init_params(jax.random.key(0))  # no term with a head is active
     _check(task, 8, 8)
 
 
-def _map_relation_targets(task):
+def _map_relation_targets(term, calls):
     """The relation targets as computed before the teacher handed out queries and keys: the teacher's
-    full [B, H, N, N] logit map, then its rows and columns at CLS + the kept patches."""
+    full [B, H, N, N] logit map, then its rows and columns at CLS + the kept patches. Counts its calls."""
 
-    def targets(frozen, images, tout, kept, layers, on_kept):
-        full = task.teachers["relation"](frozen["relation"], images, attn_layers=layers)["attn_logits"]
-        cls = jnp.zeros((images.shape[0], 1), jnp.int32)
+    def targets(inputs):
+        calls.append(1)
+        layers, kept = term.layers, inputs.kept
+        full = inputs.run_teacher(attn_layers=layers)["attn_logits"]
+        cls = jnp.zeros((kept.final_indices.shape[0], 1), jnp.int32)
         out = {}
         for layer in layers:
             idx = jnp.concatenate([cls, kept.patches_at(layer) + 1], axis=1)
@@ -270,7 +276,7 @@ def test_relation_targets_from_queries_and_keys_match_the_full_map(tmp_path, dty
     (the two paths round the bf16 logits differently: the map is a bf16 product cast late)."""
     c = _config(tmp_path, 3, 3, 4, masking__stage_starts=(0.0,), masking__stage_ratios=(0.5,))
     c.student.dtype = dtype
-    c.teachers.feature.dtype = c.teachers.relation.dtype = dtype
+    c.teachers.deit.dtype = c.teachers.mae.dtype = dtype
     task = DistillTask(c)
     params = task.init_params(jax.random.key(0))
     params["student"] = perturb(params["student"], 7)
@@ -282,8 +288,11 @@ def test_relation_targets_from_queries_and_keys_match_the_full_map(tmp_path, dty
         return float(metrics["relation_loss"]), jax.tree.leaves(grads)
 
     rel, grads = loss_and_grads()
-    task._relation_targets = _map_relation_targets(task)
+    calls = []
+    term = task.terms["relation"]
+    term.targets = _map_relation_targets(term, calls)
     rel_map, grads_map = loss_and_grads()
+    assert calls  # the full-map targets were really used
     assert rel > 1e-3
     np.testing.assert_allclose(rel, rel_map, rtol=rtol)
     for g, g_map in zip(grads, grads_map):
@@ -300,7 +309,7 @@ def test_fp8_teachers_give_the_fp32_teachers_objective_within_a_stated_bound(tmp
     batch = {"image": jax.random.uniform(jax.random.key(3), (B, 32, 32, 3))}
 
     def loss_and_grads(fp8):
-        c.teachers.feature.fp8 = c.teachers.relation.fp8 = fp8
+        c.teachers.deit.fp8 = c.teachers.mae.fp8 = fp8
         task = DistillTask(c)
         params = task.init_params(jax.random.key(0))
         params["student"] = perturb(params["student"], 7)
@@ -311,7 +320,7 @@ def test_fp8_teachers_give_the_fp32_teachers_objective_within_a_stated_bound(tmp
 
     ref, ref_grads, _ = loss_and_grads(False)
     out, grads, task = loss_and_grads(True)
-    assert "Fp8Dot_0" in task.frozen["feature"]["block1"]["mlp"]["fc1"]
+    assert "Fp8Dot_0" in task.frozen["deit"]["block1"]["mlp"]["fc1"]
     for term in ("feature_loss", "relation_loss"):
         assert float(out[term]) != float(ref[term])  # the fp8 path is really taken
         np.testing.assert_allclose(float(out[term]), float(ref[term]), rtol=5e-2)

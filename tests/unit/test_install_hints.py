@@ -47,5 +47,5 @@ def test_every_extra_named_in_an_install_hint_exists():
 def test_a_hub_name_without_its_packages_says_what_to_install(monkeypatch, module):
     monkeypatch.setitem(sys.modules, module, None)  # the next import of it fails
     with pytest.raises(ConfigError) as e:
-        hub.resolve("hf-hub:timm/deit_base_patch16_224.fb_in1k", "teachers.feature.checkpoint")
+        hub.resolve("hf-hub:timm/deit_base_patch16_224.fb_in1k", "teachers.deit.checkpoint")
     assert f"({module}): pip install huggingface_hub safetensors" in str(e.value)

@@ -70,7 +70,7 @@ def test_smooth_l1_matches_numpy_reference():
     np.testing.assert_allclose(
         float(losses.feature_loss(jnp.asarray(pred), jnp.asarray(target), "cosine")), -np.mean(cos), rtol=1e-5
     )
-    with pytest.raises(ConfigError, match="feature_loss"):
+    with pytest.raises(ConfigError, match="feature loss 'l3'"):
         losses.feature_loss(jnp.asarray(pred), jnp.asarray(target), "l3")
 
 

@@ -1,0 +1,52 @@
+"""Summary-embedding distillation (RADIO/UNIC-style): the student's CLS token through a linear head onto
+the teacher's image embedding: its projected CLS (``embedding``, e.g. CLIP's) or else its final CLS."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from hybrid_distill_jax import checks, losses
+from hybrid_distill_jax.terms.base import Term, TermInputs, register
+from hybrid_distill_jax.terms.tokens import linear_head
+
+
+@register
+class EmbeddingTerm(Term):
+    """Cosine (default), MSE or SmoothL1 between head(student CLS) and the teacher's embedding."""
+
+    kind = "embedding"
+    defaults = dict(loss="cosine", smooth_l1_beta=2.0, head="linear")
+    choices = dict(loss=losses.FEATURE_LOSSES, head=("linear", "identity"))
+    ranges = dict(smooth_l1_beta=checks.POSITIVE)
+    needs_grid = False  # one vector per image: the teacher may see any patch grid
+
+    @classmethod
+    def check_archs(cls, name, cfg, student, teacher):
+        width = teacher.get("proj_dim") or teacher["width"]
+        checks.require(
+            cfg.head == "linear" or student["width"] == width,
+            f"terms.{name}.head='identity' needs the student's width {student['width']} to equal the "
+            f"teacher's embedding width {width}: use head='linear'",
+        )
+
+    def __init__(self, name, cfg, student, teacher):
+        super().__init__(name, cfg, student, teacher)
+        self.width = teacher.model.proj_dim or teacher.model.width
+        self.head = linear_head(name, student, self.width) if cfg.head == "linear" else None
+
+    def init_params(self, rng):
+        if self.head is None:
+            return None
+        return self.head.init(rng, jnp.zeros((1, self.student.width)))["params"]
+
+    def value(self, params, inputs: TermInputs) -> jax.Array:
+        teacher = inputs.teacher
+        target = teacher["embedding"] if "embedding" in teacher else teacher["tokens"][:, 0]
+        pred = inputs.student["tokens"][:, 0]
+        if self.head is not None:
+            pred = self.head.apply({"params": params}, pred)
+        return losses.feature_loss(pred, target, self.cfg.loss, self.cfg.smooth_l1_beta)
+
+    def flops_per_example(self, patches_per_block):
+        return {} if self.head is None else {"student_fwd_bwd": 3 * 2.0 * self.student.width * self.width}
