@@ -57,7 +57,8 @@ RENAMED_FIELDS = {
 
 
 def renamed(field: str) -> str | None:
-    """'FIELD was renamed: use NEW' for a field (or a field below one) of the two-role form, else None."""
+    """For a field of the two-role form (or one below it), the one-line hint naming its replacement;
+    else None."""
     for old, new in RENAMED_FIELDS.items():
         if field == old or field.startswith(old + "."):
             return f"{field} belongs to the old two-teacher form; use {new} (docs/METHOD.md, 'Objective')"
@@ -125,9 +126,9 @@ def teachers_used(config, student_depth: int) -> tuple[str, ...]:
 
 def check_fields(config) -> int:
     """Every distill field that needs neither teacher weights nor data; returns the student's depth."""
-    for field in _leaf_names(config):
-        message = renamed(field)
-        checks.require(message is None, message or "")
+    for field in _field_names(config):
+        if renamed(field):
+            raise ConfigError(renamed(field))
     s = check_model_config(config.student, config.image_size, "student")
     checks.require(
         not config.student.get("dist_token", False),
@@ -176,12 +177,14 @@ def check_fields(config) -> int:
     return s["depth"]
 
 
-def _leaf_names(config, prefix: str = "") -> list[str]:
+def _field_names(config, prefix: str = "") -> list[str]:
+    """Dotted names of the sections and fields of ``config``, down to each ``teachers.NAME`` and
+    ``terms.NAME`` entry (whose own fields the entry's checks read)."""
     names = []
     for key, value in config.items():
         names.append(prefix + key)
         if isinstance(value, ml_collections.ConfigDict) and not prefix.startswith(("teachers.", "terms.")):
-            names.extend(_leaf_names(value, f"{prefix}{key}."))
+            names.extend(_field_names(value, f"{prefix}{key}."))
     return names
 
 
