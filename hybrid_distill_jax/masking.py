@@ -91,9 +91,14 @@ class MaskRatioSchedule:
         return self.ratios[self.stage(step, total_steps)]
 
 
-def keep_count(num_patches: int, mask_ratio: float) -> int:
-    """Number of kept patches for a mask ratio (at least one)."""
-    return max(1, int(round(num_patches * (1.0 - mask_ratio))))
+def keep_count(num_patches: int, mask_ratio: float, token_multiple: int = 1) -> int:
+    """Number of kept patches for a mask ratio (at least one). ``token_multiple`` > 1: a masked count is
+    lowered until CLS + K is a multiple of it (hardware-friendly sequence lengths); the unmasked count
+    (every patch) is kept as it is."""
+    k = max(1, int(round(num_patches * (1.0 - mask_ratio))))
+    if token_multiple > 1 and k < num_patches:
+        k = max((1 + k) // token_multiple * token_multiple - 1, 1)
+    return k
 
 
 def nested_selection(
@@ -157,6 +162,7 @@ class KeepPlan:
     num_patches: int
     selection: str = "gumbel"
     temperature: float = 1.0
+    token_multiple: int = 1  # masked stages keep K patches with CLS + K a multiple of this (keep_count)
 
     @classmethod
     def from_config(cls, mcfg, num_patches: int, depth: int) -> KeepPlan:
@@ -188,7 +194,12 @@ class KeepPlan:
 
     @staticmethod
     def _common(mcfg, num_patches: int) -> dict:
-        return dict(num_patches=num_patches, selection=mcfg.selection, temperature=float(mcfg.temperature))
+        return dict(
+            num_patches=num_patches,
+            selection=mcfg.selection,
+            temperature=float(mcfg.temperature),
+            token_multiple=int(mcfg.get("token_multiple", 1)),
+        )
 
     def _all_patches(self, batch: int) -> jax.Array:
         return jnp.broadcast_to(jnp.arange(self.num_patches, dtype=jnp.int32), (batch, self.num_patches))
@@ -206,7 +217,7 @@ class OverTrainingPlan(KeepPlan):
         return cls(schedule=schedule, **cls._common(mcfg, num_patches))
 
     def stage(self, step: int, total_steps: int) -> int:
-        return keep_count(self.num_patches, self.schedule.mask_ratio(step, total_steps))
+        return keep_count(self.num_patches, self.schedule.mask_ratio(step, total_steps), self.token_multiple)
 
     def stage_metrics(self, stage: int) -> dict[str, float]:
         return {"keep": stage}
@@ -257,7 +268,7 @@ class OverDepthPlan(KeepPlan):
         )
 
     def stage(self, step: int, total_steps: int) -> tuple[int, ...]:
-        return tuple(keep_count(self.num_patches, r) for r in self.drop_ratios)
+        return tuple(keep_count(self.num_patches, r, self.token_multiple) for r in self.drop_ratios)
 
     def stage_metrics(self, stage: tuple[int, ...]) -> dict[str, float]:
         return {"keep": stage[-1]}

@@ -94,6 +94,9 @@ def add_defaults(c: ml_collections.ConfigDict) -> None:
             stage_ratios=(0.0, 0.25, 0.5),
             drop_layers=(4, 7, 10),
             drop_ratios=(0.25, 0.4, 0.5),
+            # 1, or e.g. 8/16/128: masked stages keep K patches with CLS + K a multiple of it (fewer
+            # patches than the ratio says; shapes GPU and TPU kernels tile without padding).
+            token_multiple=1,
         )
     )
 
@@ -104,6 +107,7 @@ MASKING_RANGES = {
     "stage_ratios": checks.UNIT,
     "drop_layers": checks.ints(1),
     "drop_ratios": checks.UNIT,
+    "token_multiple": checks.ints(1, "1: off"),
 }
 
 

@@ -28,12 +28,15 @@ def teacher_dirs(tmp_path_factory):
 def test_the_recorded_defaults_are_todays_defaults_in_the_new_form():
     c = base_config("distill")
     recorded = baseline.translate_defaults(FIXTURE["defaults"])
-    assert json.loads(json.dumps(c.masking.to_dict())) == recorded["masking"]
-    for name, fields in recorded["terms"].items():
-        today = json.loads(json.dumps(c.terms[name].to_dict()))
-        assert {k: today[k] for k in fields} == fields, name
-    # Fields the two-role form did not have keep its behaviour: the final tokens of both models.
+    for section, name in (("masking", None), *(("terms", n) for n in recorded["terms"])):
+        fields = recorded[section] if name is None else recorded[section][name]
+        today = json.loads(json.dumps((c[section] if name is None else c[section][name]).to_dict()))
+        assert {k: today[k] for k in fields} == fields, (section, name)
+    # Fields the two-role form did not have keep its behaviour: the final tokens of both models, no
+    # rounding of kept counts, no term dropped.
     assert c.terms.feature.teacher_block == c.terms.feature.student_block == 0
+    assert c.masking.token_multiple == 1
+    assert c.terms.feature.drop_prob == c.terms.relation.drop_prob == 0.0
     assert set(c.teachers) == set(baseline.TEACHER_NAMES.values())
 
 

@@ -153,3 +153,21 @@ def test_over_depth_plan_nests_sets_after_each_drop():
 def test_bad_over_depth_plans(changes, expected):
     with pytest.raises(ConfigError, match=re.escape(expected)):
         masking.keep_plan(_cfg(**{"mode": "over_depth", **changes}), num_patches=16, depth=4)
+
+
+@pytest.mark.parametrize("multiple", [8, 16, 128])
+def test_token_multiple_rounds_masked_counts_down_to_hardware_friendly_lengths(multiple):
+    """ViT-B/16 at 224 px (196 patches): every masked count falls to the largest K with CLS + K a multiple
+    of ``multiple``, no larger than the ratio's; the unmasked stage keeps all 196 patches."""
+    for ratio in (0.0, 0.1, 0.25, 0.4, 0.5, 0.75, 0.9):
+        plain = masking.keep_count(196, ratio)
+        k = masking.keep_count(196, ratio, multiple)
+        if ratio == 0.0:
+            assert k == plain == 196
+            continue
+        assert 1 <= k <= plain and ((1 + k) % multiple == 0 or k == 1)
+        assert k == 1 or plain - k < multiple  # the largest such K
+    over_training = masking.keep_plan(_cfg(token_multiple=8), num_patches=196, depth=12)
+    assert over_training.stages(10) == (196, 95)  # 98 -> 95: CLS + 95 = 96 tokens
+    over_depth = masking.keep_plan(_cfg(mode="over_depth", token_multiple=8), num_patches=196, depth=12)
+    assert over_depth.stage(0, 10) == (143, 95)  # 147 -> 143 and 98 -> 95, still nested
