@@ -84,7 +84,6 @@ class Term:
         self.name, self.cfg, self.student, self.teacher = name, cfg, student, teacher
         self.weight = float(cfg.weight)
         self.drop_prob = float(cfg.get("drop_prob", 0.0))
-        self.field = f"terms.{name}"
 
     # -- configuration -------------------------------------------------------------------------------
     @classmethod
