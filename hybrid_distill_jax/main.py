@@ -110,19 +110,15 @@ def load_config_file(spec: str) -> ConfigDict:
 def _renamed_on_line(source: bytes, path: str, e: BaseException) -> str | None:
     """For a config file that failed on a missing field: the rename hint of a renamed field named on the
     failing line (``c.loss.alpha = 0`` -> use terms.feature.weight), else None."""
-    from hybrid_distill_jax.tasks import TASKS
-
     lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == path]
     if not lines:
         return None
     text = source.decode("utf-8", "replace").splitlines()[lines[-1] - 1]
     for dotted in re.findall(r"\b[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+", text):
-        parts = dotted.split(".")
-        for task in TASKS.values():
-            for start in range(len(parts)):
-                moved = task.renamed(".".join(parts[start:]))
-                if moved:
-                    return moved
+        parts = dotted.split(".")  # c.loss.alpha: try loss.alpha, then alpha
+        for start in range(len(parts)):
+            if hint := rename_hint(".".join(parts[start:])):
+                return hint
     return None
 
 
@@ -151,7 +147,7 @@ def check_override_names(config: ConfigDict, names: list[str]) -> None:
     valid = set(field_names(config))
     for name in names:
         if name not in valid:
-            moved = renamed_field(config, name)
+            moved = rename_hint(name, config.get("mode"))
             if moved:
                 raise ConfigError(f"--config.{moved}")
             close = difflib.get_close_matches(name, sorted(valid), n=3, cutoff=0.6)
@@ -166,12 +162,13 @@ def check_override_names(config: ConfigDict, names: list[str]) -> None:
             raise ConfigError(f"--config.{name}: no such field in the config; {hint}")
 
 
-def renamed_field(config: ConfigDict, name: str) -> str | None:
-    """'NAME belongs to ...; use NEW' when ``name`` is a field the config's task renamed, else None."""
-    from hybrid_distill_jax.tasks import TASKS  # the error path only: tasks import the models
+def rename_hint(name: str, mode: str | None = None) -> str | None:
+    """The hint naming the new field when ``name`` is one that the task of ``mode`` (any task, for None)
+    renamed, else None."""
+    from hybrid_distill_jax.tasks import TASKS  # the error paths only: tasks import the models
 
-    task = TASKS.get(config.get("mode"))
-    return task.renamed(name) if task is not None else None
+    tasks = TASKS.values() if mode is None else [TASKS[mode]] if mode in TASKS else []
+    return next((hint for task in tasks if (hint := task.renamed(name))), None)
 
 
 def override_names(argv: list[str]) -> list[str]:

@@ -19,6 +19,7 @@ import jax
 import ml_collections
 
 from hybrid_distill_jax import checks
+from hybrid_distill_jax.convert import hub
 from hybrid_distill_jax.errors import ConfigError
 from hybrid_distill_jax.models import io as model_io
 from hybrid_distill_jax.models.build import check_model_config, model_defaults, normalize, pooled_features
@@ -149,9 +150,27 @@ def model_section(**changes) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({**model_defaults(), "pool": "cls", **changes})
 
 
-LABEL_SMOOTHING = {"label_smoothing": checks.UNIT}
+def loss_section() -> ml_collections.ConfigDict:
+    """The ``loss`` section of the classifying modes (supervised, finetune)."""
+    return ml_collections.ConfigDict(dict(label_smoothing=0.1))
+
+
+def check_loss_section(config) -> None:
+    checks.check_ranges(config.loss, {"label_smoothing": checks.UNIT}, prefix="loss.")
 
 
 def check_model_section(config) -> None:
     """``config.model`` as a ViT trained from scratch at ``config.image_size``."""
     check_model_config(config.model, config.image_size, "model")
+
+
+def describe_for_validation(checkpoint: str, field: str, deviceless: bool) -> dict | None:
+    """``model.json``'s description of a model directory or ``hf-hub:`` name, never downloading: a hub
+    name nothing describes yet (no cache, not listed) is None, to be checked once it is loaded, except
+    for a ``deviceless`` compile, which needs every shape (then the ConfigError stands)."""
+    try:
+        return model_io.describe_model(checkpoint, field)
+    except ConfigError:
+        if deviceless or not hub.is_hub_name(checkpoint):
+            raise
+        return None

@@ -21,9 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from hybrid_distill_jax import checks, masking, terms
-from hybrid_distill_jax.convert import hub
 from hybrid_distill_jax.errors import ConfigError
-from hybrid_distill_jax.models import io as model_io
 from hybrid_distill_jax.models.build import (
     FrozenTeacher,
     check_model_config,
@@ -32,7 +30,7 @@ from hybrid_distill_jax.models.build import (
     vit_from_config,
 )
 from hybrid_distill_jax.models.vit import arch_dict, forward_flops
-from hybrid_distill_jax.tasks.base import Task, register
+from hybrid_distill_jax.tasks.base import Task, describe_for_validation, register
 
 log = logging.getLogger("hybrid_distill_jax")
 
@@ -128,8 +126,9 @@ def teachers_used(config, student_depth: int) -> tuple[str, ...]:
     return tuple(sorted(used))
 
 
-def check_fields(config) -> int:
-    """Every distill field that needs neither teacher weights nor data; returns the student's depth."""
+def check_fields(config) -> dict:
+    """Every distill field that needs neither teacher weights nor data; returns the student's
+    description (``check_model_config``'s)."""
     for field in _field_names(config):
         if renamed(field):
             raise ConfigError(renamed(field))
@@ -178,7 +177,7 @@ def check_fields(config) -> int:
         f"masking.score_teacher={mc.score_teacher!r}: no such teacher; expected '' (uniform scores) or one "
         f"of {', '.join(sorted(config.teachers))}",
     )
-    return s["depth"]
+    return s
 
 
 def _field_names(config, prefix: str = "") -> list[str]:
@@ -233,19 +232,23 @@ def check_config(config, *, check_teachers: bool = True, deviceless: bool = Fals
     """``check_fields``, then ``check_archs`` against the teachers' descriptions (``model.json``, or a
     hub name's cached or listed description: validation never downloads). A hub teacher nothing
     describes yet is checked once it is loaded, unless ``deviceless`` (which needs every shape)."""
-    depth = check_fields(config)
-    archs = {"student": dict(check_model_config(config.student, config.image_size, "student"))}
-    archs["student"]["image_size"] = config.image_size
-    for name in teachers_used(config, depth) if check_teachers else ():
+    student = check_fields(config)
+    archs = {"student": {**student, "image_size": config.image_size}}
+    for name in teachers_used(config, student["depth"]) if check_teachers else ():
         tcfg = config.teachers[name]
-        try:
-            meta = model_io.describe_model(tcfg.checkpoint, f"teachers.{name}.checkpoint")
-        except ConfigError:
-            if deviceless or not hub.is_hub_name(tcfg.checkpoint):
-                raise
-            continue
-        archs[name] = {**meta["arch"], "image_size": tcfg.image_size or meta["input"]["image_size"]}
+        meta = describe_for_validation(tcfg.checkpoint, f"teachers.{name}.checkpoint", deviceless)
+        if meta is not None:
+            archs[name] = {**meta["arch"], "image_size": tcfg.image_size or meta["input"]["image_size"]}
     check_archs(config, archs)
+
+
+def _union(asks: list[dict[str, tuple]]) -> dict[str, tuple]:
+    """Keyword arguments of one ViT pass that serve every ask ({argument: layers}): the layers merged."""
+    merged: dict[str, set] = {}
+    for ask in asks:
+        for key, layers in ask.items():
+            merged.setdefault(key, set()).update(layers)
+    return {key: tuple(sorted(layers)) for key, layers in merged.items()}
 
 
 @register
@@ -282,6 +285,17 @@ class DistillTask(Task):
         self.score_teacher = mcfg.score_teacher
         scorer_depth = self.teachers[self.score_teacher].model.depth if self.score_teacher else self.depth
         self.score_layers = self.plan.score_layers(scorer_depth)
+        # What each model's pass must return, fixed per task: {teacher: keyword arguments of its one
+        # full-image pass} (its terms' asks, and the scorer's CLS attention at the plan's layers), and the
+        # student's keyword arguments.
+        asks: dict[str, list] = {}
+        for term in self.terms.values():
+            if (ask := term.teacher_outputs()) is not None:
+                asks.setdefault(term.cfg.teacher, []).append(ask)
+        if self.score_teacher:
+            asks.setdefault(self.score_teacher, []).append({"cls_attn_layers": self.score_layers})
+        self.teacher_requests = {name: _union(asks[name]) for name in sorted(asks)}
+        self.student_request = _union([term.student_outputs() for term in self.terms.values()])
 
     # -- task interface ------------------------------------------------------------------------------
     @property
@@ -321,7 +335,7 @@ class DistillTask(Task):
         full-image pass no term reads the final tokens of runs only up to the deepest block asked for)."""
         patches = self.plan.patches_per_block(stage, self.depth)
         out = {"student_fwd_bwd": 3 * forward_flops(self.student, patches, self.image_size)}
-        for name, request in self._full_image_requests().items():
+        for name, request in self.teacher_requests.items():
             t = self.teachers[name]
             final = any(term.reads_final_tokens for term in self.terms.values() if term.cfg.teacher == name)
             blocks = t.model.depth if final else max(max(layers) for layers in request.values())
@@ -337,25 +351,6 @@ class DistillTask(Task):
         out["total"] = sum(out.values())
         return out
 
-    def _full_image_requests(self) -> dict[str, dict[str, tuple]]:
-        """{teacher: keyword arguments of its one full-image pass}: the union of what its terms ask for,
-        plus the scoring teacher's CLS attention at the plan's layers."""
-        requests: dict[str, dict[str, set]] = {}
-        for term in self.terms.values():
-            wanted = term.teacher_outputs()
-            if wanted is not None:
-                request = requests.setdefault(term.cfg.teacher, {})
-                for key, layers in wanted.items():
-                    request.setdefault(key, set()).update(layers)
-        if self.score_teacher:
-            requests.setdefault(self.score_teacher, {}).setdefault("cls_attn_layers", set()).update(
-                self.score_layers
-            )
-        return {
-            name: {key: tuple(sorted(layers)) for key, layers in request.items()}
-            for name, request in sorted(requests.items())
-        }
-
     def loss_fn(self, params, frozen, batch, rng, stage):
         images = batch["image"]
         b = images.shape[0]
@@ -365,7 +360,7 @@ class DistillTask(Task):
         # out what some term reads (queries and keys, hidden states) and the scorer its CLS attention.
         tout = {
             name: self.teachers[name](frozen[name], images, **request)
-            for name, request in self._full_image_requests().items()
+            for name, request in self.teacher_requests.items()
         }
         scores = {
             layer: masking.redundancy_scores(tout[self.score_teacher]["cls_attn"][layer])
@@ -375,10 +370,6 @@ class DistillTask(Task):
         }
         kept = self.plan.select(rng_mask, scores, stage)
 
-        wanted: dict[str, set] = {}
-        for term in self.terms.values():
-            for key, layers in term.student_outputs().items():
-                wanted.setdefault(key, set()).update(layers)
         out = self.student.apply(
             {"params": params["student"]},
             normalize(images, self.mean, self.std, self.image_size),
@@ -386,7 +377,7 @@ class DistillTask(Task):
             drop_after=kept.drop_after,
             train=True,
             rngs={"dropout": rng_drop},
-            **{key: tuple(sorted(layers)) for key, layers in wanted.items()},
+            **self.student_request,
         )
         heads = params.get("heads", {})
         metrics, total = {}, 0.0

@@ -31,9 +31,11 @@ from hybrid_distill_jax.models import io as model_io
 from hybrid_distill_jax.models.build import MODEL_RANGES, normalize, vit_from_config
 from hybrid_distill_jax.models.vit import resample_posemb
 from hybrid_distill_jax.tasks.base import (
-    LABEL_SMOOTHING,
     Task,
+    check_loss_section,
     check_model_section,
+    describe_for_validation,
+    loss_section,
     model_section,
     register,
 )
@@ -143,7 +145,7 @@ class FinetuneTask(Task):
     def add_defaults(c):
         """MAE's fine-tuning protocol (ViT-B: 100 epochs, blr 5e-4, layer decay 0.65)."""
         c.model = model_section(pool="gap")
-        c.loss = ml_collections.ConfigDict(dict(label_smoothing=0.1))
+        c.loss = loss_section()
         c.init_from = ""  # an exported/converted model directory; "" = train config.model from scratch
         c.eval.pool = "gap"
         c.eval.knn = c.eval.linear = False  # the fine-tuned classifier's top-1 is always reported
@@ -155,14 +157,16 @@ class FinetuneTask(Task):
 
     @staticmethod
     def check_config(config, *, check_teachers=True, deviceless=False):
-        checks.check_ranges(config.loss, LABEL_SMOOTHING, prefix="loss.")
+        check_loss_section(config)
         checks.check_ranges(config.finetune, FINETUNE_RANGES, prefix="finetune.")
         checks.one_of(config.model.pool, ("cls", "gap"), "model.pool")
         if not config.init_from:
             return check_model_section(config)
         checks.check_ranges(config.model, MODEL_RANGES, prefix="model.")
-        read = model_io.describe_model if deviceless else model_io.read_model_json
-        patch = read(config.init_from, "init_from")["arch"]["patch_size"]
+        meta = describe_for_validation(config.init_from, "init_from", deviceless)
+        if meta is None:  # an hf-hub: name not fetched yet: checked once loaded
+            return
+        patch = meta["arch"]["patch_size"]
         checks.require(
             config.image_size % patch == 0,
             f"image_size={config.image_size} is not divisible by init_from's patch size {patch}",

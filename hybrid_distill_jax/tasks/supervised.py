@@ -7,11 +7,17 @@ plain ViT that a distillation teacher (``teachers.NAME.checkpoint``) can point a
 from __future__ import annotations
 
 import jax.numpy as jnp
-import ml_collections
 
-from hybrid_distill_jax import checks, losses
+from hybrid_distill_jax import losses
 from hybrid_distill_jax.models.build import normalize, vit_from_config
-from hybrid_distill_jax.tasks.base import LABEL_SMOOTHING, Task, check_model_section, model_section, register
+from hybrid_distill_jax.tasks.base import (
+    Task,
+    check_loss_section,
+    check_model_section,
+    loss_section,
+    model_section,
+    register,
+)
 
 
 @register
@@ -21,12 +27,12 @@ class SupervisedTask(Task):
     @staticmethod
     def add_defaults(c):
         c.model = model_section()
-        c.loss = ml_collections.ConfigDict(dict(label_smoothing=0.1))
+        c.loss = loss_section()
 
     @staticmethod
     def check_config(config, *, check_teachers=True, deviceless=False):
         check_model_section(config)
-        checks.check_ranges(config.loss, LABEL_SMOOTHING, prefix="loss.")
+        check_loss_section(config)
 
     def __init__(self, config, num_classes: int, *, abstract: bool = False, platform: str | None = None):
         super().__init__(config, num_classes, abstract=abstract, platform=platform)

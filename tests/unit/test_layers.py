@@ -136,7 +136,7 @@ def test_every_allowed_exception_still_occurs():
 
 def test_the_scan_sees_lazy_and_from_imports():
     """The reader finds a top-level import, an import inside a function and a ``from P import module``."""
-    assert "tasks" in _imports("main")  # inside renamed_field()
+    assert "tasks" in _imports("main")  # inside rename_hint()
     assert "signals" in _imports("config_lib")  # from hybrid_distill_jax import signals, ...
     assert "convert.hub" in _imports("models.io")  # inside a function
     assert "errors" in _imports("losses")
