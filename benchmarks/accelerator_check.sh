@@ -9,6 +9,8 @@
 #             3 steps (--profile): device time per kind of op (GEMM, attention, other fusions,
 #             copies/transposes, collectives, other) in the table and in OUT/profile/<run>/summary.json
 #   fp8       ours at 0.5 with fp8 teachers (teachers.*.fp8=True), profiled too: beside b16, fp8 off and on
+#   student_xla  ours at 0.5 with the student's probability-free blocks on XLA's attention instead of the
+#             default cuDNN kernel (student.attn_impl=xla): beside b16, whether that default pays
 #   recipe    configs/hd_vitb16_deit_mae.py as shipped (DeiT-B/16 + MAE-B/16 architectures, bf16, its loss
 #             terms and masking schedule) at batch 256 per chip: every stage and the schedule-weighted rate
 #   l16       the ViT-L/16 <- CLIP-L/14 + MAE-L/16 step at batch 128 with dots_saveable remat (does it fit?)
@@ -69,6 +71,7 @@ run() {  # run NAME ARGS...: one throughput.py invocation, bounded by what is le
 T="--teachers_dir $OUT/teachers"
 run b16 --quick --profile "$OUT/profile" $T
 run fp8 --quick --no-peer --keep 0.5 --teacher_fp8 --profile "$OUT/profile_fp8" $T
+run student_xla --quick --no-peer --keep 0.5 --student_attn_impl xla $T
 run recipe --quick --no-peer --config configs/hd_vitb16_deit_mae.py --batch 256 $T
 run l16 --quick --no-peer --keep 0.5 --preset l16 --batch 128 --remat_policy dots_saveable $T
 run on_kept --quick --no-peer --keep 0.5 --relation_on_kept $T
@@ -84,7 +87,7 @@ import json, os, sys
 
 out = sys.argv[1]
 rows, schedules, profiles, summary = [], [], [], {}
-for name in ("b16", "fp8", "recipe", "l16", "on_kept", "e2e"):
+for name in ("b16", "fp8", "student_xla", "recipe", "l16", "on_kept", "e2e"):
     path = os.path.join(out, f"{name}.json")
     if not os.path.exists(path):
         skipped = os.path.join(out, f"{name}.skipped")

@@ -101,6 +101,7 @@ PRESET_FLAGS = {
     "student_dtype": ("bfloat16", "--config.student.dtype=DTYPE"),
     "teacher_dtype": ("bfloat16", "--config.teachers.NAME.dtype=DTYPE (each teacher)"),
     "teacher_attn_impl": ("", "--config.teachers.NAME.attn_impl=IMPL (each teacher)"),
+    "student_attn_impl": ("", "--config.student.attn_impl=IMPL"),
     "teacher_fp8": (False, "--config.teachers.NAME.fp8=True (each teacher)"),
     "relation_on_kept": (False, "--config.terms.relation.teacher_on_kept=True"),
     "drop_path": (0.0, "--config.student.drop_path=RATE"),
@@ -148,6 +149,13 @@ def parse_args(argv=None):
         default=None,
         choices=("", "xla", "cudnn"),
         help="fused attention kernel of the frozen teachers (teachers.*.attn_impl); cudnn on NVIDIA GPUs",
+    )
+    ap.add_argument(
+        "--student_attn_impl",
+        default=None,
+        choices=("", "xla", "cudnn"),
+        help="fused attention kernel of the student blocks whose probabilities no term reads "
+        "(student.attn_impl); cudnn on NVIDIA GPUs",
     )
     ap.add_argument(
         "--teacher_fp8",
@@ -362,6 +370,7 @@ def make_config(args, teachers: dict, global_batch: int):
             dtype=args.student_dtype,
             param_dtype="float32",
             remat_policy=args.remat_policy,
+            attn_impl=args.student_attn_impl,
         )
     )
     c.teachers = ml_collections.ConfigDict(
@@ -450,6 +459,7 @@ def precision(config, task) -> dict:
     return {
         "student": config.student.dtype,
         "student_params": config.student.param_dtype,
+        "student_attn_impl": task.student.attn_impl or "xla",
         "teachers": {name: config.teachers[name].dtype for name in task.teachers},
         "teacher_attn_impl": {name: t.model.attn_impl or "xla" for name, t in task.teachers.items()},
         "teacher_fp8": {name: t.model.fp8 for name, t in task.teachers.items()},
@@ -478,7 +488,8 @@ def describe_run(args, config, task, named: dict, chips: int, shares: dict | Non
         )
     return (
         f"# {what}: student {s.variant} at {config.image_size} px computes in {s.dtype}, params in "
-        f"{s.param_dtype}, remat {s.remat_policy}, drop_path {s.drop_path}; teachers (random init of "
+        f"{s.param_dtype}, attention {p['student_attn_impl']}, remat {s.remat_policy}, drop_path "
+        f"{s.drop_path}; teachers (random init of "
         f"these architectures): {teachers}; batch {config.batch_size // chips} per chip x {chips} "
         f"chip(s); grad_accum_steps {config.grad_accum_steps}{stages}"
     )

@@ -26,6 +26,10 @@ from hybrid_distill_jax.models.vit import (
 )
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# A config's ``attn_impl``: '' is the fastest kernel that works on the platform (``attention_fields``).
+ATTN_IMPLS = ("", "xla", "cudnn")
+# JAX runs cuDNN's fused attention with gradients on even token counts only.
+CUDNN_TRAINING_LENGTH_MULTIPLE = 2
 
 
 def dtype_of(name: str, field: str):
@@ -43,6 +47,7 @@ def model_defaults() -> dict:
         dtype="float32",
         param_dtype="float32",
         remat_policy="none",  # or 'full', 'dots_saveable', ... (models.vit.REMAT_POLICIES)
+        attn_impl="",  # blocks whose probabilities nobody reads: '' fastest here, 'xla' or 'cudnn'
         mean=model_io.IMAGENET_MEAN,
         std=model_io.IMAGENET_STD,
     )
@@ -61,6 +66,7 @@ def check_model_config(mcfg, image_size: int, field: str) -> dict:
         image_size % patch == 0, f"image_size={image_size} is not divisible by {field} patch size {patch}"
     )
     checks.one_of(mcfg.get("remat_policy", "none"), REMAT_POLICIES, f"{field}.remat_policy")
+    checks.one_of(mcfg.get("attn_impl", ""), ATTN_IMPLS, f"{field}.attn_impl")
     width = mcfg.get("width", arch.get("width"))
     heads = mcfg.get("num_heads", arch.get("num_heads"))
     checks.require(width % heads == 0, f"{field}: width {width} is not divisible by num_heads {heads}")
@@ -68,15 +74,17 @@ def check_model_config(mcfg, image_size: int, field: str) -> dict:
     return {"patch_size": patch, "depth": depth, "num_heads": heads, "width": width}
 
 
-def vit_from_config(mcfg, field: str, **overrides) -> VisionTransformer:
-    """The ViT a config section describes (``variant`` + fields), its dtypes, and ``overrides``."""
-    non_arch = ("mean", "std", "dtype", "param_dtype")
-    return make_vit(
+def vit_from_config(mcfg, field: str, *, platform: str | None = None, **overrides) -> VisionTransformer:
+    """The trained ViT a config section describes (``variant`` + fields), its dtypes, its attention
+    kernel for ``platform`` (default: JAX's), and ``overrides``."""
+    non_arch = ("mean", "std", "dtype", "param_dtype", "attn_impl")
+    model = make_vit(
         {k: v for k, v in mcfg.items() if k not in non_arch},
         dtype=dtype_of(mcfg.get("dtype", "float32"), f"{field}.dtype"),
         param_dtype=dtype_of(mcfg.get("param_dtype", "float32"), f"{field}.param_dtype"),
         **overrides,
     )
+    return model.clone(**attention_fields(model, mcfg.get("attn_impl", ""), platform, trained=True))
 
 
 def normalize(images: jax.Array, mean, std, image_size: int) -> jax.Array:
@@ -120,18 +128,14 @@ class FrozenTeacher:
         overrides = dict(dtype=dtype, drop_path=0.0)
         if abstract:
             meta = model_io.describe_model(cfg.checkpoint, f"{field}.checkpoint")
-            arch = meta["arch"]
-        else:
-            arch = model_io.read_model_json(cfg.checkpoint, f"{field}.checkpoint")["arch"]
-        overrides["attn_impl"] = cfg.get("attn_impl") or frozen_attention_kernel(arch, dtype, platform)
-        if abstract:
-            model = make_vit(arch, **overrides)
+            model = make_vit(meta["arch"], **overrides)
             params = abstract_params(model, dtype)
         else:
             model, params, meta = model_io.load_model(
                 cfg.checkpoint, field=f"{field}.checkpoint", **overrides
             )
             params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+        model = model.clone(**attention_fields(model, cfg.get("attn_impl", ""), platform, trained=False))
         if cfg.get("fp8", False):
             model = model.clone(fp8=True)
             params = add_fp8_scales(model, params)
@@ -151,17 +155,27 @@ class FrozenTeacher:
         return jax.tree.map(jax.lax.stop_gradient, out)
 
 
-def frozen_attention_kernel(arch: dict, dtype, platform: str | None = None) -> str | None:
-    """The fastest attention kernel for a frozen (forward-only) model: cuDNN's fused attention on NVIDIA
-    GPUs for bf16/fp16 models with a head size it takes (a multiple of 8, at most 128; any sequence
-    length, unlike its training kernel); elsewhere None, XLA's choice."""
+def fastest_attention_kernel(model: VisionTransformer, platform: str | None = None) -> str | None:
+    """The fastest kernel for attention whose probabilities nobody reads: cuDNN's fused attention on
+    NVIDIA GPUs for bf16/fp16 models with a head size it takes (a multiple of 8, at most 128); elsewhere
+    None, XLA's choice."""
     platform = platform or jax.default_backend()
-    width, heads = arch.get("width", 768), arch.get("num_heads", 12)
-    head_dim = width // heads
-    reduced = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    head_dim = model.width // model.num_heads
+    reduced = jnp.dtype(model.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if platform in ("gpu", "cuda") and reduced and head_dim % 8 == 0 and head_dim <= 128:
         return "cudnn"
     return None
+
+
+def attention_fields(
+    model: VisionTransformer, attn_impl: str, platform: str | None, *, trained: bool
+) -> dict:
+    """``model``'s attention fields for a config's ``attn_impl`` ('' = ``fastest_attention_kernel``):
+    the kernel, and for a trained model on cuDNN the padding to even token counts its gradient needs
+    (a frozen model's forward-only kernel takes any length)."""
+    impl = attn_impl or fastest_attention_kernel(model, platform)
+    multiple = CUDNN_TRAINING_LENGTH_MULTIPLE if trained and impl == "cudnn" else 1
+    return {"attn_impl": impl, "attn_length_multiple": multiple}
 
 
 def abstract_params(model: VisionTransformer, dtype) -> Any:

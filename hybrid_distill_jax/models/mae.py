@@ -56,6 +56,8 @@ class MAE(nn.Module):
                 4 * self.decoder_width,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
+                attn_impl=self.encoder.attn_impl,
+                attn_length_multiple=self.encoder.attn_length_multiple,
                 name=f"decoder_block{i + 1}",
             )(x, train)
         x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype, name="decoder_norm")(x)

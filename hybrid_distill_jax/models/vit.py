@@ -184,6 +184,24 @@ class Fp8Dot(nn.Module):
         return (out.astype(jnp.float32) * row_scale * kernel_scale).astype(lhs.dtype)
 
 
+def fused_attention(q, k, v, *, scale: float, implementation: str | None, length_multiple: int = 1):
+    """``jax.nn.dot_product_attention`` of [B, N, H, Dh] queries, keys and values, with N padded up to
+    a multiple of ``length_multiple`` where the kernel needs it (cuDNN's training kernel takes even
+    lengths only). The padded keys are masked out (``key_value_seq_lengths``) and the padded query rows
+    dropped, so the result and its gradients are the unpadded ones."""
+    n = q.shape[1]
+    pad = -n % length_multiple
+    if not pad:
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+    widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(t, widths) for t in (q, k, v))
+    lengths = jnp.full((q.shape[0],), n, jnp.int32)
+    out = jax.nn.dot_product_attention(
+        q, k, v, scale=scale, key_value_seq_lengths=lengths, implementation=implementation
+    )
+    return out[:, :n]
+
+
 class Attention(nn.Module):
     """Multi-head self-attention that can expose its logits, its CLS row, or its scaled queries and keys
     on request (``want_qk``: any block of the logits is then one small product away, and the attention
@@ -195,6 +213,7 @@ class Attention(nn.Module):
     param_dtype: Dtype = jnp.float32
     attn_impl: str | None = None  # fused attention kernel: None (XLA picks), 'xla' or 'cudnn'
     fp8: bool = False  # frozen models only: qkv and projection on Fp8Dot
+    attn_length_multiple: int = 1  # the fused kernel sees the token count padded to a multiple of this
 
     @nn.compact
     def __call__(
@@ -237,7 +256,9 @@ class Attention(nn.Module):
             if want_cls:
                 extras["cls"] = probs[:, :, 0, num_prefix:]
         else:
-            out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=self.attn_impl)
+            out = fused_attention(
+                q, k, v, scale=scale, implementation=self.attn_impl, length_multiple=self.attn_length_multiple
+            )
             if want_cls:
                 cls_logits = jnp.einsum(
                     "bhd,bkhd->bhk", q[:, 0] * scale, k, preferred_element_type=jnp.float32
@@ -285,6 +306,7 @@ class Block(nn.Module):
     param_dtype: Dtype = jnp.float32
     attn_impl: str | None = None
     fp8: bool = False
+    attn_length_multiple: int = 1
 
     @nn.compact
     def __call__(
@@ -298,7 +320,14 @@ class Block(nn.Module):
     ):
         norm = dict(epsilon=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         y, extras = Attention(
-            self.num_heads, self.qkv_bias, self.dtype, self.param_dtype, self.attn_impl, self.fp8, name="attn"
+            self.num_heads,
+            self.qkv_bias,
+            self.dtype,
+            self.param_dtype,
+            self.attn_impl,
+            self.fp8,
+            self.attn_length_multiple,
+            name="attn",
         )(
             nn.LayerNorm(name="norm1", **norm)(x),
             want_logits=want_logits,
@@ -347,8 +376,10 @@ class VisionTransformer(nn.Module):
     drop_path: float = 0.0
     remat_policy: str = "none"  # see REMAT_POLICIES: what each block saves for the backward pass
     # Kernel for attention whose probabilities nobody asked for: None lets XLA choose; 'cudnn' is the
-    # fast fused kernel on NVIDIA GPUs (frozen teachers at any length; training needs a length % 16 == 0).
+    # fast fused kernel on NVIDIA GPUs (frozen models at any length; training needs even lengths, which
+    # ``attn_length_multiple=2`` gives it by padding: ``fused_attention``).
     attn_impl: str | None = None
+    attn_length_multiple: int = 1
     # Frozen models only: every block's matmuls on float8 operands (Fp8Dot; its weight scales are
     # parameters that ``add_fp8_scales`` computes from the loaded weights).
     fp8: bool = False
@@ -445,6 +476,7 @@ class VisionTransformer(nn.Module):
                 self.param_dtype,
                 self.attn_impl,
                 self.fp8,
+                self.attn_length_multiple,
                 name=f"block{layer}",
             )(x, train, want_logits, want_cls, p, want_qk)
             if want_logits:
@@ -482,13 +514,11 @@ class VisionTransformer(nn.Module):
         return out
 
 
-# Fields of ``VisionTransformer`` that describe the architecture (saved beside exported weights).
-ARCH_FIELDS = tuple(
-    f.name
-    for f in dataclasses.fields(VisionTransformer)
-    if f.name
-    not in ("parent", "name", "dtype", "param_dtype", "drop_path", "remat_policy", "attn_impl", "fp8")
-)
+# Fields of ``VisionTransformer`` that say how it runs, not what it is; the others describe the
+# architecture (saved beside exported weights).
+RUNTIME_FIELDS = ("parent", "name", "dtype", "param_dtype", "drop_path", "remat_policy", "fp8",
+                  "attn_impl", "attn_length_multiple")  # fmt: skip
+ARCH_FIELDS = tuple(f.name for f in dataclasses.fields(VisionTransformer) if f.name not in RUNTIME_FIELDS)
 
 
 def make_vit(arch: Mapping[str, Any], **overrides) -> VisionTransformer:

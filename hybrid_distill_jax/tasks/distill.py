@@ -23,6 +23,7 @@ import ml_collections
 from hybrid_distill_jax import checks, masking, terms
 from hybrid_distill_jax.errors import ConfigError
 from hybrid_distill_jax.models.build import (
+    ATTN_IMPLS,
     FrozenTeacher,
     check_model_config,
     model_defaults,
@@ -34,7 +35,6 @@ from hybrid_distill_jax.tasks.base import Task, describe_for_validation, registe
 
 log = logging.getLogger("hybrid_distill_jax")
 
-ATTN_IMPLS = ("", "xla", "cudnn")
 TEACHER_RANGES = {"image_size": checks.ints(0, "0: the teacher's own")}
 
 # The two-role form's fields -> the field that replaced each (base_config's names for the paper's pair).
@@ -263,7 +263,9 @@ class DistillTask(Task):
     def __init__(self, config, num_classes: int = 0, *, abstract: bool = False, platform: str | None = None):
         super().__init__(config, num_classes, abstract=abstract, platform=platform)
         scfg, mcfg = config.student, config.masking
-        self.student = vit_from_config(scfg, "student", image_size=config.image_size, num_classes=0)
+        self.student = vit_from_config(
+            scfg, "student", platform=self.platform, image_size=config.image_size, num_classes=0
+        )
         self.mean, self.std = tuple(scfg.mean), tuple(scfg.std)
         self.depth = self.student.depth
         self.num_patches = self.student.grid**2

@@ -183,11 +183,14 @@ class FinetuneTask(Task):
                 meta["arch"],
                 dtype=mcfg.get("dtype", "float32"),
                 param_dtype=mcfg.get("param_dtype", "float32"),
+                attn_impl=mcfg.get("attn_impl", ""),
             )
             self.mean, self.std = tuple(meta["input"]["mean"]), tuple(meta["input"]["std"])
         else:
             self.mean, self.std = tuple(mcfg.mean), tuple(mcfg.std)
-        self.vit = vit_from_config(mcfg, "model", image_size=config.image_size, **head)
+        self.vit = vit_from_config(
+            mcfg, "model", platform=self.platform, image_size=config.image_size, **head
+        )
 
     def init_params(self, rng):
         return self.vit.init(rng, jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32))["params"]

@@ -43,7 +43,9 @@ class MAETask(Task):
 
     def __init__(self, config, num_classes: int, *, abstract: bool = False, platform: str | None = None):
         super().__init__(config, num_classes, abstract=abstract, platform=platform)
-        self.vit = vit_from_config(config.model, "model", image_size=config.image_size, num_classes=0)
+        self.vit = vit_from_config(
+            config.model, "model", platform=self.platform, image_size=config.image_size, num_classes=0
+        )
         mcfg = config.mae
         self.mae = MAE(
             self.vit,

@@ -37,7 +37,11 @@ class SupervisedTask(Task):
     def __init__(self, config, num_classes: int, *, abstract: bool = False, platform: str | None = None):
         super().__init__(config, num_classes, abstract=abstract, platform=platform)
         self.vit = vit_from_config(
-            config.model, "model", image_size=config.image_size, num_classes=num_classes
+            config.model,
+            "model",
+            platform=self.platform,
+            image_size=config.image_size,
+            num_classes=num_classes,
         )
         self.mean, self.std = tuple(config.model.mean), tuple(config.model.std)
 

@@ -131,6 +131,7 @@ def test_throughput_times_a_recipe_as_shipped(tmp_path):
         assert r["precision"] == {
             "student": "float32",
             "student_params": "float32",
+            "student_attn_impl": "xla",
             "teachers": {"deit": "float32", "mae": "float32"},
             "teacher_attn_impl": {"deit": "xla", "mae": "xla"},
             "teacher_fp8": {"deit": False, "mae": False},

@@ -146,6 +146,27 @@ def test_fp8_teachers_compile_to_cublaslt_fp8_gemms_on_an_h200(tmp_path, teacher
     assert plan["gemm_calls_by_operand_dtype"]["f8e4m3fn x f8e4m3fn"] == 4 * 4 + 1
 
 
+@needs_cuda_plugin
+def test_a_bf16_student_trains_on_cudnn_attention_in_blocks_whose_probabilities_nobody_reads(
+    tmp_path, teachers
+):
+    bf16 = ["--config.student.dtype=bfloat16", "--config.teachers.deit.dtype=bfloat16"]
+    bf16 += ["--config.teachers.mae.dtype=bfloat16"]
+    proc, report = run_compile(["--target=h200", "--gpus_per_host=1", *teachers, *bf16], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for s in report["stages"]:  # 1 + 12 and 1 + 8 student tokens: padded to even lengths
+        # teachers.deit's 4 blocks, and the student's block 2 (pico/8 has 2; terms.relation reads the
+        # probabilities of block 1) forward and backward
+        assert s["kernels"]["fused_attention_calls"] == {
+            "__cudnn$fmhaSoftmax": 4 + 1,
+            "__cudnn$fmhaSoftmaxBackward": 1,
+        }
+    xla = ["--stages=first", "--config.student.attn_impl=xla"]
+    proc, report = run_compile(["--target=h200", "--gpus_per_host=1", *teachers, *bf16, *xla], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert report["stages"][0]["kernels"]["fused_attention_calls"] == {"__cudnn$fmhaSoftmax": 4}
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

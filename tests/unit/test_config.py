@@ -52,6 +52,8 @@ def _set(c, dotted, value):
         ("eval.pool", "max", "eval.pool"),
         ("teachers.deit.attn_impl", "flash", "teachers.deit.attn_impl"),
         ("teachers.mae.attn_impl", "cudnn", None),  # valid (used on NVIDIA GPUs)
+        ("student.attn_impl", "flash", "student.attn_impl"),
+        ("student.attn_impl", "xla", None),
         ("faults.pause_at", "lunch", "faults.pause_at"),
         ("faults.pause_at", "compile", None),
     ],

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from hybrid_distill_jax.errors import ConfigError
+from hybrid_distill_jax.models.build import attention_fields
 from hybrid_distill_jax.models.vit import decode_variant, make_vit, resample_posemb, sincos_posemb_2d
 
 
@@ -181,3 +182,45 @@ def test_attention_implementation_switch_keeps_outputs():
     default = _tiny().apply(params, x)["tokens"]
     xla = _tiny(attn_impl="xla").apply(params, x)["tokens"]
     np.testing.assert_allclose(np.asarray(default), np.asarray(xla), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
+def test_padding_the_fused_attention_keeps_outputs_and_gradients(dtype, tolerance):
+    # 1 + 7 kept tokens and 1 + 5 after a drop: both padded (to 16), the padded keys masked, rows dropped
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    keep = jnp.tile(jnp.arange(0, 14, 2), (2, 1))
+    drop_after = {2: jnp.tile(jnp.arange(5), (2, 1))}
+    weights = jax.random.normal(jax.random.key(2), (2, 6, 64))
+    params = _tiny().init(jax.random.key(0), x)
+
+    def loss(params, multiple):
+        model = _tiny(dtype=dtype, attn_impl="xla", attn_length_multiple=multiple)
+        tokens = model.apply(params, x, keep_indices=keep, drop_after=drop_after)["tokens"]
+        return jnp.sum(tokens.astype(jnp.float32) * weights)
+
+    plain, plain_grads = jax.value_and_grad(loss)(params, 1)
+    padded, padded_grads = jax.value_and_grad(loss)(params, 16)
+    np.testing.assert_allclose(float(padded), float(plain), rtol=tolerance)
+    for a, b in zip(jax.tree.leaves(plain_grads), jax.tree.leaves(padded_grads)):
+        scale = float(jnp.max(jnp.abs(a))) or 1.0
+        assert float(jnp.max(jnp.abs(a - b))) <= tolerance * scale
+
+
+@pytest.mark.parametrize(
+    "dtype, width, platform, trained, expected",
+    [
+        (jnp.bfloat16, 64, "gpu", True, ("cudnn", 2)),  # training: even token counts, by padding
+        (jnp.bfloat16, 64, "gpu", False, ("cudnn", 1)),  # frozen: the forward kernel takes any length
+        (jnp.float16, 64, "cuda", True, ("cudnn", 2)),
+        (jnp.float32, 64, "gpu", True, (None, 1)),  # cuDNN's fused attention is bf16/fp16 only
+        (jnp.bfloat16, 1152, "gpu", True, (None, 1)),  # head size 288: more than it takes
+        (jnp.bfloat16, 64, "tpu", True, (None, 1)),
+        (jnp.bfloat16, 64, "cpu", False, (None, 1)),
+    ],
+)
+def test_the_fastest_attention_kernel_for_the_platform(dtype, width, platform, trained, expected):
+    model = _tiny(dtype=dtype, width=width)
+    fields = attention_fields(model, "", platform, trained=trained)
+    assert (fields["attn_impl"], fields["attn_length_multiple"]) == expected
+    # a named kernel is kept as named
+    assert attention_fields(model, "xla", platform, trained=trained)["attn_impl"] == "xla"
