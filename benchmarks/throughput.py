@@ -489,8 +489,8 @@ def describe_run(args, config, task, named: dict, chips: int, shares: dict | Non
     return (
         f"# {what}: student {s.variant} at {config.image_size} px computes in {s.dtype}, params in "
         f"{s.param_dtype}, attention {p['student_attn_impl']}, remat {s.remat_policy}, drop_path "
-        f"{s.drop_path}; teachers (random init of "
-        f"these architectures): {teachers}; batch {config.batch_size // chips} per chip x {chips} "
+        f"{s.drop_path}; teachers (random init of these architectures): {teachers}; batch "
+        f"{config.batch_size // chips} per chip x {chips} "
         f"chip(s); grad_accum_steps {config.grad_accum_steps}{stages}"
     )
 
