@@ -64,6 +64,9 @@ import profile_summary
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 PEER_DEFAULT = os.path.join(HERE, "torch_peer.py")
+# models.build.ATTN_IMPLS, spelled out: argparse refuses a typo before the teachers are exported, and
+# JAX may only be imported once JAX_PLATFORMS is set (a test keeps the two equal).
+ATTN_IMPLS = ("", "xla", "cudnn")
 
 # name -> (student arch, image size, {teacher name: (arch, image size)}). The first teacher is the feature
 # term's and scores the patches; the second is the relation term's (base_config's terms.feature and
@@ -147,13 +150,13 @@ def parse_args(argv=None):
     ap.add_argument(
         "--teacher_attn_impl",
         default=None,
-        choices=("", "xla", "cudnn"),
+        choices=ATTN_IMPLS,
         help="fused attention kernel of the frozen teachers (teachers.*.attn_impl); cudnn on NVIDIA GPUs",
     )
     ap.add_argument(
         "--student_attn_impl",
         default=None,
-        choices=("", "xla", "cudnn"),
+        choices=ATTN_IMPLS,
         help="fused attention kernel of the student blocks whose probabilities no term reads "
         "(student.attn_impl); cudnn on NVIDIA GPUs",
     )

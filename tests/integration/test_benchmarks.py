@@ -284,3 +284,12 @@ ENTRY %main (a: bf16[8,8], b: bf16[8,8]) -> f32[8,8] {
     ops = [(line, "while.1", None, 0, 100), (line, "a", None, 10, 30), (line, "b", None, 40, 90)]
     ops.append((("/host:CPU", "t1"), "c", None, 20, 60))  # another thread: not nested
     assert self_times(ops) == [30, 20, 50, 40]
+
+
+def test_throughputs_attention_flags_offer_the_configs_kernels():
+    sys.path.insert(0, BENCH)
+    import throughput
+
+    from hybrid_distill_jax.models.build import ATTN_IMPLS
+
+    assert throughput.ATTN_IMPLS == ATTN_IMPLS
