@@ -38,8 +38,9 @@ from hybrid_distill_jax.eval.features import probe_frozen_features  # noqa: E402
 from hybrid_distill_jax.experiments.report import paired_interval  # noqa: E402
 from hybrid_distill_jax.experiments.stages import run_stage  # noqa: E402
 from hybrid_distill_jax.models import io as model_io  # noqa: E402
-from hybrid_distill_jax.models.build import FrozenTeacher, normalize, pooled_features  # noqa: E402
+from hybrid_distill_jax.models.build import normalize, pooled_features  # noqa: E402
 from hybrid_distill_jax.models.vit import decode_variant  # noqa: E402
+from hybrid_distill_jax.teachers import FrozenTeacher  # noqa: E402
 from hybrid_distill_jax.terms.relations import relation_layers  # noqa: E402
 
 # The demo student's teachers (configs/demo.py: teachers.deit, teachers.mae) -> the demo stage training it.

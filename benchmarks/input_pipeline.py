@@ -151,14 +151,16 @@ def _time_batches(batches, batch: int, warmup: int, timed: int) -> dict:
 
 def child_ours(args) -> dict:
     sys.path.insert(0, REPO)
-    from hybrid_distill_jax.data import sources, train_iterator
+    from hybrid_distill_jax.data import train_iterator, validate_data_config
+    from hybrid_distill_jax.data.formats import tfds as tfds_format
 
     cfg = dict(name="folder", data_dir=args.folder, train_split="train", eval_split="train", prefetch=2)
     if args.impl in ("ours-tfds", "ours-arrayrecord"):
-        sources.IN_MEMORY_MAX_BYTES = 0  # stream it, as an ImageNet-size split is
+        tfds_format.IN_MEMORY_MAX_BYTES = 0  # stream it, as an ImageNet-size split is
         cfg.update(name=args.tfds if args.impl == "ours-tfds" else args.array_record, data_dir=None)
     if args.impl == "ours-folder-bicubic-aa":
         cfg.update(resize_method="bicubic", antialias=True)
+    validate_data_config(cfg)
     it = train_iterator(
         cfg, image_size=args.size, global_batch=args.batch, seed=0, process_index=0, process_count=1
     )
@@ -218,7 +220,7 @@ def child_torch(args) -> dict:
     import torch
     from PIL import Image
 
-    from hybrid_distill_jax.convert.torch_io import declare_torchvision_ops
+    from hybrid_distill_jax.teachers.torch_io import declare_torchvision_ops
 
     declare_torchvision_ops()  # PyPI's CUDA torchvision beside a CPU torch: its Python transforms still work
     from torchvision import transforms

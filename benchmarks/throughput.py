@@ -314,12 +314,12 @@ def preset_config(args, root: str, chips: int):
 
 def load_recipe(spec: str, overrides: list[str]):
     """The config of the recipe ``spec`` (``PATH[:ARG]``) with its ``--config.FIELD=VALUE`` overrides, read
-    by the trainer's command-line code (``main.parse_flags_or_exit``): a bad file, field or value is one
+    by the command line's config code (``config_file.parse_flags_or_exit``): a bad file, field or value is one
     line on stderr and exit status 2."""
     from absl import flags
     from ml_collections import config_flags
 
-    from hybrid_distill_jax.main import parse_flags_or_exit
+    from hybrid_distill_jax.config_file import parse_flags_or_exit
 
     argv = [sys.argv[0], f"--config={spec}", *overrides]
     flag_values = flags.FlagValues()
@@ -356,7 +356,7 @@ def make_config(args, teachers: dict, global_batch: int):
     import ml_collections
 
     from hybrid_distill_jax.config_lib import base_config
-    from hybrid_distill_jax.tasks.distill import teacher_config
+    from hybrid_distill_jax.teachers import teacher_config
 
     student, image_size, archs = PRESETS[args.preset]
     c = base_config("distill")
@@ -509,6 +509,7 @@ def run_jax(args, recipe=None) -> dict:
     from hybrid_distill_jax import config_lib, masking
     from hybrid_distill_jax.compile import IMAGENET_TRAIN_EXAMPLES, select_stages, stage_label
     from hybrid_distill_jax.data.prefetch import prefetch_to_device, to_devices
+    from hybrid_distill_jax.optim import resolve_steps
     from hybrid_distill_jax.parallel import sharding
     from hybrid_distill_jax.tasks import build_task
     from hybrid_distill_jax.train.program import build_program, compiled_flops
@@ -531,7 +532,7 @@ def run_jax(args, recipe=None) -> dict:
     print(f"# teachers ready (exported or reused) and loaded in {time.perf_counter() - t0:.1f} s", flush=True)
     peak = matmul_peak(args.matmul)
     print(f"# measured bf16 matmul peak: {peak / 1e12:.1f} TFLOP/s per chip (n={args.matmul})", flush=True)
-    total_steps, warmup_steps, _ = config_lib.resolve_steps(config, IMAGENET_TRAIN_EXAMPLES)
+    total_steps, warmup_steps, _ = resolve_steps(config, IMAGENET_TRAIN_EXAMPLES)
     global_batch = config.batch_size
     n = task.num_patches
     if args.config:

@@ -9,7 +9,7 @@ weighted k-NN (cosine, k=20, temperature 0.07) and MAE's linear probe (BatchNorm
 linear, SGD, warmup + cosine) on ``eval.pool`` features ('cls' or 'gap'). Writes WORKDIR/eval.json and,
 with ``eval.diagnostics`` (default on), WORKDIR/diagnostics.json + attention_distance.png + nmi.png.
 ``model_dir`` also takes a hub name, e.g. ``--config.model_dir=hf-hub:timm/vit_base_patch16_224.dino``
-(``python -m hybrid_distill_jax.convert list``; resolved and converted once: docs/CONVERT.md).
+(``python -m hybrid_distill_jax.teachers list``; resolved and converted once: docs/CONVERT.md).
 """
 
 from hybrid_distill_jax.config_lib import base_config

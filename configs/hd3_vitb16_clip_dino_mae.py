@@ -12,7 +12,7 @@ the other 4 from the step): 198 vs 173 GFLOP per image at the first masking stag
 the last (+20%), by the task's analytic count. ``python -m hybrid_distill_jax.compile --config
 configs/hd3_vitb16_clip_dino_mae.py --target h200`` reports its memory.
 
-1. Teachers by name (``python -m hybrid_distill_jax.convert list``):
+1. Teachers by name (``python -m hybrid_distill_jax.teachers list``):
    ``hf-hub:timm/vit_base_patch16_clip_224.openai`` (``teachers.clip``),
    ``hf-hub:timm/vit_base_patch16_224.dino`` (``teachers.dino``) and
    ``hf-hub:timm/vit_base_patch16_224.mae`` (``teachers.mae``), fetched and converted once
@@ -27,33 +27,20 @@ configs/hd3_vitb16_clip_dino_mae.py --target h200`` reports its memory.
     # one term off: --config.terms.dino_block8.weight=0 (DINO is then not loaded)
 """
 
-import ml_collections
-
-from hybrid_distill_jax.config_lib import base_config
-from hybrid_distill_jax.convert import hub
-from hybrid_distill_jax.tasks.distill import teacher_config
+from hybrid_distill_jax.recipes import imagenet_distill
 from hybrid_distill_jax.terms import term_config
-
-RECIPE = "hd3_vitb16_clip_dino_mae"
-TEACHERS = ("clip", "dino", "mae")
 
 
 def get_config(arg=None):
     """``arg``: optional 'CLIP,DINO,MAE' (converted teacher directories or hf-hub: names)."""
-    checkpoints = arg.split(",") if arg else [hub.teacher(RECIPE, name) for name in TEACHERS]
-    c = base_config("distill")
-    c.name = RECIPE
-    c.image_size = 224
-    c.student.variant = "B/16"
-    c.student.drop_path = 0.1
-    c.student.dtype = "bfloat16"  # compute in bf16; parameters, softmax and losses stay fp32
     # Three ViT-B/16 teachers at 224 px: 14x14 grids like the student's; MAE has its 12 heads.
-    c.teachers = ml_collections.ConfigDict(
-        {name: teacher_config(path) for name, path in zip(TEACHERS, checkpoints, strict=True)}
+    c = imagenet_distill(
+        "hd3_vitb16_clip_dino_mae",
+        arg,
+        dict(clip="clip_b16", dino="dino_b16", mae="mae_b16"),
+        variant="B/16",
+        drop_path=0.1,
     )
     c.terms.feature.teacher = c.masking.score_teacher = "clip"
     c.terms.dino_block8 = term_config("tokens", "dino", teacher_block=8, student_block=8)
-    c.total_epochs = 300.0
-    c.batch_size = 2048
-    c.optim.warmup_epochs = 20.0
     return c

@@ -4,7 +4,7 @@ Expected: the Hybrid Distill paper (in the parts we have) reports no ImageNet-1K
 this teacher pair. For reference, methods distilling from the same CLIP-B/16 teacher report: FD 84.9,
 MaskAlign 85.4, dBOT 85.7 (top-1 after fine-tuning a ViT-B/16).
 
-1. Teachers are resolved by name by default (``python -m hybrid_distill_jax.convert list``):
+1. Teachers are resolved by name by default (``python -m hybrid_distill_jax.teachers list``):
    ``hf-hub:timm/vit_base_patch16_clip_224.openai`` (``teachers.clip``) and
    ``hf-hub:timm/vit_base_patch16_224.mae`` (``teachers.mae``) are fetched with huggingface_hub (its
    cache under HF_HOME; HF_HUB_OFFLINE=1 forbids the network), converted once and cached (docs/CONVERT.md). On
@@ -12,9 +12,9 @@ MaskAlign 85.4, dBOT 85.7 (top-1 after fine-tuning a ViT-B/16).
    ``hf download timm/NAME config.json model.safetensors``.
    Local directories converted from the original releases still work:
 
-    python -m hybrid_distill_jax.convert import --family clip \\
+    python -m hybrid_distill_jax.teachers import --family clip \\
         --input ViT-B-16.pt --output teachers/clip_b16
-    python -m hybrid_distill_jax.convert import --family mae \\
+    python -m hybrid_distill_jax.teachers import --family mae \\
         --input mae_pretrain_vit_base.pth --output teachers/mae_b16
 
 2. Distill:
@@ -28,32 +28,14 @@ The CLIP teacher sees its own normalisation (CLIP mean/std, recorded in its mode
 keeps ImageNet's.
 """
 
-import ml_collections
-
-from hybrid_distill_jax.config_lib import base_config
-from hybrid_distill_jax.convert import hub
-from hybrid_distill_jax.tasks.distill import teacher_config
-
-CLIP, MAE = (hub.teacher("hd_vitb16_clip_mae", name) for name in ("clip", "mae"))
+from hybrid_distill_jax.recipes import imagenet_distill
 
 
 def get_config(arg=None):
     """``arg``: optional 'CLIP,MAE' (converted teacher directories or hf-hub: names)."""
-    clip, mae = (arg.split(",") + [MAE])[:2] if arg else (CLIP, MAE)
-    c = base_config("distill")
-    c.name = "hd_vitb16_clip_mae"
-    c.image_size = 224
-    c.student.variant = "B/16"
-    c.student.drop_path = 0.1
-    c.student.dtype = "bfloat16"  # compute in bf16; parameters, softmax and losses stay fp32
-    c.teachers = ml_collections.ConfigDict(
-        dict(
-            clip=teacher_config(clip),  # CLIP ViT-B/16, 224 px, 14x14 grid
-            mae=teacher_config(mae),  # MAE-B/16, 224 px, 14x14 grid, 12 heads like the student
-        )
+    # CLIP ViT-B/16 and MAE-B/16 at 224 px: 14x14 grids like the student's; MAE has the student's 12 heads.
+    c = imagenet_distill(
+        "hd_vitb16_clip_mae", arg, dict(clip="clip_b16", mae="mae_b16"), variant="B/16", drop_path=0.1
     )
     c.terms.feature.teacher = c.masking.score_teacher = "clip"  # relations stay MAE's
-    c.total_epochs = 300.0
-    c.batch_size = 2048
-    c.optim.warmup_epochs = 20.0
     return c

@@ -3,7 +3,7 @@
 Expected: 83.7% top-1 after ImageNet-1K fine-tuning of the distilled ViT-B with MAE's protocol
 (``configs/finetune.py:imagenet``); the paper's number for this teacher pair.
 
-1. Teachers are resolved by name by default (``python -m hybrid_distill_jax.convert list``):
+1. Teachers are resolved by name by default (``python -m hybrid_distill_jax.teachers list``):
    ``hf-hub:timm/deit_base_patch16_224.fb_in1k`` (``teachers.deit``) and
    ``hf-hub:timm/vit_base_patch16_224.mae`` (``teachers.mae``) are fetched with huggingface_hub (its
    cache under HF_HOME; HF_HUB_OFFLINE=1 forbids the network), converted once and cached (docs/CONVERT.md). On
@@ -11,9 +11,9 @@ Expected: 83.7% top-1 after ImageNet-1K fine-tuning of the distilled ViT-B with 
    ``hf download timm/NAME config.json model.safetensors``.
    Local directories converted from the original releases still work:
 
-    python -m hybrid_distill_jax.convert import --family deit \\
+    python -m hybrid_distill_jax.teachers import --family deit \\
         --input deit_base_patch16_224-b5f2ef4d.pth --output teachers/deit_b16
-    python -m hybrid_distill_jax.convert import --family mae \\
+    python -m hybrid_distill_jax.teachers import --family mae \\
         --input mae_pretrain_vit_base.pth --output teachers/mae_b16
 
 2. Distill:
@@ -26,29 +26,17 @@ Expected: 83.7% top-1 after ImageNet-1K fine-tuning of the distilled ViT-B with 
 The objective is base_config's: ``terms.feature`` (DeiT's final tokens, SmoothL1 on whitened targets)
 and ``terms.relation`` (MAE's attention at blocks 1-11, KL); patches scored by DeiT (docs/METHOD.md).
 
-The student is exported to WORKDIR/export; `python -m hybrid_distill_jax.convert export --input
+The student is exported to WORKDIR/export; `python -m hybrid_distill_jax.teachers export --input
 runs/hd_vitb16_deit_mae/export --output hd_vitb16.safetensors` turns it into a timm state dict for
 fine-tuning with timm/DeiT code.
 """
 
-from hybrid_distill_jax.config_lib import base_config
-from hybrid_distill_jax.convert import hub
-
-DEIT, MAE = (hub.teacher("hd_vitb16_deit_mae", name) for name in ("deit", "mae"))
+from hybrid_distill_jax.recipes import imagenet_distill
 
 
 def get_config(arg=None):
     """``arg``: optional 'DEIT,MAE' (converted teacher directories or hf-hub: names)."""
-    deit, mae = (arg.split(",") + [MAE])[:2] if arg else (DEIT, MAE)
-    c = base_config("distill")
-    c.name = "hd_vitb16_deit_mae"
-    c.image_size = 224
-    c.student.variant = "B/16"
-    c.student.drop_path = 0.1
-    c.student.dtype = "bfloat16"  # compute in bf16; parameters, softmax and losses stay fp32
-    c.teachers.deit.checkpoint = deit  # DeiT-B/16, 224 px, 14x14 grid
-    c.teachers.mae.checkpoint = mae  # MAE-B/16, 224 px, 14x14 grid, 12 heads like the student
-    c.total_epochs = 300.0
-    c.batch_size = 2048
-    c.optim.warmup_epochs = 20.0
-    return c
+    # DeiT-B/16 and MAE-B/16 at 224 px: 14x14 grids like the student's; MAE has the student's 12 heads.
+    return imagenet_distill(
+        "hd_vitb16_deit_mae", arg, dict(deit="deit_b16", mae="mae_b16"), variant="B/16", drop_path=0.1
+    )

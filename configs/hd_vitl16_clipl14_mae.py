@@ -7,7 +7,7 @@ The CLIP-L/14 teacher runs at 196 px so that its 14x14 patch grid matches the /1
 (``teachers.clip.image_size=196``). Converting with ``--image-size 196`` resamples its position
 embedding once, at conversion time (otherwise it is resampled on the fly, with the same result).
 
-1. Teachers are resolved by name by default (``python -m hybrid_distill_jax.convert list``):
+1. Teachers are resolved by name by default (``python -m hybrid_distill_jax.teachers list``):
    ``hf-hub:timm/vit_large_patch14_clip_224.openai`` (``teachers.clip``) and
    ``hf-hub:timm/vit_large_patch16_224.mae`` (``teachers.mae``) are fetched with huggingface_hub (its
    cache under HF_HOME; HF_HUB_OFFLINE=1 forbids the network), converted once and cached (docs/CONVERT.md). On
@@ -15,9 +15,9 @@ embedding once, at conversion time (otherwise it is resampled on the fly, with t
    ``hf download timm/NAME config.json model.safetensors``.
    Local directories converted from the original releases still work:
 
-    python -m hybrid_distill_jax.convert import --family clip \\
+    python -m hybrid_distill_jax.teachers import --family clip \\
         --input ViT-L-14.pt --output teachers/clip_l14_196 --image-size 196
-    python -m hybrid_distill_jax.convert import --family mae \\
+    python -m hybrid_distill_jax.teachers import --family mae \\
         --input mae_pretrain_vit_large.pth --output teachers/mae_l16
 
 2. Distill:
@@ -28,34 +28,20 @@ embedding once, at conversion time (otherwise it is resampled on the fly, with t
     # or: --config.teachers.clip.checkpoint=DIR --config.teachers.mae.checkpoint=DIR
 """
 
-import ml_collections
-
-from hybrid_distill_jax.config_lib import base_config
-from hybrid_distill_jax.convert import hub
-from hybrid_distill_jax.tasks.distill import teacher_config
-
-CLIP, MAE = (hub.teacher("hd_vitl16_clipl14_mae", name) for name in ("clip", "mae"))
+from hybrid_distill_jax.recipes import imagenet_distill
 
 
 def get_config(arg=None):
     """``arg``: optional 'CLIP,MAE' (converted teacher directories or hf-hub: names)."""
-    clip, mae = (arg.split(",") + [MAE])[:2] if arg else (CLIP, MAE)
-    c = base_config("distill")
-    c.name = "hd_vitl16_clipl14_mae"
-    c.image_size = 224
-    c.student.variant = "L/16"
-    c.student.drop_path = 0.2
-    c.student.dtype = "bfloat16"  # compute in bf16; parameters, softmax and losses stay fp32
-    c.student.remat_policy = "full"
-    c.teachers = ml_collections.ConfigDict(
-        dict(
-            # CLIP ViT-L/14 at 196 px: 196 / 14 = 14x14 patches, the student's grid at 224 / 16
-            clip=teacher_config(clip, image_size=196),
-            mae=teacher_config(mae),  # MAE-L/16, 224 px, 16 heads like the student
-        )
+    c = imagenet_distill(
+        "hd_vitl16_clipl14_mae",
+        arg,
+        dict(clip="clip_l14", mae="mae_l16"),  # MAE-L/16 at 224 px has the student's 16 heads
+        variant="L/16",
+        drop_path=0.2,
+        # CLIP ViT-L/14 at 196 px: 196 / 14 = 14x14 patches, the student's grid at 224 / 16
+        teacher_fields=dict(clip=dict(image_size=196)),
     )
+    c.student.remat_policy = "full"
     c.terms.feature.teacher = c.masking.score_teacher = "clip"  # relations stay MAE's
-    c.total_epochs = 300.0
-    c.batch_size = 2048
-    c.optim.warmup_epochs = 20.0
     return c

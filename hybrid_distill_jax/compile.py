@@ -120,13 +120,14 @@ def deviceless_program(config, target, *, train_examples: int, num_classes: int)
     """(program, every stage of the run): the trainer's step for ``target``'s devices, abstract teachers,
     the config validated for the target's device and process counts."""
     from hybrid_distill_jax import config_lib, tasks
+    from hybrid_distill_jax.optim import resolve_steps
     from hybrid_distill_jax.parallel import sharding
     from hybrid_distill_jax.train.program import build_program
 
     config_lib.validate(
         config, num_devices=target.num_devices, num_processes=target.num_processes, deviceless=True
     )
-    total_steps, warmup_steps, _ = config_lib.resolve_steps(config, train_examples)
+    total_steps, warmup_steps, _ = resolve_steps(config, train_examples)
     mesh = sharding.make_mesh(config.mesh, devices=sharding_devices(config.mesh, target))
     platform = "gpu" if target.platform == "cuda" else target.platform
     task = tasks.build_task(config, num_classes, abstract=True, platform=platform)
@@ -385,7 +386,7 @@ def main(argv) -> int:
 
 
 def cli() -> None:
-    from hybrid_distill_jax.main import parse_flags_or_exit
+    from hybrid_distill_jax.config_file import parse_flags_or_exit
 
     _prepare_environment(sys.argv)
     sys.exit(main(parse_flags_or_exit(sys.argv, FLAGS)))

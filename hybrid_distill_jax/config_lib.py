@@ -1,18 +1,19 @@
-"""Default configuration and up-front validation.
+"""Default configuration, up-front validation and the table of modes.
 
 Recipes in ``configs/`` start from ``base_config(mode)`` and change what they need. ``validate``
 runs before anything is built, so a wrong value fails in a second with one line naming the field.
+``MODES`` says, for each ``config.mode``, what it adds to the defaults, what it checks and what runs it.
 """
 
 from __future__ import annotations
 
-import math
-import os
+import dataclasses
+from collections.abc import Callable, Mapping
 
 import jax
 import ml_collections
 
-from hybrid_distill_jax import signals, workdir_lock
+from hybrid_distill_jax import signals, teachers
 from hybrid_distill_jax.checks import (
     NON_NEGATIVE,
     POSITIVE,
@@ -24,12 +25,8 @@ from hybrid_distill_jax.checks import (
     require,
 )
 from hybrid_distill_jax.data.defaults import DATA_DEFAULTS
-from hybrid_distill_jax.errors import ConfigError
-from hybrid_distill_jax.models import io as model_io
 from hybrid_distill_jax.parallel import sharding
 from hybrid_distill_jax.tasks import TASKS
-
-MODES = (*TASKS, "evaluate")  # the training tasks' modes, and frozen-feature evaluation
 
 
 def base_config(mode: str = "distill") -> ml_collections.ConfigDict:
@@ -95,12 +92,8 @@ def base_config(mode: str = "distill") -> ml_collections.ConfigDict:
     # one phase of the run (signals.PHASES), during which tests send signals.
     c.faults = ml_collections.ConfigDict(dict(nan_at_step=-1, pause_at="", pause_s=0.0))
 
-    if mode in TASKS:
-        TASKS[mode].add_defaults(c)
-    elif mode == "evaluate":  # k-NN + linear probe (+ attention diagnostics) of config.model_dir
-        c.model_dir = ""
-        c.image_size = 0  # 0 = the model's own input resolution
-        c.eval.diagnostics = True
+    if mode in MODES:
+        MODES[mode].add_defaults(c)
     return c
 
 
@@ -143,7 +136,6 @@ RANGES: dict[str, Range] = {
     "faults.nan_at_step": ints(0, "-1: off", also=(-1,)),
     "faults.pause_s": NON_NEGATIVE,
 }
-MODE_RANGES: dict[str, dict[str, Range]] = {"evaluate": {"image_size": ints(0, "0: the model's own")}}
 
 
 def validate(
@@ -159,10 +151,11 @@ def validate(
     ``check_teachers=False`` skips the teachers' files (for a chain that has yet to train them).
     ``deviceless``: the run is compiled here for ``num_devices`` devices on ``num_processes`` hosts it
     does not have: the data (which lives there) is not checked, teachers are described without a
-    download (``models.io.describe_model``).
+    download (``teachers.describe``).
     """
-    one_of(config.mode, MODES, "config.mode")
-    check_ranges(config, {**RANGES, **MODE_RANGES.get(config.mode, {})})
+    one_of(config.mode, VALIDATED_MODES, "config.mode")
+    mode = MODES[config.mode]
+    check_ranges(config, {**RANGES, **mode.ranges})
     require(config.total_steps > 0 or config.total_epochs > 0, "set total_steps or total_epochs (> 0)")
     visible = num_devices or jax.device_count()
     processes = num_processes or jax.process_count()
@@ -203,10 +196,7 @@ def validate(
     log_ids = config.data.get("log_example_ids", False)
     require(isinstance(log_ids, bool), f"data.log_example_ids={log_ids!r}: expected True or False")
 
-    if config.mode == "evaluate":
-        _validate_evaluate(config)
-    else:
-        TASKS[config.mode].check_config(config, check_teachers=check_teachers, deviceless=deviceless)
+    mode.check_config(config, check_teachers=check_teachers, deviceless=deviceless)
 
 
 def _validate_diagnostics(config) -> None:
@@ -217,8 +207,20 @@ def _validate_diagnostics(config) -> None:
     )
 
 
-def _validate_evaluate(config) -> None:
-    meta = model_io.read_model_json(config.model_dir, "model_dir")
+# ------------------------------------------------------------------------------------------------ modes
+
+
+def _evaluate_defaults(c: ml_collections.ConfigDict) -> None:
+    """k-NN + linear probe (+ attention diagnostics) of ``config.model_dir``."""
+    c.model_dir = ""
+    c.image_size = 0  # 0 = the model's own input resolution
+    c.eval.diagnostics = True
+
+
+def _check_evaluate(config, *, check_teachers: bool = True, deviceless: bool = False) -> None:
+    """``config.model_dir``'s description against the config (the keywords are ``validate``'s; there
+    are no teachers to skip)."""
+    meta = teachers.describe(config.model_dir, "model_dir")
     size = config.image_size or meta["input"]["image_size"]
     patch = meta["arch"]["patch_size"]
     require(size % patch == 0, f"image_size={size} is not divisible by model_dir's patch size {patch}")
@@ -228,25 +230,50 @@ def _validate_evaluate(config) -> None:
     )
 
 
-def resolve_steps(config, num_train_examples: int) -> tuple[int, int, int]:
-    """(total_steps, warmup_steps, steps_per_epoch) from the step or epoch settings."""
-    steps_per_epoch = max(num_train_examples // config.batch_size, 1)
-    total = config.total_steps or int(math.ceil(config.total_epochs * steps_per_epoch))
-    warmup = config.optim.warmup_steps or int(round(config.optim.warmup_epochs * steps_per_epoch))
-    return total, min(warmup, total), steps_per_epoch
+def _no_defaults(c: ml_collections.ConfigDict) -> None:
+    pass
 
 
-def check_workdir(workdir: str) -> str:
-    """Creates the workdir, proves it is writable and locks it for this run (``workdir_lock``) before any
-    training starts."""
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(f"--workdir={workdir}: not writable ({e.strerror})") from None
-    workdir_lock.hold(workdir)
-    return workdir
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """One ``config.mode``.
+
+    ``run``: what runs it, as ``'module:function'`` of a ``function(config, workdir)`` that the entry
+    point (``hybrid_distill_jax.main``) imports; the runners live above this layer (the trainer, the
+    experiments). ``add_defaults``: what ``base_config(mode)`` adds to or changes in the shared defaults.
+    ``check_config``: what ``validate`` checks after the shared fields (the keywords of
+    ``Task.check_config``); None for a chain of runs (demo, study), whose runner validates the config of
+    each run it makes. ``ranges``: this mode's entries in place of ``RANGES``'.
+    """
+
+    run: str
+    add_defaults: Callable[[ml_collections.ConfigDict], None] = _no_defaults
+    check_config: Callable[..., None] | None = None
+    ranges: Mapping[str, Range] = dataclasses.field(default_factory=dict)
+
+
+# Every config.mode: each training task (hybrid_distill_jax.tasks, ``@register``), frozen-feature
+# evaluation and the two experiment chains.
+MODES: dict[str, Mode] = {
+    **{
+        name: Mode("hybrid_distill_jax.train.trainer:run", task.add_defaults, task.check_config)
+        for name, task in TASKS.items()
+    },
+    "evaluate": Mode(
+        "hybrid_distill_jax.experiments.analyze:evaluate_model_dir",
+        _evaluate_defaults,
+        _check_evaluate,
+        ranges={"image_size": ints(0, "0: the model's own")},
+    ),
+    "demo": Mode("hybrid_distill_jax.experiments.demo:run_demo"),
+    "study": Mode("hybrid_distill_jax.experiments.study:run_study"),
+}
+# The modes whose config is one run's: the ones validate checks.
+VALIDATED_MODES = tuple(name for name, mode in MODES.items() if mode.check_config is not None)
+
+
+def mode_of(config) -> Mode:
+    """``config.mode``'s entry; an unknown mode is ``validate``'s one-line ConfigError."""
+    if config.get("mode") not in MODES:
+        one_of(config.get("mode"), VALIDATED_MODES, "config.mode")
+    return MODES[config.mode]

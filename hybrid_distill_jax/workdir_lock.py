@@ -1,5 +1,6 @@
-"""One run per workdir: ``hold(workdir)`` locks ``WORKDIR/.lock`` until this process ends, or refuses with a
-ConfigError naming the workdir and the run holding it (host, pid, start time).
+"""One run per workdir: ``check_workdir`` creates it, proves it writable and locks it; ``hold(workdir)``
+locks ``WORKDIR/.lock`` until this process ends, or refuses with a ConfigError naming the workdir and the
+run holding it (host, pid, start time).
 
 The lock is the kernel's (``flock``), so it goes with the process that holds it: a run killed by SIGKILL,
 the OOM killer or a lost host leaves nothing that blocks its restart, and the file's text only names the
@@ -23,6 +24,22 @@ LOCK_FILE = ".lock"
 
 log = logging.getLogger("hybrid_distill_jax")
 _held: dict[str, int] = {}  # workdir (real path) -> the descriptor holding its lock, for life
+
+
+def check_workdir(workdir: str) -> str:
+    """Creates the workdir, proves it is writable and locks it for this run (``hold``) before any
+    training starts; returns its absolute path."""
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"--workdir={workdir}: not writable ({e.strerror})") from None
+    hold(workdir)
+    return workdir
 
 
 def hold(workdir: str) -> None:

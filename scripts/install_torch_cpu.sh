@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what the PyTorch <-> Flax conversion (hybrid_distill_jax.convert) and its tests need:
+# Installs what the PyTorch <-> Flax conversion (hybrid_distill_jax.teachers) and its tests need:
 # a CPU-only torch, torchvision, timm, open_clip_torch and safetensors. Idempotent; CI calls it.
 #
 #   bash scripts/install_torch_cpu.sh            # into .venv

@@ -50,7 +50,7 @@ SMOKE = os.environ.get("HD_NOTEBOOK_SMOKE", "0") == "1"
 WORKDIR = os.path.abspath(os.environ.get("HD_NOTEBOOK_WORKDIR", "runs/notebook"))
 TEACHER_STEPS = 8 if SMOKE else 500
 STUDENT_STEPS = 8 if SMOKE else 400
-FEATURE_TEACHER_DIR = ""   # e.g. "teachers/deit_small" from `python -m hybrid_distill_jax.convert import ...`
+FEATURE_TEACHER_DIR = ""   # e.g. "teachers/deit_small" (`python -m hybrid_distill_jax.teachers import ...`)
 RELATION_TEACHER_DIR = ""  # e.g. "teachers/mae_small"
 REPO_URL = "https://github.com/hybrid-distill-jax/hybrid_distill_jax"  # cloned only if not installed yet""",
     ),
@@ -283,7 +283,7 @@ prints the `timm.create_model(...)` arguments to load it with `strict=True` in P
     (
         "code",
         """export_path = os.path.join(WORKDIR, "student_timm.safetensors")
-done = subprocess.run([sys.executable, "-m", "hybrid_distill_jax.convert", "export",
+done = subprocess.run([sys.executable, "-m", "hybrid_distill_jax.teachers", "export",
                        "--input", os.path.join(student_dir, "export"), "--output", export_path],
                       capture_output=True, text=True)
 print(done.stdout[-2000:], done.stderr[-2000:])

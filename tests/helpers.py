@@ -108,6 +108,62 @@ def tiny_cli_env() -> dict:
     )
 
 
+def package_with_one_more_file(tmp_path, relative: str, source: str) -> dict:
+    """A copy of the ``hybrid_distill_jax`` package under ``tmp_path`` with exactly one file added at
+    ``relative`` (inside the package; it must not exist), and the environment of a subprocess that imports
+    that copy instead of this checkout: the proof that an extension needs that one file and no edit
+    anywhere else."""
+    import filecmp
+    import shutil
+
+    package = os.path.join(REPO, "hybrid_distill_jax")
+    root = os.path.join(tmp_path, "site")
+    copy = os.path.join(root, "hybrid_distill_jax")
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    target = os.path.join(copy, relative)
+    assert not os.path.exists(target), f"{relative} already exists in the package"
+    with open(target, "w") as f:
+        f.write(source)
+
+    def differences(cmp: filecmp.dircmp) -> list[str]:
+        own = [os.path.join(cmp.left, n) for n in cmp.left_only + cmp.right_only + cmp.diff_files]
+        return own + [d for sub in cmp.subdirs.values() for d in differences(sub)]
+
+    cmp = filecmp.dircmp(package, copy, ignore=["__pycache__"])
+    assert [os.path.relpath(d, package) for d in differences(cmp)] == [relative]
+    # PYTHONSAFEPATH: `python -m` would otherwise put the working directory (a checkout?) first.
+    return dict(tiny_cli_env(), PYTHONPATH=os.pathsep.join([root, REPO]), PYTHONSAFEPATH="1")
+
+
+def prepare_numbered_tfds(data_dir: str, images: np.ndarray, num_shards: int, file_format="tfrecord") -> str:
+    """A TFDS dataset prepared in ``data_dir`` whose example ``i`` is ``images[i]`` (uint8 [8, 8, 3], stored
+    as PNG) with label ``i % 3``, in ``num_shards`` shard files of ``file_format`` ('tfrecord' or
+    'array_record'; TFDS stores the examples in a hashed order). Returns its version directory: the builder
+    class is not registered, so the dataset is read from that directory without builder code."""
+    import tensorflow_datasets as tfds
+
+    class NumberedImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            features = {
+                "image": tfds.features.Image(shape=(8, 8, 3), encoding_format="png"),
+                "label": tfds.features.ClassLabel(num_classes=3),
+            }
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, image in enumerate(images):
+                yield i, {"image": image, "label": i % 3}
+
+    builder = NumberedImages(data_dir=data_dir, file_format=file_format)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=num_shards))
+    return str(builder.data_dir)
+
+
 def timm_parity_error(export_dir: str, out_path: str, image_size: int = 32) -> float:
     """Exports a model directory to a timm state dict through the CLI (``convert export``), loads it into
     a timm ViT strictly and returns the largest |difference| of the final tokens on random images.
@@ -117,18 +173,18 @@ def timm_parity_error(export_dir: str, out_path: str, image_size: int = 32) -> f
     import torch
     from safetensors.torch import load_file
 
-    from hybrid_distill_jax import convert
-    from hybrid_distill_jax.convert.torch_io import declare_torchvision_ops
+    from hybrid_distill_jax.teachers import importer
+    from hybrid_distill_jax.teachers.torch_io import declare_torchvision_ops
 
     declare_torchvision_ops()
     import timm
 
-    cmd = [sys.executable, "-m", "hybrid_distill_jax.convert", "export", "--input", export_dir]
+    cmd = [sys.executable, "-m", "hybrid_distill_jax.teachers", "export", "--input", export_dir]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     proc = subprocess.run([*cmd, "--output", out_path], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     model, params, _ = model_io.load_model(export_dir)
-    _, kwargs, _ = convert.timm_state_dict(model, params)
+    _, kwargs, _ = importer.timm_state_dict(model, params)
     tm = timm.create_model("vit_base_patch16_224", pretrained=False, **kwargs).eval()
     tm.load_state_dict(load_file(out_path), strict=True)
     x = torch.randn((2, 3, image_size, image_size), generator=torch.Generator().manual_seed(0))

@@ -10,7 +10,7 @@ objective.
 """
 
 from hybrid_distill_jax.config_lib import base_config
-from hybrid_distill_jax.tasks.distill import teacher_config
+from hybrid_distill_jax.teachers import teacher_config
 from hybrid_distill_jax.terms import term_config
 
 

@@ -134,6 +134,37 @@ def expanded_data_dir(data_cfg: Any) -> str | None:
     return None if value is None else os.path.expanduser(str(value))
 
 
+def prepared_dir(data_cfg: Any) -> str | None:
+    """The directory of a TFDS dataset prepared on disk, if any: ``config.data.name`` may be that directory
+    itself (holding ``dataset_info.json``), or ``NAME[:VERSION]`` with ``data_dir/NAME/VERSION/
+    dataset_info.json`` (the newest version when none is given). Looks at the file system only."""
+    name = field(data_cfg, "name")
+    expanded = os.path.expanduser(name)
+    if os.path.isfile(os.path.join(expanded, INFO_FILE)):
+        return expanded
+    data_dir = (
+        expanded_data_dir(data_cfg)
+        or os.environ.get("TFDS_DATA_DIR")
+        or os.path.expanduser("~/tensorflow_datasets")
+    )
+    base, _, version = name.partition(":")
+    root = os.path.join(data_dir, *base.split("/"))
+    if version:
+        candidates = [version]
+    elif os.path.isdir(root):
+        candidates = sorted(
+            (v for v in os.listdir(root) if re.fullmatch(r"\d+\.\d+\.\d+", v)),
+            key=lambda v: tuple(int(x) for x in v.split(".")),
+            reverse=True,
+        )
+    else:
+        candidates = []
+    for v in candidates:
+        if os.path.isfile(os.path.join(root, v, INFO_FILE)):
+            return os.path.join(root, v)
+    return None
+
+
 def split_field(data_cfg: Any, split: str) -> str:
     """The config field a split came from, for error messages."""
     return "config.data.train_split" if split == field(data_cfg, "train_split") else "config.data.eval_split"

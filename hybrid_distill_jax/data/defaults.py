@@ -2,6 +2,7 @@
 sources read a missing field from them. Imports nothing (no TensorFlow), so validation can use it."""
 
 DATA_DEFAULTS = dict(
+    format="",  # the input format (data/formats/): '' detects it from name, else one by its name ('folder')
     data_dir=None,  # TFDS data_dir, or the root of a folder dataset
     train_split="train",
     eval_split="validation",

@@ -8,8 +8,8 @@ the dataset, the seed and the process index/count, and a resumed iterator yields
 uninterrupted one would have.
 
 * In memory (folder file paths, or the encoded images of a TFDS split whose per-process share is at most
-  ``sources.IN_MEMORY_MAX_BYTES``): each epoch is a full random permutation, and skipping is free.
-* Streamed (large TFDS splits such as ImageNet): each process reads ``sources.STREAM_CHUNKS`` contiguous
+  ``formats.tfds.IN_MEMORY_MAX_BYTES``): each epoch is a full random permutation, and skipping is free.
+* Streamed (large TFDS splits such as ImageNet): each process reads ``formats.tfds.STREAM_CHUNKS`` contiguous
   pieces of the split, merged every epoch in a seeded random interleaving and mixed by a shuffle buffer of
   ``config.data.shuffle_buffer`` elements seeded per epoch; resuming re-reads, without decoding, the records
   of the current epoch before ``start_step``.
@@ -393,13 +393,9 @@ def train_iterator(
     "index": int64 [B]}`` (``index``: each example's index in the split, for folders its position in the
     sorted file list), augmented with RandomResizedCrop and a horizontal flip. The stream is a pure function
     of (dataset, seed, process_index, process_count); ``start_step=k`` yields exactly the batches
-    ``k, k+1, ...`` of the uninterrupted stream.
+    ``k, k+1, ...`` of the uninterrupted stream. ``data_cfg``, ``image_size``, ``global_batch`` and ``seed``
+    are a config's, checked by ``config_lib.validate`` (``validate_data_config`` for ``data_cfg`` alone).
     """
-    validate_data_config(data_cfg)
-    _check_positive_int(image_size, "image_size")
-    _check_positive_int(global_batch, "global_batch")
-    if not is_int(seed):
-        raise ConfigError(f"seed: expected an int, got {seed!r}")
     if not is_int(start_step) or start_step < 0:
         raise ConfigError(f"start_step: expected an int >= 0, got {start_step!r}")
     process_index, process_count = _process(process_index, process_count)
@@ -562,9 +558,9 @@ def eval_iterator(
 
     Yields ``{"image": uint8 [batch_size, image_size, image_size, 3], "label": int32 [batch_size],
     "mask": bool [batch_size]}``; the last batch is zero-padded and ``mask`` marks the real examples.
-    Unreadable files of a folder dataset are skipped (and reported on stderr).
+    Unreadable files of a folder dataset are skipped (and reported on stderr). ``data_cfg`` is checked
+    (``validate_data_config``) before.
     """
-    validate_data_config(data_cfg)
     _check_positive_int(image_size, "image_size")
     _check_positive_int(batch_size, "batch_size")
     if max_examples is not None:

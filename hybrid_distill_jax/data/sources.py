@@ -1,6 +1,7 @@
-"""Where the examples come from: the format that reads ``config.data`` (``formats.FORMATS``: a registered
-TFDS dataset, one prepared on disk without its code, the packaged ``embedded_fashion_mnist`` or a local
-image folder), behind one factory (``train_source``).
+"""Where the examples come from: the format that reads ``config.data`` (``formats.FORMATS``, chosen by
+``config.data.format`` or detected from ``config.data.name``: a registered TFDS dataset, one prepared on
+disk without its code, the packaged ``embedded_fashion_mnist`` or a local image folder), behind one factory
+(``train_source``).
 
 A source is one process's share of a split as *encoded* examples (file paths or image bytes), either held in
 memory (random access: every epoch is a full permutation, skipping is free), streamed as contiguous
@@ -24,19 +25,17 @@ from hybrid_distill_jax.data.common import (
 )
 from hybrid_distill_jax.data.formats import format_of
 from hybrid_distill_jax.data.formats.folder import list_folder
-from hybrid_distill_jax.data.formats.tfds import STREAM_CHUNKS
 
-# Also here for the pipelines and tests: the shared records and helpers, the folder listing, the streaming.
-__all__ = ["IN_MEMORY_MAX_BYTES", "STREAM_CHUNKS", "DatasetInfo", "Source", "dataset_info", "eval_source"]
-__all__ += ["field", "is_int", "list_folder", "pair", "read_error", "train_source", "validate_data_config"]
-
-# A TFDS split whose per-process share is at most this many bytes is held in memory (encoded). The TFDS
-# formats read it from here at each call: a benchmark or test sets it to 0 here to stream a small split.
-IN_MEMORY_MAX_BYTES = 1 << 30
+# Also here for the pipelines and tests: the shared records and helpers, the folder listing.
+__all__ = ["DatasetInfo", "Source", "dataset_info", "eval_source", "field", "is_int", "list_folder", "pair"]
+__all__ += ["read_error", "train_source", "validate_data_config"]
 
 
 def validate_data_config(data_cfg: Any) -> None:
-    """Checks ``config.data`` without reading any data or touching the network; raises ``ConfigError``."""
+    """Checks ``config.data`` without reading any data or touching the network; raises ``ConfigError``.
+
+    Called once per run, by ``config_lib.validate``; the functions below and the pipelines take a
+    validated ``config.data``."""
     check_location(data_cfg)
     format_of(data_cfg).validate(data_cfg)
     check_reading(data_cfg)
@@ -47,7 +46,6 @@ def dataset_info(data_cfg: Any) -> DatasetInfo:
 
     Never downloads: a TFDS dataset that is not prepared in ``config.data.data_dir`` is a ``DataError``.
     """
-    validate_data_config(data_cfg)
     return format_of(data_cfg).info(data_cfg)
 
 

@@ -20,7 +20,7 @@ import os
 import sys
 import time
 
-from hybrid_distill_jax import config_lib, errors
+from hybrid_distill_jax import config_lib, errors, teachers, workdir_lock
 from hybrid_distill_jax.errors import ConfigError
 from hybrid_distill_jax.eval import diagnostics
 from hybrid_distill_jax.experiments import plots
@@ -130,8 +130,9 @@ def evaluate_model_dir(config, workdir: str) -> dict:
     from hybrid_distill_jax.models.build import normalize, pooled_features
 
     config_lib.validate(config)
-    workdir = config_lib.check_workdir(workdir)
-    model, params, meta = model_io.load_model(config.model_dir, field="model_dir")
+    workdir = workdir_lock.check_workdir(workdir)
+    model_dir = teachers.resolve(config.model_dir, "model_dir")
+    model, params, meta = model_io.load_model(model_dir, field="model_dir")
     cfg = config.copy_and_resolve_references()
     with cfg.unlocked():
         cfg.image_size = int(config.image_size or meta["input"]["image_size"])
@@ -152,7 +153,7 @@ def evaluate_model_dir(config, workdir: str) -> dict:
                 cfg.data, size, cfg.eval.diagnostics_examples, cfg.eval.batch_size
             ),
         )
-        diag["model_dir"] = os.path.abspath(model_io.resolve_model_dir(config.model_dir, "model_dir"))
+        diag["model_dir"] = os.path.abspath(model_dir)
         name = _name_of(config.model_dir)[0]
         diagnostics.save({name: diag}, os.path.join(workdir, "diagnostics.json"))
         plots.plot_diagnostics({name: diag}, workdir)

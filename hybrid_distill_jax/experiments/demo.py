@@ -10,13 +10,13 @@ import json
 import os
 import time
 
-from hybrid_distill_jax import config_lib
+from hybrid_distill_jax import config_lib, workdir_lock
 from hybrid_distill_jax.experiments.report import format_table
 from hybrid_distill_jax.experiments.stages import run_random_init_stage, run_stage
 
 
 def run_demo(config, workdir: str) -> dict:
-    workdir = config_lib.check_workdir(workdir)
+    workdir = workdir_lock.check_workdir(workdir)
     for key in ("teacher_supervised", "teacher_mae", *config.students):
         config_lib.validate(config[key], check_teachers=False)
     start = time.perf_counter()

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from hybrid_distill_jax import config_lib, masking
+from hybrid_distill_jax import config_lib, masking, workdir_lock
 from hybrid_distill_jax.errors import ConfigError
 from hybrid_distill_jax.eval import diagnostics
 from hybrid_distill_jax.experiments import report
@@ -173,7 +173,7 @@ def _check_study(config) -> None:
 
 
 def run_study(config, workdir: str) -> dict:
-    workdir = config_lib.check_workdir(workdir)
+    workdir = workdir_lock.check_workdir(workdir)
     _check_study(config)
     start = time.perf_counter()
     teachers, students = report.TEACHERS, tuple(config.students)

@@ -2,13 +2,12 @@
 
 ``vit_from_config`` turns a ``student``/``model`` section into a ViT; ``normalize`` maps the uint8 (or
 [0, 1] float) batch to a model's own resolution and normalisation inside the jitted step;
-``FrozenTeacher`` is an exported ViT loaded for inference; ``pooled_features`` is the representation
-the probes read.
+``attention_fields`` picks a model's attention kernel; ``pooled_features`` is the representation the
+probes read.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -20,7 +19,6 @@ from hybrid_distill_jax.models import io as model_io
 from hybrid_distill_jax.models.vit import (
     REMAT_POLICIES,
     VisionTransformer,
-    add_fp8_scales,
     decode_variant,
     make_vit,
 )
@@ -100,59 +98,6 @@ def normalize(images: jax.Array, mean, std, image_size: int) -> jax.Array:
         b, _, _, c = images.shape
         images = jax.image.resize(images, (b, image_size, image_size, c), method="bicubic")
     return (images - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
-
-
-@dataclasses.dataclass(frozen=True)
-class FrozenTeacher:
-    """A frozen, exported ViT with its own input resolution and normalisation.
-
-    ``source`` says where its weights came from: the ``converted_from`` record of its ``model.json`` (for
-    an ``hf-hub:`` name: repo, revision, resolved commit and file hash), else its directory.
-    """
-
-    model: VisionTransformer
-    mean: tuple
-    std: tuple
-    image_size: int
-    source: dict = dataclasses.field(default_factory=dict)
-
-    @classmethod
-    def load(
-        cls, cfg, field: str, *, abstract: bool = False, platform: str | None = None
-    ) -> tuple[FrozenTeacher, Any]:
-        """The teacher ``cfg`` names and its parameters in ``cfg.dtype``; ``abstract``: their shapes only
-        (ShapeDtypeStructs, from ``model.json`` or a hub name's description: nothing is read or fetched).
-        ``platform`` (default: JAX's) picks the attention kernel when ``cfg.attn_impl`` is ''.
-        ``cfg.fp8``: the blocks' matmuls on float8 operands, with weight scales computed here, once."""
-        dtype = dtype_of(cfg.get("dtype", "bfloat16"), f"{field}.dtype")
-        overrides = dict(dtype=dtype, drop_path=0.0)
-        if abstract:
-            meta = model_io.describe_model(cfg.checkpoint, f"{field}.checkpoint")
-            model = make_vit(meta["arch"], **overrides)
-            params = abstract_params(model, dtype)
-        else:
-            model, params, meta = model_io.load_model(
-                cfg.checkpoint, field=f"{field}.checkpoint", **overrides
-            )
-            params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
-        model = model.clone(**attention_fields(model, cfg.get("attn_impl", ""), platform, trained=False))
-        if cfg.get("fp8", False):
-            model = model.clone(fp8=True)
-            params = add_fp8_scales(model, params)
-        size = cfg.get("image_size") or meta["input"]["image_size"]
-        source = meta.get("converted_from") or {"model_dir": str(cfg.checkpoint)}
-        mean, std = tuple(meta["input"]["mean"]), tuple(meta["input"]["std"])
-        return cls(model, mean, std, int(size), source), params
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.model.patch_size
-
-    def __call__(self, params, images, **kwargs):
-        out = self.model.apply(
-            {"params": params}, normalize(images, self.mean, self.std, self.image_size), **kwargs
-        )
-        return jax.tree.map(jax.lax.stop_gradient, out)
 
 
 def fastest_attention_kernel(model: VisionTransformer, platform: str | None = None) -> str | None:

@@ -1,7 +1,8 @@
 """Exported models: ``model.json`` (architecture + input normalisation) beside ``params.msgpack``.
 
 This is the format teachers are loaded from (trained here or converted from PyTorch) and the format
-the trainer exports students in.
+the trainer exports students in. Only directories are read here; names on a hub are the teachers'
+business (``teachers.resolve``).
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from hybrid_distill_jax.models.vit import ARCH_FIELDS, VisionTransformer, arch_d
 FORMAT = "hybrid_distill_jax.vit/1"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def save_model(
@@ -48,19 +47,8 @@ def save_model(
     return directory
 
 
-def resolve_model_dir(directory: str, field: str = "checkpoint") -> str:
-    """A ``hf-hub:ORG/NAME[@REVISION]`` name -> its converted local directory (``convert.hub``, converted
-    once and cached); any other value is returned as is."""
-    if isinstance(directory, str) and directory.startswith("hf-hub:"):
-        from hybrid_distill_jax.convert import hub
-
-        return hub.resolve(directory, field)
-    return directory
-
-
 def read_model_json(directory: str, field: str = "checkpoint") -> dict:
     """The description of an exported model; ConfigError naming the file and what is wrong with it."""
-    directory = resolve_model_dir(directory, field)
     path = os.path.join(directory or "", "model.json")
     if not directory or not os.path.exists(path):
         raise ConfigError(
@@ -87,21 +75,10 @@ def read_model_json(directory: str, field: str = "checkpoint") -> dict:
     return meta
 
 
-def describe_model(directory: str, field: str = "checkpoint") -> dict:
-    """``model.json``'s description of a model directory or ``hf-hub:`` name, never downloading or
-    converting (for validation and deviceless compiles; ``convert.hub.describe``)."""
-    if isinstance(directory, str) and directory.startswith("hf-hub:"):
-        from hybrid_distill_jax.convert import hub
-
-        return hub.describe(directory, field)
-    return read_model_json(directory, field)
-
-
 def load_model(
     directory: str, *, field: str = "checkpoint", **overrides
 ) -> tuple[VisionTransformer, Any, dict]:
     """Returns (module, params, meta); params are checked key by key against the architecture."""
-    directory = resolve_model_dir(directory, field)
     meta = read_model_json(directory, field)
     model = make_vit(meta["arch"], **overrides)
     params = read_params(os.path.join(directory, "params.msgpack"), field)

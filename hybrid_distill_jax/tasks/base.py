@@ -19,12 +19,11 @@ import jax
 import ml_collections
 
 from hybrid_distill_jax import checks
-from hybrid_distill_jax.convert import hub
 from hybrid_distill_jax.errors import ConfigError
 from hybrid_distill_jax.models import io as model_io
 from hybrid_distill_jax.models.build import check_model_config, model_defaults, normalize, pooled_features
 from hybrid_distill_jax.models.vit import VisionTransformer
-from hybrid_distill_jax.train.optim import make_optimizer
+from hybrid_distill_jax.optim import make_optimizer
 
 TASKS: dict[str, type[Task]] = {}
 
@@ -74,11 +73,6 @@ class Task:
     def check_config(config, *, check_teachers: bool = True, deviceless: bool = False) -> None:
         """This mode's up-front checks (after ``config_lib.validate``'s shared ones); a one-line
         ConfigError naming the field. ``deviceless``: models are described, never downloaded."""
-
-    @staticmethod
-    def renamed(field: str) -> str | None:
-        """A one-line hint naming the new field when ``field`` is one this mode renamed, else None."""
-        return None
 
     # -- required ------------------------------------------------------------------------------------
     def init_params(self, rng: jax.Array) -> Any:
@@ -162,15 +156,3 @@ def check_loss_section(config) -> None:
 def check_model_section(config) -> None:
     """``config.model`` as a ViT trained from scratch at ``config.image_size``."""
     check_model_config(config.model, config.image_size, "model")
-
-
-def describe_for_validation(checkpoint: str, field: str, deviceless: bool) -> dict | None:
-    """``model.json``'s description of a model directory or ``hf-hub:`` name, never downloading: a hub
-    name nothing describes yet (no cache, not listed) is None, to be checked once it is loaded, except
-    for a ``deviceless`` compile, which needs every shape (then the ConfigError stands)."""
-    try:
-        return model_io.describe_model(checkpoint, field)
-    except ConfigError:
-        if deviceless or not hub.is_hub_name(checkpoint):
-            raise
-        return None

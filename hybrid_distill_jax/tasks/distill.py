@@ -21,56 +21,17 @@ import jax.numpy as jnp
 import ml_collections
 
 from hybrid_distill_jax import checks, masking, terms
-from hybrid_distill_jax.errors import ConfigError
-from hybrid_distill_jax.models.build import (
-    ATTN_IMPLS,
-    FrozenTeacher,
-    check_model_config,
-    model_defaults,
-    normalize,
-    vit_from_config,
-)
+from hybrid_distill_jax.models.build import check_model_config, model_defaults, normalize, vit_from_config
 from hybrid_distill_jax.models.vit import arch_dict, forward_flops
-from hybrid_distill_jax.tasks.base import Task, describe_for_validation, register
+from hybrid_distill_jax.tasks.base import Task, register
+from hybrid_distill_jax.teachers import (
+    FrozenTeacher,
+    check_teacher_entry,
+    describe_for_validation,
+    teacher_config,
+)
 
 log = logging.getLogger("hybrid_distill_jax")
-
-TEACHER_RANGES = {"image_size": checks.ints(0, "0: the teacher's own")}
-
-# The two-role form's fields -> the field that replaced each (base_config's names for the paper's pair).
-RENAMED_FIELDS = {
-    "loss.alpha": "terms.feature.weight",
-    "loss.beta": "terms.relation.weight",
-    "loss.feature_loss": "terms.feature.loss",
-    "loss.smooth_l1_beta": "terms.feature.smooth_l1_beta",
-    "loss.whiten_target": "terms.feature.target_norm",
-    "loss.head": "terms.feature.head",
-    "loss.relation_loss": "terms.relation.loss",
-    "loss.relation_layers": "terms.relation.layers",
-    "loss.relation_teacher_on_kept": "terms.relation.teacher_on_kept",
-    "teachers.feature": "teachers.<name> (e.g. teachers.deit), the teacher terms.feature.teacher names",
-    "teachers.relation": "teachers.<name> (e.g. teachers.mae), the teacher terms.relation.teacher names",
-    "masking.score_source": "masking.score_teacher (a teacher's name, or '' for uniform scores)",
-}
-
-
-def renamed(field: str) -> str | None:
-    """For a field of the two-role form (or one below it), the one-line hint naming its replacement;
-    else None."""
-    for old, new in RENAMED_FIELDS.items():
-        if field == old or field.startswith(old + "."):
-            return f"{field} belongs to the old two-teacher form; use {new} (docs/METHOD.md, 'Objective')"
-    return None
-
-
-def teacher_config(checkpoint: str = "", **fields) -> ml_collections.ConfigDict:
-    """A ``config.teachers`` entry: a frozen exported/converted ViT (directory or ``hf-hub:`` name)."""
-    entry = dict(checkpoint=checkpoint, dtype="bfloat16", image_size=0, attn_impl="", fp8=False)
-    unknown = sorted(set(fields) - set(entry))
-    if unknown:
-        raise ConfigError(f"teacher_config: no field {unknown[0]!r}; fields: {sorted(entry)}")
-    return ml_collections.ConfigDict(dict(entry, **fields))
-
 
 def add_defaults(c: ml_collections.ConfigDict) -> None:
     """The distill sections of ``base_config('distill')``: Hybrid Distill's two teachers and two terms."""
@@ -82,31 +43,7 @@ def add_defaults(c: ml_collections.ConfigDict) -> None:
             relation=terms.term_config("relations", "mae"),
         )
     )
-    c.masking = ml_collections.ConfigDict(
-        dict(
-            mode="over_training",
-            selection="gumbel",
-            temperature=1.0,
-            score_teacher="deit",
-            stage_starts=(0.0, 0.3, 0.6),
-            stage_ratios=(0.0, 0.25, 0.5),
-            drop_layers=(4, 7, 10),
-            drop_ratios=(0.25, 0.4, 0.5),
-            # 1, or e.g. 8/16/128: masked stages keep K patches with CLS + K a multiple of it (fewer
-            # patches than the ratio says; shapes GPU and TPU kernels tile without padding).
-            token_multiple=1,
-        )
-    )
-
-
-MASKING_RANGES = {
-    "temperature": checks.POSITIVE,
-    "stage_starts": checks.UNIT,
-    "stage_ratios": checks.UNIT,
-    "drop_layers": checks.ints(1),
-    "drop_ratios": checks.UNIT,
-    "token_multiple": checks.ints(1, "1: off"),
-}
+    c.masking = masking.section()
 
 
 def active_terms(config, student_depth: int) -> dict[str, Any]:
@@ -129,9 +66,6 @@ def teachers_used(config, student_depth: int) -> tuple[str, ...]:
 def check_fields(config) -> dict:
     """Every distill field that needs neither teacher weights nor data; returns the student's
     description (``check_model_config``'s)."""
-    for field in _field_names(config):
-        if renamed(field):
-            raise ConfigError(renamed(field))
     s = check_model_config(config.student, config.image_size, "student")
     checks.require(
         not config.student.get("dist_token", False),
@@ -139,17 +73,7 @@ def check_fields(config) -> dict:
     )
     checks.require(len(config.teachers) > 0, "teachers: no teacher; name one, e.g. teachers.deit")
     for name, tcfg in config.teachers.items():
-        field = f"teachers.{name}"
-        checks.require(
-            name.isidentifier() and name != "student",
-            f"{field}: a teacher's name must be an identifier other than 'student'",
-        )
-        checks.require(
-            isinstance(tcfg, ml_collections.ConfigDict) and "checkpoint" in tcfg,
-            f"{field}: expected a teacher entry (checkpoint, dtype, image_size, attn_impl, fp8)",
-        )
-        checks.one_of(tcfg.get("attn_impl", ""), ATTN_IMPLS, f"{field}.attn_impl")
-        checks.check_ranges(tcfg, TEACHER_RANGES, prefix=f"{field}.")
+        check_teacher_entry(name, tcfg)
     checks.require(len(config.terms) > 0, "terms: no loss term; see docs/METHOD.md, 'Objective'")
     for name, cfg in config.terms.items():
         field = f"terms.{name}"
@@ -168,27 +92,8 @@ def check_fields(config) -> dict:
         bool(active_terms(config, s["depth"])),
         "terms: every term has weight 0 (or no layer): nothing to distil",
     )
-    mc = config.masking
-    checks.one_of(mc.mode, masking.MODES, "masking.mode")
-    checks.one_of(mc.selection, masking.SELECTIONS, "masking.selection")
-    checks.check_ranges(mc, MASKING_RANGES, prefix="masking.")
-    checks.require(
-        mc.score_teacher == "" or mc.score_teacher in config.teachers,
-        f"masking.score_teacher={mc.score_teacher!r}: no such teacher; expected '' (uniform scores) or one "
-        f"of {', '.join(sorted(config.teachers))}",
-    )
+    masking.check_section(config.masking, config.teachers)
     return s
-
-
-def _field_names(config, prefix: str = "") -> list[str]:
-    """Dotted names of the sections and fields of ``config``, down to each ``teachers.NAME`` and
-    ``terms.NAME`` entry (whose own fields the entry's checks read)."""
-    names = []
-    for key, value in config.items():
-        names.append(prefix + key)
-        if isinstance(value, ml_collections.ConfigDict) and not prefix.startswith(("teachers.", "terms.")):
-            names.extend(_field_names(value, f"{prefix}{key}."))
-    return names
 
 
 def check_archs(config, archs: Mapping[str, Mapping[str, Any]]) -> None:
@@ -258,7 +163,6 @@ class DistillTask(Task):
     name = "distill"
     add_defaults = staticmethod(add_defaults)
     check_config = staticmethod(check_config)
-    renamed = staticmethod(renamed)
 
     def __init__(self, config, num_classes: int = 0, *, abstract: bool = False, platform: str | None = None):
         super().__init__(config, num_classes, abstract=abstract, platform=platform)

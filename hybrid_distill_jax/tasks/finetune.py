@@ -25,21 +25,19 @@ import ml_collections
 import numpy as np
 import optax
 
-from hybrid_distill_jax import checks
+from hybrid_distill_jax import checks, teachers
 from hybrid_distill_jax.errors import CheckpointError
-from hybrid_distill_jax.models import io as model_io
 from hybrid_distill_jax.models.build import MODEL_RANGES, normalize, vit_from_config
 from hybrid_distill_jax.models.vit import resample_posemb
+from hybrid_distill_jax.optim import make_optimizer
 from hybrid_distill_jax.tasks.base import (
     Task,
     check_loss_section,
     check_model_section,
-    describe_for_validation,
     loss_section,
     model_section,
     register,
 )
-from hybrid_distill_jax.train.optim import make_optimizer
 
 FINETUNE_RANGES = {
     "layer_decay": checks.Range(0.0, 1.0, open_lo=True, open_hi=False),
@@ -163,7 +161,7 @@ class FinetuneTask(Task):
         if not config.init_from:
             return check_model_section(config)
         checks.check_ranges(config.model, MODEL_RANGES, prefix="model.")
-        meta = describe_for_validation(config.init_from, "init_from", deviceless)
+        meta = teachers.describe_for_validation(config.init_from, "init_from", deviceless)
         if meta is None:  # an hf-hub: name not fetched yet: checked once loaded
             return
         patch = meta["arch"]["patch_size"]
@@ -177,7 +175,7 @@ class FinetuneTask(Task):
         mcfg = config.model
         head = dict(num_classes=num_classes, pool=mcfg.pool, drop_path=mcfg.drop_path)
         if config.init_from:
-            meta = model_io.describe_model(config.init_from, "init_from")
+            meta = teachers.describe(config.init_from, "init_from")
             # The pre-trained architecture, with this config's head, resolution and dtypes.
             mcfg = dict(
                 meta["arch"],
@@ -199,7 +197,7 @@ class FinetuneTask(Task):
         """``params`` (freshly initialised) with every backbone weight replaced by ``init_from``'s."""
         if not self.config.init_from:
             return params
-        _, loaded, _ = model_io.load_model(self.config.init_from, field="init_from")
+        _, loaded, _ = teachers.load_model(self.config.init_from, "init_from")
         params = dict(jax.device_get(params))
         for name, value in loaded.items():
             if name == "head":  # the classifier is always new (other classes, other pooling)

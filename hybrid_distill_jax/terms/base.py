@@ -19,8 +19,8 @@ import ml_collections
 from hybrid_distill_jax import checks
 from hybrid_distill_jax.errors import ConfigError
 from hybrid_distill_jax.masking import KeptTokens
-from hybrid_distill_jax.models.build import FrozenTeacher
 from hybrid_distill_jax.models.vit import VisionTransformer
+from hybrid_distill_jax.teachers import FrozenTeacher
 
 TERMS: dict[str, type[Term]] = {}
 # Every term's fields. ``drop_prob``: the probability that a step leaves the term out of the total (UNIC's

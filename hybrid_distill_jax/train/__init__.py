@@ -1,7 +1,8 @@
-"""The training loop, its step, checkpoints, optimizer and metric logging.
+"""The training loop, its step, checkpoints and metric logging (the optimizer: ``hybrid_distill_jax.optim``).
 
 ``Trainer``, ``TrainResult`` and ``train`` are loaded on first use, so importing ``train.step`` or
-``train.optim`` (what a benchmark or a task needs) does not import the input pipeline and TensorFlow.
+``train.program`` (what a benchmark or the AOT compile needs) does not import the input pipeline and
+TensorFlow.
 """
 
 import importlib

@@ -24,6 +24,7 @@ from hybrid_distill_jax.data.prefetch import prefetch_to_device, to_devices
 from hybrid_distill_jax.errors import CheckpointError, NonFiniteError, Preempted
 from hybrid_distill_jax.eval import diagnostics
 from hybrid_distill_jax.eval.features import probe_frozen_features
+from hybrid_distill_jax.optim import resolve_steps
 from hybrid_distill_jax.parallel import sharding
 from hybrid_distill_jax.train.checkpoint import Checkpointer, abstract_like
 from hybrid_distill_jax.train.metrics import ExampleLog, MetricWriter, Progress
@@ -46,17 +47,16 @@ class Trainer:
         # ---- config ------------------------------------------------------------------------------
         config_lib.validate(config)
         self.config = config
-        self.workdir = config_lib.check_workdir(workdir)
+        self.workdir = workdir_lock.check_workdir(workdir)
         self.name = config.name
 
         # ---- mesh --------------------------------------------------------------------------------
         self.mesh = sharding.make_mesh(config.mesh)
-        self.batch_sharding = sharding.batch_sharding(self.mesh)  # split over ('data', 'fsdp')
 
         # ---- data --------------------------------------------------------------------------------
         signals.pause_for_fault(config, "data")
         self.info = dataset_info(config.data)
-        self.total_steps, self.warmup_steps, self.steps_per_epoch = config_lib.resolve_steps(
+        self.total_steps, self.warmup_steps, self.steps_per_epoch = resolve_steps(
             config, self.info.num_examples[config.data.train_split]
         )
 
@@ -70,11 +70,8 @@ class Trainer:
             warmup_steps=self.warmup_steps,
             nan_at_step=config.faults.nan_at_step,
         )
-        self.frozen_shardings = self.program.frozen_shardings
-        self.frozen = jax.device_put(self.task.frozen, self.frozen_shardings)
-        self.tx, self.lr_schedule = self.program.tx, self.program.lr_schedule
-        self.state_shardings = self.program.state_shardings
-        split = sharding.describe(self.state_shardings["params"])
+        self.frozen = jax.device_put(self.task.frozen, self.program.frozen_shardings)
+        split = sharding.describe(self.program.state_shardings["params"])
         log.info("[%s] mesh %s, params: %s", self.name, dict(self.mesh.shape), split)
         self._init_state = self.program.jitted_init()  # the state is created already sharded
         self.checkpointer = Checkpointer(
@@ -100,7 +97,7 @@ class Trainer:
 
     def _device_batch(self, batch: dict) -> dict:
         """The step's inputs on the devices: uint8 images and labels (``index`` stays on the host)."""
-        return to_devices(batch, self.batch_sharding)
+        return to_devices(batch, self.program.batch_sharding)  # split over ('data', 'fsdp')
 
     # ---- restore or init ---------------------------------------------------------------------------
     def initial_state(self):
@@ -124,7 +121,7 @@ class Trainer:
             raise first_error
         params = self.task.pretrained_params(state["params"])  # e.g. fine-tuning from loaded weights
         if params is not state["params"]:
-            state["params"] = jax.device_put(params, self.state_shardings["params"])
+            state["params"] = jax.device_put(params, self.program.state_shardings["params"])
         return state, 0
 
     def _save(self, step, state):
@@ -283,3 +280,12 @@ class Trainer:
 def train(config, workdir: str) -> TrainResult:
     """Runs (or resumes) one training job described by ``config`` in ``workdir``."""
     return Trainer(config, workdir).run()
+
+
+def run(config, workdir: str) -> None:
+    """A training mode from the command line (``config_lib.MODES``): trains, prints the summary and the
+    export directory."""
+    result = train(config, workdir)
+    if result.summary:
+        print({k: round(v, 2) for k, v in result.summary.items()})
+    print(f"exported to {result.export_dir}")

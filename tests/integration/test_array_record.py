@@ -14,8 +14,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from hybrid_distill_jax.data import eval_iterator, sources, train_iterator
+from hybrid_distill_jax.data import eval_iterator, train_iterator
+from hybrid_distill_jax.data.formats import tfds as tfds_format
 from hybrid_distill_jax.errors import DataError
+from tests.helpers import prepare_numbered_tfds
 from tests.integration.test_data import _take
 
 EXAMPLES, SHARDS = 2000, 4  # 2 streamed pieces for one process, 1 each for two
@@ -34,28 +36,8 @@ def _numbers(images: np.ndarray) -> np.ndarray:
 
 def _prepare(data_dir: str, file_format: str) -> str:
     """The ``EXAMPLES`` numbered images, label ``i % 3``, prepared by TFDS in ``file_format`` shards; returns
-    the version directory (the builder class exists only here: the dataset is read without its code)."""
-
-    class NumberedPixels(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-        VERSION = tfds.core.Version("1.0.0")
-
-        def _info(self):
-            features = {
-                "image": tfds.features.Image(shape=(8, 8, 3), encoding_format="png"),
-                "label": tfds.features.ClassLabel(num_classes=3),
-            }
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
-
-        def _split_generators(self, dl_manager):
-            return {"train": self._generate_examples()}
-
-        def _generate_examples(self):
-            for i in range(EXAMPLES):
-                yield i, {"image": _pixels(i), "label": i % 3}
-
-    builder = NumberedPixels(data_dir=data_dir, file_format=file_format)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=SHARDS))
-    return str(builder.data_dir)
+    the version directory (read without builder code)."""
+    return prepare_numbered_tfds(data_dir, [_pixels(i) for i in range(EXAMPLES)], SHARDS, file_format)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +74,7 @@ def _cfg(directory: str, **overrides) -> dict:
 
 def _stream(monkeypatch) -> None:
     """Streams the split from its shards, as an ImageNet-size split is (else it is held in memory)."""
-    monkeypatch.setattr(sources, "IN_MEMORY_MAX_BYTES", 0)
+    monkeypatch.setattr(tfds_format, "IN_MEMORY_MAX_BYTES", 0)
 
 
 def _assert_same(a: list[dict], b: list[dict]) -> None:

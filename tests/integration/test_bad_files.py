@@ -64,8 +64,8 @@ CORRUPTIONS: dict[str, Callable[[str], None]] = {
 
 def prepare(root: str, tfds_dir: str) -> None:
     """Intact inputs of every kind under ``root`` (teachers, a checkpointed run, data, converter inputs)."""
-    from hybrid_distill_jax.convert import export_timm
     from hybrid_distill_jax.main import run_config
+    from hybrid_distill_jax.teachers.importer import export_timm
     from tests.helpers import make_teacher
 
     make_teacher(os.path.join(root, "teachers", "deit"), seed=1)
@@ -146,7 +146,7 @@ def _run_config(config, workdir):
 def _config_file(case: str, root: str):
     from absl import flags
 
-    from hybrid_distill_jax import main
+    from hybrid_distill_jax import config_file, main
 
     path = os.path.join(case, "config.py")
     argv = ["main", f"--config={path}", f"--workdir={case}/w"]
@@ -156,7 +156,7 @@ def _config_file(case: str, root: str):
     try:
 
         def entry():
-            main.parse_flags_or_exit(argv, flag_values)
+            config_file.parse_flags_or_exit(argv, flag_values)
             return 0
 
         return _cli(entry)
@@ -178,7 +178,7 @@ def _dataset(case: str, root: str):
 
 def _convert_import(suffix: str):
     def run(case: str, root: str):
-        from hybrid_distill_jax.convert.__main__ import main as convert_main
+        from hybrid_distill_jax.teachers.__main__ import main as convert_main
 
         path = os.path.join(case, "convert", f"vit.{suffix}")
         argv = ["import", "--family", "timm", "--input", path, "--heads", "2", "--output", f"{case}/out"]

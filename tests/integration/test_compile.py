@@ -200,7 +200,7 @@ from hybrid_distill_jax.aot import targets
 targets.prepare_environment("cuda")
 import jax
 from hybrid_distill_jax import compile as aot_compile
-from hybrid_distill_jax.main import load_config_file
+from hybrid_distill_jax.config_file import load_config_file
 
 target = targets.describe("h100-sxm", gpus_per_host=8)
 out = {}

@@ -18,13 +18,17 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="conversion tests need torch: bash scripts/install_torch_cpu.sh")
 
-from hybrid_distill_jax import convert  # noqa: E402
-from hybrid_distill_jax.convert import families, torch_io  # noqa: E402
-from hybrid_distill_jax.convert.__main__ import main as cli_main  # noqa: E402
-from hybrid_distill_jax.convert.torch_io import declare_torchvision_ops  # noqa: E402
 from hybrid_distill_jax.errors import CheckpointError, ConfigError  # noqa: E402
 from hybrid_distill_jax.models import io as model_io  # noqa: E402
 from hybrid_distill_jax.models.vit import resample_posemb, sincos_posemb_2d  # noqa: E402
+from hybrid_distill_jax.teachers import (  # noqa: E402
+    families,
+    importer,  # noqa: E402
+    torch_io,
+)
+from hybrid_distill_jax.teachers.__main__ import main as cli_main  # noqa: E402
+from hybrid_distill_jax.teachers.families.base import CLIP_INPUT  # noqa: E402
+from hybrid_distill_jax.teachers.torch_io import declare_torchvision_ops  # noqa: E402
 from tests.torch_reference import ours as _ours  # noqa: E402
 from tests.torch_reference import randomize as _randomize  # noqa: E402
 from tests.torch_reference import timm_reference as _timm_reference  # noqa: E402
@@ -142,7 +146,7 @@ def _convert(tmp_path, family, path, log=None, **kw):
     lines = []
     if family == "timm":
         kw = {**IMNET, **kw}
-    model, params, report = convert.import_checkpoint(
+    model, params, report = importer.import_checkpoint(
         family, path, str(tmp_path / f"out_{family}"), heads=HEADS, log=lines.append, **kw
     )
     # What was written is what load_model (the distillation teacher loader) reads back, strictly.
@@ -253,7 +257,7 @@ def test_open_clip_parity(tmp_path, fmt):
     model, params, meta, log = _convert(tmp_path, "open_clip", path)
     assert "outside the visual tower: 5 tensors" in log
     assert model.act == "gelu" and model.ln_pre and not model.patch_bias and model.norm_eps == 1e-5
-    assert meta["input"]["mean"] == list(model_io.CLIP_MEAN)
+    assert meta["input"]["mean"] == list(CLIP_INPUT["mean"])
     x = _images(5)
     ref_tokens, ref_probs, ref_emb = _clip_reference(v, x)
     out = _compare(f"open_clip (.{fmt})", model, params, x, ref_tokens, ref_probs)
@@ -355,7 +359,7 @@ def test_image_size_resamples_position_embedding(tmp_path):
     expect = resample_posemb(m.pos_embed.detach().numpy(), 1, 6)
     np.testing.assert_allclose(params["pos_embed"], np.asarray(expect), atol=1e-6)
     with pytest.raises(ConfigError, match="multiple of the patch size"):
-        convert.import_checkpoint(
+        importer.import_checkpoint(
             "timm", path, str(tmp_path / "bad"), heads=HEADS, image_size=50, **IMNET, log=lambda s: None
         )
 
@@ -403,9 +407,9 @@ def test_heads_default_table_and_errors(tmp_path):
     m = _timm_vit(seed=11, num_classes=0)
     path = _save(m.state_dict(), str(tmp_path / "vit.pth"))
     with pytest.raises(ConfigError, match="no default head count.*--heads"):
-        convert.import_checkpoint("timm", path, str(tmp_path / "o"), **IMNET, log=lambda s: None)
+        importer.import_checkpoint("timm", path, str(tmp_path / "o"), **IMNET, log=lambda s: None)
     with pytest.raises(ConfigError, match="does not divide"):
-        convert.import_checkpoint("timm", path, str(tmp_path / "o"), heads=5, **IMNET, log=lambda s: None)
+        importer.import_checkpoint("timm", path, str(tmp_path / "o"), heads=5, **IMNET, log=lambda s: None)
     sd = {k: v.numpy() for k, v in m.state_dict().items()}
     big = {k: v for k, v in sd.items()}
     big["patch_embed.proj.weight"] = np.zeros((384, 3, 16, 16), np.float32)
@@ -420,7 +424,7 @@ def test_mismatched_checkpoints_list_the_problems(tmp_path):
     # wrong family: a timm checkpoint read as CLIP
     path = _save(sd, str(tmp_path / "vit.pth"))
     with pytest.raises(CheckpointError, match="conv1.weight.*--family=clip"):
-        convert.import_checkpoint("clip", path, str(tmp_path / "o"), heads=HEADS, log=lambda s: None)
+        importer.import_checkpoint("clip", path, str(tmp_path / "o"), heads=HEADS, log=lambda s: None)
     # truncated + mis-shaped + unexpected keys, all listed in one message
     bad = dict(sd)
     del bad["blocks.1.mlp.fc2.weight"]
@@ -428,7 +432,9 @@ def test_mismatched_checkpoints_list_the_problems(tmp_path):
     bad["fc_norm.weight"] = torch.ones(WIDTH)
     path = _save(bad, str(tmp_path / "bad.pth"))
     with pytest.raises(CheckpointError) as err:
-        convert.import_checkpoint("timm", path, str(tmp_path / "o"), heads=HEADS, **IMNET, log=lambda s: None)
+        importer.import_checkpoint(
+            "timm", path, str(tmp_path / "o"), heads=HEADS, **IMNET, log=lambda s: None
+        )
     msg = str(err.value)
     assert "missing (1): blocks.1.mlp.fc2.weight" in msg
     assert "unexpected (1): fc_norm.weight" in msg
@@ -439,12 +445,14 @@ def test_mismatched_checkpoints_list_the_problems(tmp_path):
     v["visual.transformer.resblocks.1.mlp.c_fc.weight"] = torch.zeros(128, WIDTH)
     path = _save(v, str(tmp_path / "clip.safetensors"))
     with pytest.raises(CheckpointError, match=r"visual\.transformer\.resblocks\.1\.mlp\.c_fc\.weight: exp"):
-        convert.import_checkpoint("open_clip", path, str(tmp_path / "o"), heads=HEADS, log=lambda s: None)
+        importer.import_checkpoint("open_clip", path, str(tmp_path / "o"), heads=HEADS, log=lambda s: None)
     # not a state dict at all
     path = str(tmp_path / "junk.pth")
     torch.save({"epoch": 3, "note": "nothing"}, path)
     with pytest.raises(CheckpointError, match="no tensors at the top level"):
-        convert.import_checkpoint("timm", path, str(tmp_path / "o"), heads=HEADS, **IMNET, log=lambda s: None)
+        importer.import_checkpoint(
+            "timm", path, str(tmp_path / "o"), heads=HEADS, **IMNET, log=lambda s: None
+        )
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
@@ -490,7 +498,7 @@ def test_cli_subprocess_missing_file_is_one_line(tmp_path):
         [
             sys.executable,
             "-m",
-            "hybrid_distill_jax.convert",
+            "hybrid_distill_jax.teachers",
             "import",
             "--family",
             "clip",
@@ -521,10 +529,10 @@ def test_export_round_trip_into_timm(tmp_path, src, fmt):
         path = _save(wrapper.state_dict(), str(tmp_path / "in.pt"))
     directory = str(tmp_path / "ours")
     norm = IMNET if src == "timm" else {}
-    convert.import_checkpoint(src, path, directory, heads=HEADS, **norm, log=lambda s: None)
+    importer.import_checkpoint(src, path, directory, heads=HEADS, **norm, log=lambda s: None)
     out_path = str(tmp_path / f"student.{fmt}")
     assert cli_main(["export", "--input", directory, "--output", out_path]) == 0
-    _, kwargs, name = convert.export_timm(directory, out_path, log=lambda s: None)
+    _, kwargs, name = importer.export_timm(directory, out_path, log=lambda s: None)
     model, params, _ = model_io.load_model(directory)
     extra = {}
     if model.norm_eps != 1e-6:

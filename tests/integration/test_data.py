@@ -22,7 +22,9 @@ from hybrid_distill_jax.data import (
     train_iterator,
     validate_data_config,
 )
+from hybrid_distill_jax.data.formats import tfds as tfds_format
 from hybrid_distill_jax.errors import ConfigError, DataError
+from tests.helpers import prepare_numbered_tfds
 
 
 def _cfg(**overrides):
@@ -140,7 +142,7 @@ def test_train_iterator_is_deterministic_and_seeded(data_dir):
 @pytest.mark.parametrize("streamed", [False, True])
 def test_start_step_resumes_exactly_across_epochs(data_dir, monkeypatch, streamed):
     if streamed:  # the path used for datasets too large to hold in memory (e.g. ImageNet)
-        monkeypatch.setattr(sources, "IN_MEMORY_MAX_BYTES", 0)
+        monkeypatch.setattr(tfds_format, "IN_MEMORY_MAX_BYTES", 0)
     cfg = _cfg(data_dir=data_dir, train_split="test")  # 2000 examples, 64 per batch: epoch ends in batch 31
     kw = dict(image_size=16, global_batch=64, seed=7, process_index=0, process_count=1)
     full = _take(train_iterator(cfg, **kw), 34)
@@ -154,7 +156,7 @@ def test_start_step_resumes_exactly_across_epochs(data_dir, monkeypatch, streame
 @pytest.mark.parametrize("streamed", [False, True])
 def test_one_epoch_is_a_permutation_split_over_processes(data_dir, test_split_hashes, monkeypatch, streamed):
     if streamed:
-        monkeypatch.setattr(sources, "IN_MEMORY_MAX_BYTES", 0)
+        monkeypatch.setattr(tfds_format, "IN_MEMORY_MAX_BYTES", 0)
     cfg = _cfg(data_dir=data_dir, train_split="test", **_IDENTITY)
     per_process = []
     for p in range(2):
@@ -174,7 +176,7 @@ def test_one_epoch_is_a_permutation_split_over_processes(data_dir, test_split_ha
 @pytest.mark.parametrize("streamed", [False, True])
 def test_index_is_the_examples_place_in_the_split(data_dir, monkeypatch, streamed):
     if streamed:
-        monkeypatch.setattr(sources, "IN_MEMORY_MAX_BYTES", 0)
+        monkeypatch.setattr(tfds_format, "IN_MEMORY_MAX_BYTES", 0)
     stored = tfds.as_numpy(ensure_prepared(data_dir).as_dataset(split="test", shuffle_files=False))
     stored_hashes = _hashes(np.repeat(np.stack([ex["image"] for ex in stored]), 3, axis=-1))
     cfg = _cfg(data_dir=data_dir, train_split="test", **_IDENTITY)
@@ -188,30 +190,11 @@ def test_index_is_the_examples_place_in_the_split(data_dir, monkeypatch, streame
 def numbered_tfds(tmp_path_factory) -> str:
     """A prepared TFDS dataset in 4 shard files whose 160 examples are solid 8x8 PNGs of gray levels
     0-159 with label ``level % 3`` (TFDS stores them in a hashed order); returns its version directory
-    (its builder class exists only here)."""
-    shards, per_shard = 4, 40
-
-    class NumberedImages(tfds.core.GeneratorBasedBuilder):
-        VERSION = tfds.core.Version("1.0.0")
-
-        def _info(self):
-            features = {
-                "image": tfds.features.Image(shape=(8, 8, 3), encoding_format="png"),
-                "label": tfds.features.ClassLabel(num_classes=3),
-            }
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
-
-        def _split_generators(self, dl_manager):
-            return {"train": self._generate_examples()}
-
-        def _generate_examples(self):
-            for i in range(shards * per_shard):
-                yield i, {"image": np.full((8, 8, 3), i, np.uint8), "label": i % 3}
-
-    builder = NumberedImages(data_dir=str(tmp_path_factory.mktemp("numbered")))
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=shards))
-    assert len(builder.info.splits["train"].filenames) == shards
-    return str(builder.data_dir)
+    (read without builder code)."""
+    images = [np.full((8, 8, 3), i, np.uint8) for i in range(160)]
+    directory = prepare_numbered_tfds(str(tmp_path_factory.mktemp("numbered")), images, num_shards=4)
+    assert len(tfds.builder_from_directory(directory).info.splits["train"].filenames) == 4
+    return directory
 
 
 @pytest.mark.parametrize("streamed", [False, True])
@@ -222,7 +205,7 @@ def test_index_follows_stored_order_across_shard_files(numbered_tfds, monkeypatc
     import tensorflow as tf
 
     if streamed:
-        monkeypatch.setattr(sources, "IN_MEMORY_MAX_BYTES", 0)
+        monkeypatch.setattr(tfds_format, "IN_MEMORY_MAX_BYTES", 0)
     # The stored order, independently: the shard files one after another, each record as written.
     stored = []
     for shard in sorted(f for f in os.listdir(numbered_tfds) if ".tfrecord-" in f):
@@ -368,6 +351,8 @@ def test_folder_processes_are_disjoint(tmp_path):
         (dict(stall_timeout_s=0), "config.data.stall_timeout_s"),
         (dict(resize_method="nearest"), "config.data.resize_method"),
         (dict(antialias="yes"), "config.data.antialias"),
+        (dict(format="nope"), "config.data.format"),
+        (dict(format="prepared", name="nowhere", data_dir="/nonexistent/dir/for/test"), "config.data.name"),
     ],
 )
 def test_config_errors_name_the_field(overrides, field):
@@ -445,6 +430,28 @@ def test_prepared_tfds_dataset_without_builder_code_is_read_from_its_directory(d
         np.testing.assert_array_equal(batch["image"], reference["image"])  # the same examples, same stream
     with pytest.raises(ConfigError, match=r"config\.data\.name: unknown dataset 'not_prepared_here'"):
         validate_data_config(_cfg(name="not_prepared_here", data_dir=str(tmp_path)))
+
+
+def test_data_format_picks_a_format_by_name_and_detects_it_by_default(data_dir, tmp_path):
+    """``data.format=''`` detects the format from ``data.name`` as the probing always did (a dataset named
+    like a format is that format's); a format's name picks it whatever ``data.name`` says."""
+    from hybrid_distill_jax.data.formats import format_of
+
+    detected = {
+        "embedded_fashion_mnist": "embedded_fashion_mnist",
+        "embedded_fashion_mnist:1.0.0": "embedded_fashion_mnist",
+        "folder": "folder",
+        "cifar10": "tfds",
+        os.path.join(data_dir, embedded.NAME, "1.0.0"): "prepared",
+    }
+    assert {name: format_of(_cfg(name=name)).name for name in detected} == detected
+    _make_folder(tmp_path)
+    cfg = _cfg(name="my_pets", format="folder", data_dir=str(tmp_path), eval_split="val")
+    validate_data_config(cfg)
+    assert dataset_info(cfg).class_names == ("cat", "dog")
+    # The packaged dataset read as a plain registered TFDS dataset, where it is prepared.
+    cfg = _cfg(format="tfds", data_dir=data_dir)
+    assert dataset_info(cfg).num_examples == {"train": 10000, "test": 2000}
 
 
 def test_file_kind_reads_signatures_without_decoding():

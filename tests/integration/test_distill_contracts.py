@@ -10,13 +10,13 @@ import pytest
 from hybrid_distill_jax.config_lib import validate
 from hybrid_distill_jax.errors import ConfigError
 from hybrid_distill_jax.models import io as model_io
-from hybrid_distill_jax.models.build import FrozenTeacher
 from hybrid_distill_jax.tasks.distill import DistillTask
+from hybrid_distill_jax.teachers import FrozenTeacher
 from hybrid_distill_jax.train import Trainer
 from tests.helpers import make_teacher, timm_parity_error, tiny_distill_config
 
 torch = pytest.importorskip("torch", reason="needs torch: bash scripts/install_torch_cpu.sh")
-from hybrid_distill_jax.convert.torch_io import declare_torchvision_ops  # noqa: E402
+from hybrid_distill_jax.teachers.torch_io import declare_torchvision_ops  # noqa: E402
 
 declare_torchvision_ops()
 timm = pytest.importorskip("timm", reason="needs timm: bash scripts/install_torch_cpu.sh")

@@ -28,12 +28,13 @@ pytest.importorskip("safetensors")
 import huggingface_hub  # noqa: E402
 from huggingface_hub import constants as hf_constants  # noqa: E402
 
-from hybrid_distill_jax import config_lib, convert  # noqa: E402
-from hybrid_distill_jax.convert import hub, timm_config  # noqa: E402
-from hybrid_distill_jax.convert.__main__ import main as cli_main  # noqa: E402
-from hybrid_distill_jax.convert.torch_io import declare_torchvision_ops  # noqa: E402
+from hybrid_distill_jax import config_lib  # noqa: E402
 from hybrid_distill_jax.errors import CheckpointError, ConfigError  # noqa: E402
 from hybrid_distill_jax.models import io as model_io  # noqa: E402
+from hybrid_distill_jax.teachers import hub, importer, known, timm_config  # noqa: E402
+from hybrid_distill_jax.teachers.__main__ import main as cli_main  # noqa: E402
+from hybrid_distill_jax.teachers.families.base import CLIP_INPUT  # noqa: E402
+from hybrid_distill_jax.teachers.torch_io import declare_torchvision_ops  # noqa: E402
 from tests.torch_reference import ours, randomize, timm_reference  # noqa: E402
 
 declare_torchvision_ops()
@@ -237,7 +238,7 @@ def test_second_resolution_neither_converts_nor_downloads(hub_env, monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("the second resolution must not convert or download")
 
-    monkeypatch.setattr(convert, "import_checkpoint", refuse)
+    monkeypatch.setattr(importer, "import_checkpoint", refuse)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
     lines.clear()
     t2 = time.perf_counter()
@@ -300,11 +301,11 @@ def test_cli_import_by_name_offline_and_concurrent_resolution(hub_env, tmp_path)
     """Two fresh processes resolving one name at once (without torch), then the 'must show' command."""
     _, env = hub_env
     out = str(tmp_path / "mae_b16")
-    cmd = [sys.executable, "-m", "hybrid_distill_jax.convert", "import", "--input", MAE, "--output", out]
+    cmd = [sys.executable, "-m", "hybrid_distill_jax.teachers", "import", "--input", MAE, "--output", out]
     # torch and timm made unimportable: resolution reads safetensors with numpy and needs neither
     code = (
         "import sys; sys.modules['torch'] = sys.modules['timm'] = None\n"
-        f"from hybrid_distill_jax.convert import hub; print('DIR', hub.resolve({MAE!r}, log=print))"
+        f"from hybrid_distill_jax.teachers import hub; print('DIR', hub.resolve({MAE!r}, log=print))"
     )
     procs = [
         subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
@@ -395,13 +396,13 @@ def test_timm_clip_tower_needs_its_config_or_flags(tmp_path, exports):
     os.makedirs(os.path.dirname(bare))
     shutil.copy(os.path.join(directory, hub.WEIGHTS), bare)
     with pytest.raises(ConfigError, match="pass --act --norm-eps --mean R G B --std R G B"):
-        convert.import_checkpoint("timm", bare, str(tmp_path / "o"), log=lambda s: None)
-    ours_model, params, _ = convert.import_checkpoint(
+        importer.import_checkpoint("timm", bare, str(tmp_path / "o"), log=lambda s: None)
+    ours_model, params, _ = importer.import_checkpoint(
         "timm", os.path.join(directory, hub.WEIGHTS), str(tmp_path / "o2"), log=lambda s: None
     )
     meta = model_io.read_model_json(str(tmp_path / "o2"))
     assert ours_model.norm_eps == 1e-5 and ours_model.num_heads == 2
-    assert meta["input"]["mean"] == list(model_io.CLIP_MEAN)
+    assert meta["input"]["mean"] == list(CLIP_INPUT["mean"])
     # a plain timm state dict without a config: eps/act are timm's defaults, mean/std must be given
     plain = str(tmp_path / "plain" / hub.WEIGHTS)
     os.makedirs(os.path.dirname(plain))
@@ -409,14 +410,14 @@ def test_timm_clip_tower_needs_its_config_or_flags(tmp_path, exports):
     with pytest.raises(
         ConfigError, match=r"does not record its input mean/std.*pass --mean R G B --std R G B"
     ):
-        convert.import_checkpoint("timm", plain, str(tmp_path / "o3"), heads=2, log=lambda s: None)
+        importer.import_checkpoint("timm", plain, str(tmp_path / "o3"), heads=2, log=lambda s: None)
     # a config.json naming an architecture the table does not know: eps and act are not guessed
     cfg = json.load(open(os.path.join(exports["timm/vit_base_patch16_224.dino"][0], hub.CONFIG)))
     cfg["architecture"] = "some_new_vit"
     with open(os.path.join(os.path.dirname(plain), hub.CONFIG), "w") as f:
         json.dump(cfg, f)
     with pytest.raises(ConfigError, match=r"names 'some_new_vit'.*: pass --act --norm-eps \(the values"):
-        convert.import_checkpoint("timm", plain, str(tmp_path / "o4"), log=lambda s: None)
+        importer.import_checkpoint("timm", plain, str(tmp_path / "o4"), log=lambda s: None)
 
 
 def test_architecture_table_matches_timm():
@@ -447,17 +448,14 @@ def test_unknown_model_args_and_architectures_are_refused():
     assert s.heads is None and s.act is None and s.norm_eps is None and s.std is None
 
 
-def test_recipes_default_to_the_listed_names(capsys):
+def test_recipes_default_to_the_known_teachers(capsys):
     import importlib.util
 
     assert cli_main(["list"]) == 0
     listing = capsys.readouterr().out
-    rows = {line.split()[0]: line for line in listing.splitlines() if line.startswith(hub.PREFIX)}
-    for t in hub.TEACHERS:
-        assert t.what in rows[t.name]
-        for entry in t.recipes:  # "RECIPE:TEACHER"
-            recipe, name = entry.split(":")
-            assert f"configs/{recipe}.py (teachers.{name})" in rows[t.name]
+    rows = {line.split()[0]: line.split(None, 2) for line in listing.splitlines()[1:] if line.strip()}
+    for short, t in known.KNOWN.items():
+        assert rows[short] == [short, t.hub, t.what]
 
     def recipe_config(recipe, *arg):
         spec = importlib.util.spec_from_file_location(recipe, f"configs/{recipe}.py")
@@ -465,16 +463,17 @@ def test_recipes_default_to_the_listed_names(capsys):
         spec.loader.exec_module(module)
         return module.get_config(*arg)
 
-    for t in hub.TEACHERS:  # each recipe the table names uses that teacher by default, under that name
-        for entry in t.recipes:
-            recipe, name = entry.split(":")
-            assert recipe_config(recipe).teachers[name].checkpoint == t.name == hub.teacher(recipe, name)
-    pairs = {"hd_vitb16_deit_mae": ("deit", "mae"), "hd_vitb16_clip_mae": ("clip", "mae")}
-    pairs["hd_vitl16_clipl14_mae"] = ("clip", "mae")
-    for recipe, names in pairs.items():
+    defaults = {
+        "hd_vitb16_deit_mae": dict(deit="deit_b16", mae="mae_b16"),
+        "hd_vitb16_clip_mae": dict(clip="clip_b16", mae="mae_b16"),
+        "hd_vitl16_clipl14_mae": dict(clip="clip_l14", mae="mae_l16"),
+        "hd3_vitb16_clip_dino_mae": dict(clip="clip_b16", dino="dino_b16", mae="mae_b16"),
+    }
+    for recipe, shorts in defaults.items():
         c = recipe_config(recipe)
-        assert set(c.teachers) == set(names)
-        for name in names:
-            assert c.teachers[name].checkpoint == hub.teacher(recipe, name)
+        assert {name: t.checkpoint for name, t in c.teachers.items()} == {
+            name: known.hub_name(short) for name, short in shorts.items()
+        }
+        names = list(shorts)[:2]
         local = recipe_config(recipe, "teachers/a,teachers/b")
         assert tuple(local.teachers[name].checkpoint for name in names) == ("teachers/a", "teachers/b")

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hybrid_distill_jax import config_lib, workdir_lock
+from hybrid_distill_jax import workdir_lock
 from hybrid_distill_jax.config_lib import base_config
 from hybrid_distill_jax.data import pipeline
 from hybrid_distill_jax.errors import CheckpointError, ConfigError, DataError, NonFiniteError, Preempted
@@ -355,11 +355,11 @@ def test_a_multi_host_run_holds_one_lock_in_process_0(tmp_path, monkeypatch):
     would be refused by it), and a process re-enters its own lock (the phases of a chain)."""
     workdir = tmp_path / "shared"
     monkeypatch.setattr(jax, "process_index", lambda: 1)
-    config_lib.check_workdir(str(workdir))
+    workdir_lock.check_workdir(str(workdir))
     assert not os.path.exists(workdir / workdir_lock.LOCK_FILE)
     monkeypatch.setattr(jax, "process_index", lambda: 0)
-    config_lib.check_workdir(str(workdir))
-    config_lib.check_workdir(str(workdir))
+    workdir_lock.check_workdir(str(workdir))
+    workdir_lock.check_workdir(str(workdir))
     lock = str(workdir / workdir_lock.LOCK_FILE)
     probe = "import fcntl, sys; fcntl.flock(open(sys.argv[1]), fcntl.LOCK_EX | fcntl.LOCK_NB)"
     taken = subprocess.run([sys.executable, "-c", probe, lock], capture_output=True, text=True)

@@ -64,7 +64,7 @@ def fixed_batches(n=2, batch=BATCH, size=32):
 
 def process_rows(trainer, global_batch: int) -> slice:
     """The rows of the global batch this process feeds (contiguous for the default device order)."""
-    index_map = trainer.batch_sharding.addressable_devices_indices_map((global_batch,))
+    index_map = trainer.program.batch_sharding.addressable_devices_indices_map((global_batch,))
     rows = sorted({i for idx in index_map.values() for i in range(global_batch)[idx[0]]})
     assert rows == list(range(rows[0], rows[-1] + 1)), rows
     return slice(rows[0], rows[-1] + 1)

@@ -8,9 +8,9 @@ import pytest
 from hybrid_distill_jax import config_lib, masking
 from hybrid_distill_jax.aot import kernels, targets
 from hybrid_distill_jax.compile import required_bytes
-from hybrid_distill_jax.convert import hub, timm_config
 from hybrid_distill_jax.errors import ConfigError
 from hybrid_distill_jax.models.vit import forward_flops, make_vit
+from hybrid_distill_jax.teachers import hub, known, timm_config
 
 # A hand-written optimized-HLO excerpt in XLA's text format: two cuBLAS GEMMs (bf16, fp8), a cuDNN
 # attention call, a fusion whose body must not count as buffers, a collective and a convolution.
@@ -147,9 +147,9 @@ def test_listed_hub_teachers_are_described_without_any_file(monkeypatch, tmp_pat
 
 def test_table_entries_are_what_their_config_json_says():
     """Each listed teacher's known config gives the architecture timm_config's checked table gives."""
-    for teacher in hub.TEACHERS:
-        repo = teacher.name.removeprefix(hub.PREFIX)
-        cfg = hub.known_config(repo)
+    for teacher in known.KNOWN.values():
+        repo = teacher.hub.removeprefix(hub.PREFIX)
+        cfg = known.known_config(repo)
         described = timm_config.description(cfg, repo)["arch"]
         settings = timm_config.settings(cfg, repo)
         assert described["width"] == settings.expect["width"] and described["num_heads"] == settings.heads

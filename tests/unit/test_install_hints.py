@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from hybrid_distill_jax.convert import hub
 from hybrid_distill_jax.errors import ConfigError
+from hybrid_distill_jax.teachers import hub
 from tests.helpers import REPO
 
 # `pip install -e '.[aot]'`, `pip install 'hybrid_distill_jax[hub]'`, ...: the extras named.

@@ -17,17 +17,17 @@ ROOT = pathlib.Path(__file__).resolve().parents[2] / PACKAGE
 # Lowest first; names relative to the package ("" is the package itself). A module is in the layer of
 # the longest name here that is it or one of its parent packages.
 LAYERS = (
-    ("errors", ("", "errors", "checks")),
+    ("errors", ("", "errors", "checks", "registry")),
     ("process", ("signals", "workdir_lock")),
     ("primitives", ("losses", "masking", "parallel", "aot")),
-    # One layer: models.io resolves `hf-hub:` checkpoint names through convert.hub, convert builds models.
-    ("models", ("models", "convert")),
+    ("models", ("models",)),
+    ("teachers", ("teachers",)),
     ("data", ("data",)),
     ("eval", ("eval",)),
-    ("step", ("train.optim", "train.step", "train.program", "train.checkpoint", "train.metrics")),
+    ("step", ("optim", "train.step", "train.program", "train.checkpoint", "train.metrics")),
     ("terms", ("terms",)),
     ("tasks", ("tasks",)),
-    ("config", ("config_lib",)),
+    ("config", ("config_lib", "config_file", "recipes")),
     ("trainer", ("train",)),
     ("experiments", ("experiments",)),
     ("main", ("main",)),
@@ -136,7 +136,73 @@ def test_every_allowed_exception_still_occurs():
 
 def test_the_scan_sees_lazy_and_from_imports():
     """The reader finds a top-level import, an import inside a function and a ``from P import module``."""
-    assert "tasks" in _imports("main")  # inside rename_hint()
+    assert "config_lib" in _imports("main")  # inside run_config()
     assert "signals" in _imports("config_lib")  # from hybrid_distill_jax import signals, ...
-    assert "convert.hub" in _imports("models.io")  # inside a function
+    assert "data" in _imports("eval.diagnostics")  # inside a function
     assert "errors" in _imports("losses")
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one node (or with a self-loop), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for succ in sorted(graph.get(node, ())):
+            if succ not in index:
+                visit(succ)
+                low[node] = min(low[node], low[succ])
+            elif succ in on_stack:
+                low[node] = min(low[node], index[succ])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1 or node in graph.get(node, ()):
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """module -> the package modules it imports; a registry package (``registry.import_submodules``)
+    imports each of its modules."""
+    graph = {}
+    for module, path in MODULES.items():
+        graph[module] = _imports(module)
+        if path.name == "__init__.py" and "import_submodules(__name__, __path__)" in path.read_text():
+            graph[module] |= {m for m in MODULES if m.rpartition(".")[0] == module}
+    return graph
+
+
+def test_no_module_is_part_of_an_import_cycle():
+    cycles = _cycles(_module_graph())
+    assert not cycles, "import cycles between modules:\n" + "\n".join(" <-> ".join(c) for c in cycles)
+
+
+def test_no_import_cycle_between_top_level_folders():
+    """The package's top-level folders and modules (``teachers``, ``models``, ``main``, ...) as nodes."""
+    top = lambda module: module.split(".")[0]  # noqa: E731
+    graph: dict[str, set[str]] = {}
+    for module, targets in _module_graph().items():
+        graph.setdefault(top(module), set()).update(top(t) for t in targets if top(t) != top(module))
+    cycles = _cycles(graph)
+    assert not cycles, "cycles between top-level folders:\n" + "\n".join(" <-> ".join(c) for c in cycles)
+
+
+def test_the_cycle_finder_finds_cycles():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"d"}, "e": {"a"}}
+    assert _cycles(graph) == [["a", "b", "c"], ["d"]]

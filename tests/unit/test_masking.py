@@ -8,6 +8,7 @@ import pytest
 
 from hybrid_distill_jax import masking
 from hybrid_distill_jax.errors import ConfigError
+from hybrid_distill_jax.masking import over_depth, over_training
 
 
 def test_gumbel_top_k_frequencies_follow_scores():
@@ -50,7 +51,7 @@ def test_topk_random_and_sorted_without_duplicates():
 
 
 def test_mask_ratio_schedule_is_piecewise_constant():
-    s = masking.MaskRatioSchedule((0.0, 0.3, 0.6), (0.0, 0.25, 0.5))
+    s = over_training.MaskRatioSchedule((0.0, 0.3, 0.6), (0.0, 0.25, 0.5))
     ratios = [s.mask_ratio(step, 100) for step in range(100)]
     assert ratios[:30] == [0.0] * 30 and ratios[30:60] == [0.25] * 30 and ratios[60:] == [0.5] * 40
     assert masking.keep_count(196, 0.5) == 98 and masking.keep_count(64, 0.25) == 48
@@ -69,12 +70,12 @@ def test_mask_ratio_schedule_is_piecewise_constant():
 )
 def test_bad_schedules(starts, ratios):
     with pytest.raises(ConfigError, match="masking.stage"):
-        masking.MaskRatioSchedule(starts, ratios)
+        over_training.MaskRatioSchedule(starts, ratios)
 
 
 def test_nested_selection_gives_nested_subsets():
     scores = [jax.random.uniform(jax.random.key(i), (2, 32)) for i in range(3)]
-    rel, ab = masking.nested_selection(jax.random.key(0), scores, (24, 16, 8), "gumbel")
+    rel, ab = over_depth.nested_selection(jax.random.key(0), scores, (24, 16, 8), "gumbel")
     assert [a.shape for a in ab] == [(2, 24), (2, 16), (2, 8)]
     prev = np.tile(np.arange(32), (2, 1))
     for r, a in zip(rel, ab):
@@ -104,7 +105,7 @@ def _cfg(**kw):
 
 def test_over_training_plan_counts_and_selection():
     plan = masking.keep_plan(_cfg(), num_patches=16, depth=4)
-    assert isinstance(plan, masking.OverTrainingPlan)
+    assert isinstance(plan, over_training.OverTrainingPlan)
     assert [plan.stage(s, 10) for s in (0, 4, 5, 9)] == [16, 16, 8, 8]
     assert plan.stage_metrics(8) == {"keep": 8}
     assert plan.score_layers(6) == (6,)
@@ -120,7 +121,7 @@ def test_over_training_plan_counts_and_selection():
 
 def test_over_depth_plan_nests_sets_after_each_drop():
     plan = masking.keep_plan(_cfg(mode="over_depth"), num_patches=16, depth=4)
-    assert isinstance(plan, masking.OverDepthPlan)
+    assert isinstance(plan, over_depth.OverDepthPlan)
     assert plan.stage(0, 10) == plan.stage(9, 10) == (12, 8)
     assert plan.stage_metrics((12, 8)) == {"keep": 8}
     assert plan.score_layers(6) == (1, 3)
@@ -167,7 +168,7 @@ def test_token_multiple_rounds_masked_counts_down_to_hardware_friendly_lengths(m
             continue
         assert 1 <= k <= plain and ((1 + k) % multiple == 0 or k == 1)
         assert k == 1 or plain - k < multiple  # the largest such K
-    over_training = masking.keep_plan(_cfg(token_multiple=8), num_patches=196, depth=12)
-    assert over_training.stages(10) == (196, 95)  # 98 -> 95: CLS + 95 = 96 tokens
-    over_depth = masking.keep_plan(_cfg(mode="over_depth", token_multiple=8), num_patches=196, depth=12)
-    assert over_depth.stage(0, 10) == (143, 95)  # 147 -> 143 and 98 -> 95, still nested
+    training_plan = masking.keep_plan(_cfg(token_multiple=8), num_patches=196, depth=12)
+    assert training_plan.stages(10) == (196, 95)  # 98 -> 95: CLS + 95 = 96 tokens
+    depth_plan = masking.keep_plan(_cfg(mode="over_depth", token_multiple=8), num_patches=196, depth=12)
+    assert depth_plan.stage(0, 10) == (143, 95)  # 147 -> 143 and 98 -> 95, still nested

@@ -224,7 +224,7 @@ def test_only_the_teachers_an_active_term_or_the_scorer_names_are_loaded():
 
 
 def test_the_three_teacher_recipe_validates_without_a_download():
-    from hybrid_distill_jax.main import load_config_file
+    from hybrid_distill_jax.config_file import load_config_file
 
     c = load_config_file("configs/hd3_vitb16_clip_dino_mae.py")
     assert sorted(c.teachers) == ["clip", "dino", "mae"]

@@ -107,7 +107,7 @@ class Folder(Format):
     name = FOLDER
 
     def handles(self, data_cfg: Any) -> bool:
-        return field(data_cfg, "name") == FOLDER
+        return field(data_cfg, "name") == self.name
 
     def validate(self, data_cfg: Any) -> None:
         root = field(data_cfg, "data_dir")

@@ -3,53 +3,14 @@ read from its directory (``dataset_info.json`` and the record shards) by ``tfds.
 
 from __future__ import annotations
 
-import os
-import re
 from typing import Any
 
 import tensorflow_datasets as tfds
 
-from hybrid_distill_jax.data.common import FOLDER, INFO_FILE, expanded_data_dir, field
+from hybrid_distill_jax.data.common import field, prepared_dir
 from hybrid_distill_jax.data.formats.base import register
-from hybrid_distill_jax.data.formats.tfds import TfdsFormat, is_registered, opened
-
-
-def prepared_dir(data_cfg: Any) -> str | None:
-    """The directory of a TFDS dataset prepared on disk whose builder code is not registered, if any.
-
-    ``name`` may be that directory itself (holding ``dataset_info.json``), or ``NAME[:VERSION]`` with
-    ``data_dir/NAME/VERSION/dataset_info.json`` (the newest version when none is given).
-    """
-    name = field(data_cfg, "name")
-    expanded = os.path.expanduser(name)
-    if os.path.isfile(os.path.join(expanded, INFO_FILE)):
-        return expanded
-    data_dir = (
-        expanded_data_dir(data_cfg)
-        or os.environ.get("TFDS_DATA_DIR")
-        or os.path.expanduser("~/tensorflow_datasets")
-    )
-    base, _, version = name.partition(":")
-    root = os.path.join(data_dir, *base.split("/"))
-    if version:
-        candidates = [version]
-    elif os.path.isdir(root):
-        candidates = sorted(
-            (v for v in os.listdir(root) if re.fullmatch(r"\d+\.\d+\.\d+", v)),
-            key=lambda v: tuple(int(x) for x in v.split(".")),
-            reverse=True,
-        )
-    else:
-        candidates = []
-    for v in candidates:
-        if os.path.isfile(os.path.join(root, v, INFO_FILE)):
-            return os.path.join(root, v)
-    return None
-
-
-def open_directory(directory: str) -> tfds.core.DatasetBuilder:
-    """The builder of the dataset prepared in ``directory``; damaged metadata is a DataError naming it."""
-    return opened(lambda: tfds.builder_from_directory(directory), os.path.join(directory, INFO_FILE))
+from hybrid_distill_jax.data.formats.tfds import TfdsFormat, is_registered, open_directory
+from hybrid_distill_jax.errors import ConfigError
 
 
 @register
@@ -60,8 +21,16 @@ class Prepared(TfdsFormat):
     name = "prepared"
 
     def handles(self, data_cfg: Any) -> bool:
-        name = field(data_cfg, "name")  # the other formats' names stay theirs, whatever is on disk
-        return name != FOLDER and not is_registered(name) and prepared_dir(data_cfg) is not None
+        return not is_registered(field(data_cfg, "name")) and prepared_dir(data_cfg) is not None
+
+    def validate(self, data_cfg: Any) -> None:
+        """A prepared dataset is there (what ``handles`` checked, unless ``config.data.format`` chose it)."""
+        if prepared_dir(data_cfg) is None:
+            name = field(data_cfg, "name")
+            raise ConfigError(
+                f"config.data.name: no prepared dataset {name!r} (config.data.format='prepared'): neither "
+                f"a directory holding dataset_info.json nor {name}/<version>/dataset_info.json in data_dir"
+            )
 
     def builder(self, data_cfg: Any) -> tfds.core.DatasetBuilder:
         return open_directory(prepared_dir(data_cfg))

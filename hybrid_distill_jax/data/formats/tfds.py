@@ -24,7 +24,6 @@ from google.protobuf import json_format
 
 from hybrid_distill_jax.data import embedded
 from hybrid_distill_jax.data.common import (
-    EMBEDDED,
     INFO_FILE,
     DatasetInfo,
     Source,
@@ -32,6 +31,7 @@ from hybrid_distill_jax.data.common import (
     base_name,
     expanded_data_dir,
     field,
+    prepared_dir,
     read_error,
     reason,
     split_field,
@@ -42,6 +42,9 @@ from hybrid_distill_jax.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
+# A split whose per-process share is at most this many bytes is held in memory (encoded), else streamed.
+# Read at each call: a benchmark or test sets it to 0 here to stream a small split.
+IN_MEMORY_MAX_BYTES = 1 << 30
 # A streamed split is read as this many pieces per process, merged in a new random order every epoch.
 STREAM_CHUNKS = 16
 # What TFDS raises opening a prepared dataset whose metadata is damaged: unreadable or a directory (OSError,
@@ -67,6 +70,12 @@ def opened(make: Callable[[], tfds.core.DatasetBuilder], info_file: str) -> tfds
     except _METADATA_ERRORS as e:
         raise _metadata_error(info_file, e) from e
     return builder
+
+
+def open_directory(directory: str) -> tfds.core.DatasetBuilder:
+    """The builder of the dataset prepared in ``directory`` (``common.prepared_dir``), without its builder
+    code; damaged metadata is a DataError naming it."""
+    return opened(lambda: tfds.builder_from_directory(directory), os.path.join(directory, INFO_FILE))
 
 
 def is_registered(name: str) -> bool:
@@ -309,10 +318,8 @@ class TfdsFormat(Format):
     def train_source(
         self, data_cfg: Any, local_batch: int, global_batch: int, process_index: int, process_count: int
     ) -> Source:
-        """In memory when this process's share of the split is at most ``sources.IN_MEMORY_MAX_BYTES``, else
+        """In memory when this process's share of the split is at most ``IN_MEMORY_MAX_BYTES``, else
         streamed."""
-        from hybrid_distill_jax.data import sources  # its limit, which a benchmark or test may lower there
-
         name = field(data_cfg, "name")
         split = field(data_cfg, "train_split")
         builder = self.open(data_cfg)
@@ -329,7 +336,7 @@ class TfdsFormat(Format):
         whole = builder.info.splits[_split_base(split)]
         num_bytes = int(whole.num_bytes or 0)
         share = num_bytes * n_local / max(1, int(whole.num_examples))  # estimated bytes held by this process
-        in_memory = share <= sources.IN_MEMORY_MAX_BYTES if num_bytes > 0 else n_local <= 200_000
+        in_memory = share <= IN_MEMORY_MAX_BYTES if num_bytes > 0 else n_local <= 200_000
         if in_memory:
             files = shard_files(builder, [sub])
             try:
@@ -382,24 +389,21 @@ class TfdsFormat(Format):
 @register
 class Registered(TfdsFormat):
     """A dataset whose TFDS builder is registered, read from ``data_dir`` where it is prepared there, else
-    from a copy prepared elsewhere on disk (``formats.prepared``). The packaged dataset, registered too,
-    has its own format (``formats.embedded``), which prepares it."""
+    from a copy prepared elsewhere on disk (``common.prepared_dir``). The packaged dataset, registered too,
+    is detected as its own format (``formats.embedded``), which prepares it."""
 
     name = "tfds"
 
     def handles(self, data_cfg: Any) -> bool:
-        name = field(data_cfg, "name")
-        return base_name(name) != EMBEDDED and is_registered(name)
+        return is_registered(field(data_cfg, "name"))
 
     def builder(self, data_cfg: Any) -> tfds.core.DatasetBuilder:
-        from hybrid_distill_jax.data.formats import prepared  # which imports this module
-
         name = field(data_cfg, "name")
         data_dir = expanded_data_dir(data_cfg)
         builder = _registered_builder(name, data_dir)
         if builder.is_prepared():
             return builder
-        directory = prepared.prepared_dir(data_cfg)
+        directory = prepared_dir(data_cfg)
         if directory is None:
             raise DataError(_not_prepared_message(builder, name, data_dir))
-        return prepared.open_directory(directory)
+        return open_directory(directory)

@@ -17,6 +17,8 @@ import os
 from typing import Any
 
 from hybrid_distill_jax.errors import CheckpointError, ConfigError
+from hybrid_distill_jax.models import io as model_io
+from hybrid_distill_jax.models.vit import ACTIVATIONS, arch_dict, make_vit
 
 _B = dict(embed_dim=768, depth=12, num_heads=12)
 _L = dict(embed_dim=1024, depth=24, num_heads=16)
@@ -36,7 +38,6 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     "vit_base_patch16_clip_quickgelu_224": dict(patch_size=16, **_B, **_CLIP, act_layer="quick_gelu"),
     "vit_large_patch14_clip_quickgelu_224": dict(patch_size=14, **_L, **_CLIP, act_layer="quick_gelu"),
 }
-_ACTS = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "quick_gelu": "quick_gelu"}
 _POOLS = {"token": "cls", "avg": "gap", "": "cls"}
 # model_args this module reads
 _READ_ARGS = {
@@ -142,8 +143,8 @@ def settings(cfg: dict, where: str) -> TimmSettings:
     if known is not None or "pre_norm" in model_args:
         expect["ln_pre"] = bool(args.get("pre_norm", False))
     act = args.get("act_layer", "gelu" if known is not None else None)
-    if act is not None and act not in _ACTS:
-        raise ConfigError(f"{where}: act_layer={act!r} of {arch}: expected one of {sorted(_ACTS)}")
+    if act is not None and act not in ACTIVATIONS:
+        raise ConfigError(f"{where}: act_layer={act!r} of {arch}: expected one of {sorted(ACTIVATIONS)}")
     tag = str(pcfg.get("tag") or "")
     if act == "gelu" and tag == "openai" and "_clip_" in arch:
         act = "quick_gelu"
@@ -161,7 +162,7 @@ def settings(cfg: dict, where: str) -> TimmSettings:
         architecture=arch,
         tag=tag,
         heads=int(args["num_heads"]) if "num_heads" in args else None,
-        act=_ACTS[act] if act else None,
+        act=act or None,
         norm_eps=float(norm_eps) if norm_eps is not None else None,
         pool=_POOLS[pool],
         mean=tuple(float(v) for v in mean) if mean else None,
@@ -179,9 +180,6 @@ def description(cfg: dict, where: str) -> dict:
     Shapes follow from timm's own rules: a pre-norm (CLIP-style) tower has no patch-embedding bias,
     the MLP is ``mlp_ratio`` (4) times the width, ``num_classes`` sizes the head.
     """
-    from hybrid_distill_jax.models import io as model_io
-    from hybrid_distill_jax.models.vit import arch_dict, make_vit
-
     s = settings(cfg, where)
     if {"width", "depth", "patch_size"} - set(s.expect) or s.heads is None or s.act is None:
         raise ConfigError(

@@ -1,10 +1,9 @@
-"""Bring your teachers: PyTorch ViT checkpoints <-> our exported Flax models (see docs/CONVERT.md).
+"""PyTorch ViT checkpoints <-> our exported Flax models (see docs/CONVERT.md).
 
-``import_checkpoint`` reads a LOCAL timm / DeiT / MAE / DINO / OpenAI CLIP / open_clip file and writes
-a ``model.json`` + ``params.msgpack`` directory (``models.io.save_model``) that distillation configs
-point teachers at. ``export_timm`` writes one of our exported models as a timm ``VisionTransformer``
-state dict. Reading never executes code from a checkpoint (``convert.torch_io``). ``convert.hub``
-resolves ``hf-hub:ORG/NAME[@REVISION]`` teacher names to converted, cached directories.
+``import_checkpoint`` reads a LOCAL checkpoint file of one of the families (``teachers.families``) and
+writes a ``model.json`` + ``params.msgpack`` directory (``models.io.save_model``) that distillation
+configs point teachers at. ``export_timm`` writes one of our exported models as a timm
+``VisionTransformer`` state dict. Reading never executes code from a checkpoint (``teachers.torch_io``).
 """
 
 from __future__ import annotations
@@ -14,11 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from hybrid_distill_jax.convert import families, timm_config, torch_io
 from hybrid_distill_jax.errors import CheckpointError, ConfigError
 from hybrid_distill_jax.models import io as model_io
-
-__all__ = ["import_checkpoint", "export_timm", "timm_state_dict", "families", "torch_io"]
+from hybrid_distill_jax.models.vit import ACTIVATIONS
+from hybrid_distill_jax.teachers import families, timm_config, torch_io
 
 
 def import_checkpoint(
@@ -37,13 +35,14 @@ def import_checkpoint(
 ) -> tuple[Any, Any, dict]:
     """Converts a local checkpoint file into an exported-model directory; returns (model, params, report).
 
-    A ``--family timm`` file takes eps, activation, heads, pooling and mean/std from the timm
-    ``config.json`` beside it when there is one (``convert.timm_config``); flags override it.
+    A family that ``reads_timm_config`` (``timm``) takes eps, activation, heads, pooling and mean/std
+    from the timm ``config.json`` beside the file when there is one (``teachers.timm_config``); flags
+    override it.
     ``provenance`` (e.g. the hub repo and commit) is recorded under ``converted_from``.
     """
     fam = families.get_family(family)
-    if act is not None and act not in ("gelu", "gelu_tanh", "quick_gelu"):
-        raise ConfigError(f"--act={act!r}: expected gelu, gelu_tanh or quick_gelu")
+    if act is not None and act not in ACTIVATIONS:
+        raise ConfigError(f"--act={act!r}: expected one of {', '.join(ACTIVATIONS)}")
     sd = torch_io.load_state_dict(input_path, log=log)
     given = dict(
         heads=heads,
@@ -108,7 +107,7 @@ _FLAGS = {"act": "--act", "norm_eps": "--norm-eps", "mean": "--mean R G B", "std
 
 
 def _timm_config_beside(fam, input_path: str, log) -> timm_config.TimmSettings | None:
-    path = timm_config.beside(input_path) if fam.name == "timm" else None
+    path = timm_config.beside(input_path) if fam.reads_timm_config else None
     if path is None:
         return None
     try:
@@ -129,13 +128,11 @@ def _settle(fam, sd: dict, given: dict, cfg, where: str, log) -> dict:
     if cfg is not None:
         known = dict(heads=cfg.heads, act=cfg.act, norm_eps=cfg.norm_eps, mean=cfg.mean, std=cfg.std)
         source = "config.json"
-    elif fam.name == "timm":
-        # timm's VisionTransformer defaults hold for plain towers; pre-norm (CLIP-style) towers differ
-        known = {} if pre_norm else dict(act=fam.act, norm_eps=fam.norm_eps)
-        source = "timm's defaults"
     else:
-        known = dict(act=fam.act, norm_eps=fam.norm_eps, mean=fam.mean, std=fam.std)
-        source = f"the {fam.name} family"
+        known = dict(mean=fam.mean, std=fam.std)
+        if not (fam.plain_tower_defaults and pre_norm):
+            known.update(act=fam.act, norm_eps=fam.norm_eps)
+        source = fam.defaults_source
     chosen = {}
     for key, value in given.items():
         default = known.get(key)
@@ -147,7 +144,7 @@ def _settle(fam, sd: dict, given: dict, cfg, where: str, log) -> dict:
         if cfg is not None:
             why = (
                 f"the timm config.json beside it names {cfg.architecture!r}, an architecture "
-                "convert.timm_config.ARCHITECTURES does not know, and its model_args do not fix them"
+                "teachers.timm_config.ARCHITECTURES does not know, and its model_args do not fix them"
             )
         elif pre_norm:
             why = (

@@ -1,11 +1,11 @@
-"""CLI: ``python -m hybrid_distill_jax.convert {import,export,list} ...`` (see docs/CONVERT.md).
+"""CLI: ``python -m hybrid_distill_jax.teachers {import,export,list} ...`` (see docs/CONVERT.md).
 
-  import --family {timm,deit,mae,clip,open_clip,dino} --input FILE --output DIR
+  import --family {clip,deit,dino,mae,open_clip,timm} --input FILE --output DIR
          [--image-size N] [--heads N] [--act gelu|gelu_tanh|quick_gelu] [--norm-eps E]
          [--mean R G B] [--std R G B]
-  import --input hf-hub:ORG/NAME[@REVISION] --output DIR      (a timm safetensors repo, convert.hub)
+  import --input hf-hub:ORG/NAME[@REVISION] --output DIR      (a timm safetensors repo, teachers.hub)
   export --input DIR --output FILE.{safetensors,pth} [--timm-name vit_base_patch16_224]
-  list                                                         (the paper's teachers by name)
+  list                                                         (the known teachers by short name)
 
 Errors (a missing file, a URL, an unreachable hub, a checkpoint that does not fit the family) print
 one message and exit 2.
@@ -14,18 +14,20 @@ one message and exit 2.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 
 from hybrid_distill_jax import errors
 from hybrid_distill_jax.errors import ConfigError
+from hybrid_distill_jax.teachers import hub, importer
+from hybrid_distill_jax.teachers.families import FAMILIES
+from hybrid_distill_jax.teachers.known import KNOWN
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hybrid_distill_jax.convert.families import FAMILIES
-
     parser = argparse.ArgumentParser(
-        prog="python -m hybrid_distill_jax.convert",
+        prog="python -m hybrid_distill_jax.teachers",
         description="Convert PyTorch ViT checkpoints (local files or hf-hub: names) to and from our "
         "exported models.",
     )
@@ -88,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="timm model name to print in the load command (default vit_base_patch16_224)",
     )
-    sub.add_parser("list", help="the known teachers by hf-hub: name, with the recipes that use them")
+    sub.add_parser("list", help="the known teachers: short name, hf-hub: name, what each is")
     return parser
 
 
@@ -96,9 +98,6 @@ _HUB_FLAGS = ("image_size", "heads", "act", "norm_eps", "mean", "std")
 
 
 def _import(args) -> None:
-    from hybrid_distill_jax import convert
-    from hybrid_distill_jax.convert import hub
-
     if hub.is_hub_name(args.input):
         given = [f"--{k.replace('_', '-')}" for k in _HUB_FLAGS if getattr(args, k) is not None]
         if given or args.family not in (None, "timm"):
@@ -113,7 +112,7 @@ def _import(args) -> None:
         return
     if args.family is None:
         raise ConfigError("--family is required for a local --input file")
-    convert.import_checkpoint(
+    importer.import_checkpoint(
         args.family,
         args.input,
         args.output,
@@ -126,19 +125,30 @@ def _import(args) -> None:
     )
 
 
+def list_known(print_fn=print) -> None:
+    """The known teachers (short name, hub name, what each is) and where their conversions are cached."""
+    width = max(len("short name"), *(len(name) for name in KNOWN))
+    hub_width = max(len(t.hub) for t in KNOWN.values())
+    print_fn(f"{'short name':{width}}  {'hub name':{hub_width}}  what")
+    for name, t in KNOWN.items():
+        print_fn(f"{name:{width}}  {t.hub:{hub_width}}  {t.what}")
+    print_fn(
+        f"\nconverted once into {os.path.join(hub.cache_root(), 'teachers')} ({hub.CACHE_ENV} to move it); "
+        "files come from huggingface_hub's cache (HF_HOME, HF_HUB_OFFLINE); a recipe names a known "
+        "teacher with hybrid_distill_jax.teachers.hub_name('SHORT')"
+    )
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from hybrid_distill_jax import convert
 
     def run():
         if args.command == "import":
             _import(args)
         elif args.command == "list":
-            from hybrid_distill_jax.convert import hub
-
-            hub.list_teachers()
+            list_known()
         else:
-            convert.export_timm(args.input, args.output, timm_name=args.timm_name)
+            importer.export_timm(args.input, args.output, timm_name=args.timm_name)
 
     return errors.exit_status_of(run)
 

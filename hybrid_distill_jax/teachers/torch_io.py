@@ -14,7 +14,7 @@ What runs for each kind of file:
   an inert stub that only records its arguments and state. The ``code/`` records are never read.
 
 Only local files are read here: a URL or hub name fails at once, naming what to do (``hf-hub:`` names
-are resolved by ``convert.hub`` before a file reaches this module).
+are resolved by ``teachers.hub`` before a file reaches this module).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def check_local(path: str, what: str = "--input") -> str:
         repo = re.sub(r"^(hf-hub:|hf://)", "", path)
         raise ConfigError(
             f"{what}={path!r} looks like a hub name, not a local file: write it as hf-hub:{repo} "
-            "(a timm repo with model.safetensors + config.json; resolved by convert.hub), or fetch "
+            "(a timm repo with model.safetensors + config.json; resolved by teachers.hub), or fetch "
             "the weights file yourself and pass its local path"
         )
     if not os.path.exists(path):

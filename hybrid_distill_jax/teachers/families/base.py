@@ -1,10 +1,11 @@
 """Key maps between PyTorch ViT state dicts and our Flax ``VisionTransformer`` params, both directions.
 
-Two layouts cover the families, each one row of torch names in :data:`LAYOUTS`:
+A family (one module per family in this package, each registering a :class:`Family`) names a layout
+of torch keys; two layouts cover the families here:
 
-* ``timm``: timm ``VisionTransformer`` / DeiT (incl. ``dist_token``), official MAE and DINO
+* :data:`TIMM_LAYOUT`: timm ``VisionTransformer`` / DeiT (incl. ``dist_token``), official MAE and DINO
   checkpoints (``cls_token``, ``pos_embed``, ``patch_embed.proj``, ``blocks.{i}.attn.qkv``, ``norm``).
-* ``clip``: OpenAI CLIP and open_clip visual towers (``conv1``, ``class_embedding``,
+* :data:`CLIP_LAYOUT`: OpenAI CLIP and open_clip visual towers (``conv1``, ``class_embedding``,
   ``positional_embedding``, ``ln_pre``, ``transformer.resblocks.{i}.attn.in_proj_weight``, ``ln_post``,
   ``proj``), under ``visual.`` in a full CLIP checkpoint.
 
@@ -28,87 +29,9 @@ import numpy as np
 
 from hybrid_distill_jax.errors import CheckpointError, ConfigError
 from hybrid_distill_jax.models import io as model_io
-from hybrid_distill_jax.models.vit import VisionTransformer, make_vit
+from hybrid_distill_jax.models.vit import VisionTransformer, make_vit, resample_posemb
 
 DEFAULT_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
-
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-    name: str
-    layout: str  # a key of LAYOUTS: 'timm' | 'clip'
-    act: str
-    norm_eps: float
-    mean: tuple
-    std: tuple
-    posemb: str = "learn"
-    prefix: str = ""  # where the tower lives in a full checkpoint ('visual.' for CLIP)
-    drop: tuple = ()  # (regex, reason) pairs applied to keys after the prefix is stripped
-    help: str = ""
-
-
-_IMNET = dict(mean=model_io.IMAGENET_MEAN, std=model_io.IMAGENET_STD)
-_CLIP = dict(mean=model_io.CLIP_MEAN, std=model_io.CLIP_STD)
-_DIST_HEAD = (r"^head_dist\.", "DeiT distillation head (our ViT keeps one head)")
-
-FAMILIES: dict[str, Family] = {
-    "timm": Family(
-        "timm", "timm", "gelu", 1e-6, **_IMNET, drop=(_DIST_HEAD,), help="timm VisionTransformer state dict"
-    ),
-    "deit": Family(
-        "deit",
-        "timm",
-        "gelu",
-        1e-6,
-        **_IMNET,
-        drop=(_DIST_HEAD,),
-        help="DeiT / DeiT-distilled ({'model': sd} as released, or a plain state dict)",
-    ),
-    "mae": Family(
-        "mae",
-        "timm",
-        "gelu",
-        1e-6,
-        **_IMNET,
-        posemb="sincos2d",
-        drop=((r"^decoder_", "MAE decoder"), (r"^mask_token$", "MAE mask token")),
-        help="official MAE pre-training checkpoint ({'model': sd}); the encoder is kept",
-    ),
-    "dino": Family(
-        "dino",
-        "timm",
-        "gelu",
-        1e-6,
-        **_IMNET,
-        drop=((r"^head\.", "DINO projection head"),),
-        help="DINO ViT backbone (plain, or a full checkpoint's 'teacher' with backbone./head.)",
-    ),
-    "clip": Family(
-        "clip",
-        "clip",
-        "quick_gelu",
-        1e-5,
-        **_CLIP,
-        prefix="visual.",
-        help="OpenAI CLIP (TorchScript .pt or state dict); the visual tower is kept",
-    ),
-    "open_clip": Family(
-        "open_clip",
-        "clip",
-        "gelu",
-        1e-5,
-        **_CLIP,
-        prefix="visual.",
-        help="open_clip checkpoint (.bin/.pt/.safetensors); pass --act quick_gelu for "
-        "'-quickgelu' models and OpenAI-pretrained weights",
-    ),
-}
-
-
-def get_family(name: str) -> Family:
-    if name not in FAMILIES:
-        raise ConfigError(f"--family={name!r}: expected one of {sorted(FAMILIES)}")
-    return FAMILIES[name]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,53 +108,93 @@ class Layout:
         return rf"^{head}(\d+){tail}\."
 
 
-LAYOUTS: dict[str, Layout] = {
-    "timm": Layout(
-        cls_token=("cls_token", "same"),
-        pos_embed=("pos_embed", "same"),
-        patch_embed="patch_embed.proj",
-        dist_token="dist_token",
-        norm_pre="norm_pre",
-        block="blocks.{i}",
-        norm1="norm1",
-        norm2="norm2",
-        qkv_weight="attn.qkv.weight",
-        qkv_bias="attn.qkv.bias",
-        attn_out="attn.proj",
-        fc1="mlp.fc1",
-        fc2="mlp.fc2",
-        norm="norm",
-        what="timm ViTs",
-    ),
-    "clip": Layout(
-        cls_token=("class_embedding", "vec_token"),
-        pos_embed=("positional_embedding", "unbatch"),
-        patch_embed="conv1",
-        dist_token=None,
-        norm_pre="ln_pre",
-        block="transformer.resblocks.{i}",
-        norm1="ln_1",
-        norm2="ln_2",
-        qkv_weight="attn.in_proj_weight",
-        qkv_bias="attn.in_proj_bias",
-        attn_out="attn.out_proj",
-        fc1="mlp.c_fc",
-        fc2="mlp.c_proj",
-        norm="ln_post",
-        what="CLIP towers",
-    ),
-}
+TIMM_LAYOUT = Layout(
+    cls_token=("cls_token", "same"),
+    pos_embed=("pos_embed", "same"),
+    patch_embed="patch_embed.proj",
+    dist_token="dist_token",
+    norm_pre="norm_pre",
+    block="blocks.{i}",
+    norm1="norm1",
+    norm2="norm2",
+    qkv_weight="attn.qkv.weight",
+    qkv_bias="attn.qkv.bias",
+    attn_out="attn.proj",
+    fc1="mlp.fc1",
+    fc2="mlp.fc2",
+    norm="norm",
+    what="timm ViTs",
+)
+CLIP_LAYOUT = Layout(
+    cls_token=("class_embedding", "vec_token"),
+    pos_embed=("positional_embedding", "unbatch"),
+    patch_embed="conv1",
+    dist_token=None,
+    norm_pre="ln_pre",
+    block="transformer.resblocks.{i}",
+    norm1="ln_1",
+    norm2="ln_2",
+    qkv_weight="attn.in_proj_weight",
+    qkv_bias="attn.in_proj_bias",
+    attn_out="attn.out_proj",
+    fc1="mlp.c_fc",
+    fc2="mlp.c_proj",
+    norm="ln_post",
+    what="CLIP towers",
+)
+
+IMAGENET_INPUT = dict(mean=model_io.IMAGENET_MEAN, std=model_io.IMAGENET_STD)
+CLIP_INPUT = dict(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
+DEIT_DISTILLATION_HEAD = (r"^head_dist\.", "DeiT distillation head (our ViT keeps one head)")
 
 
-def get_layout(name: str) -> Layout:
-    if name not in LAYOUTS:
-        raise ConfigError(f"unknown layout {name!r}")
-    return LAYOUTS[name]
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What a checkpoint family's files are and what they leave unsaid.
+
+    ``act``, ``norm_eps``, ``mean`` and ``std`` are the values the family fixes (None: a flag or a timm
+    ``config.json`` must give them). A family's quirks are fields, never branches on its name.
+    """
+
+    name: str
+    layout: Layout
+    act: str | None
+    norm_eps: float | None
+    mean: tuple | None = None
+    std: tuple | None = None
+    posemb: str = "learn"
+    prefix: str = ""  # where the tower lives in a full checkpoint ('visual.' for CLIP); other keys dropped
+    wrapper: str = ""  # a prefix every key may carry (a DINO training checkpoint's 'backbone.'), removed
+    drop: tuple = ()  # (regex, reason) pairs applied to keys after the prefixes are stripped
+    reads_timm_config: bool = False  # settings come from a timm config.json beside the weights, when there
+    plain_tower_defaults: bool = False  # act/norm_eps hold for plain towers only, not for pre-norm ones
+    defaults_name: str = ""  # how messages name the family's values (default: 'the NAME family')
+    help: str = ""
+
+    @property
+    def defaults_source(self) -> str:
+        return self.defaults_name or f"the {self.name} family"
 
 
-def entries(layout: str, model: VisionTransformer) -> list[tuple[str, str, str]]:
-    """[(torch key, flax path 'a/b/c', kind)] for every parameter of ``model``."""
-    m, lay = model, get_layout(layout)
+# Families by name; each module of this package registers its own.
+FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    """Adds ``family`` to :data:`FAMILIES` under its name (one module per family calls this)."""
+    FAMILIES[family.name] = family
+    return family
+
+
+def get_family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ConfigError(f"--family={name!r}: expected one of {sorted(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def entries(lay: Layout, model: VisionTransformer) -> list[tuple[str, str, str]]:
+    """[(torch key, flax path 'a/b/c', kind)] for every parameter of ``model`` in layout ``lay``."""
+    m = model
     e = [
         (lay.cls_token[0], "cls_token", lay.cls_token[1]),
         (lay.pos_embed[0], "pos_embed", lay.pos_embed[1]),
@@ -294,8 +257,8 @@ def _get(tree: dict, path: str):
 def split_keys(family: Family, sd: dict[str, np.ndarray]) -> tuple[dict, list[tuple[str, str]]]:
     """Strips the family's prefix and applies its drop rules; returns (kept, [(key, reason)])."""
     dropped: list[tuple[str, str]] = []
-    if family.name == "dino" and any(k.startswith("backbone.") for k in sd):
-        sd = {(k[len("backbone.") :] if k.startswith("backbone.") else k): v for k, v in sd.items()}
+    if family.wrapper and any(k.startswith(family.wrapper) for k in sd):
+        sd = {k.removeprefix(family.wrapper): v for k, v in sd.items()}
     if family.prefix and any(k.startswith(family.prefix) for k in sd):
         kept = {}
         for k, v in sd.items():
@@ -353,7 +316,7 @@ def infer_arch(
     norm_eps: float | None = None,
 ) -> dict[str, Any]:
     """The ``make_vit`` arguments that fit ``sd`` (already split by :func:`split_keys`)."""
-    lay = get_layout(family.layout)
+    lay = family.layout
     conv = _require_key(sd, f"{lay.patch_embed}.weight", family)
     if conv.ndim != 4 or conv.shape[2] != conv.shape[3] or conv.shape[1] != 3:
         raise CheckpointError(f"patch embedding of shape {conv.shape}: expected [width, 3, p, p]")
@@ -466,8 +429,6 @@ def import_state_dict(
         "num_dropped": len(dropped),
     }
     if image_size and image_size != model.image_size:
-        from hybrid_distill_jax.models.vit import resample_posemb
-
         if image_size % model.patch_size:
             raise ConfigError(
                 f"--image-size={image_size} is not a multiple of the patch size {model.patch_size}"

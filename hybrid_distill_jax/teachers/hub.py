@@ -12,7 +12,7 @@ Resolution (:func:`resolve`):
 3. Both files are checked against the hash they are stored under: huggingface_hub names a blob by the
    hub's ETag, the sha256 of an LFS file (the weights) or the git blob sha1 of a small one (the config).
    A file whose content does not hash to it is removed from the hub cache and the run fails.
-4. The weights are converted with timm's ``config.json`` (``convert.timm_config``) into
+4. The weights are converted with timm's ``config.json`` (``teachers.timm_config``) into
    ``$HYBRID_DISTILL_JAX_CACHE/teachers/models--ORG--NAME/<commit>-<sha256[:16]>`` (default
    ``$HF_HOME/hybrid_distill_jax``), the repo, revision, commit and sha256 recorded in its
    ``model.json`` under ``converted_from.hub``. The conversion is written to a temporary directory and
@@ -22,7 +22,6 @@ Resolution (:func:`resolve`):
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import os
@@ -31,7 +30,8 @@ import shutil
 import tempfile
 
 from hybrid_distill_jax.errors import CheckpointError, ConfigError
-from hybrid_distill_jax.models.io import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+from hybrid_distill_jax.models import io as model_io
+from hybrid_distill_jax.teachers import importer, known, timm_config
 
 PREFIX = "hf-hub:"
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -41,86 +41,13 @@ _SHA256, _SHA1 = re.compile(r"^[0-9a-f]{64}$"), re.compile(r"^[0-9a-f]{40}$")
 _logger = logging.getLogger("hybrid_distill_jax")
 
 
-@dataclasses.dataclass(frozen=True)
-class Teacher:
-    name: str
-    recipes: tuple  # "RECIPE:TEACHER": configs/RECIPE.py names it teachers.TEACHER
-    what: str
-    # What the repo's config.json says beyond its name (timm/ARCHITECTURE.TAG): its head's size and the
-    # input mean/std. With the name this describes the model without a download (:func:`describe`).
-    num_classes: int = 0
-    clip_input: bool = False
-
-
-TEACHERS = (
-    Teacher(
-        "hf-hub:timm/deit_base_patch16_224.fb_in1k",
-        ("hd_vitb16_deit_mae:deit",),
-        "DeiT-B/16, supervised ImageNet-1k",
-        num_classes=1000,
-    ),
-    Teacher(
-        "hf-hub:timm/vit_base_patch16_clip_224.openai",
-        ("hd_vitb16_clip_mae:clip", "hd3_vitb16_clip_dino_mae:clip"),
-        "CLIP ViT-B/16 image tower (OpenAI, QuickGELU)",
-        num_classes=512,
-        clip_input=True,
-    ),
-    Teacher(
-        "hf-hub:timm/vit_large_patch14_clip_224.openai",
-        ("hd_vitl16_clipl14_mae:clip",),
-        "CLIP ViT-L/14 image tower (OpenAI, QuickGELU); run at 196 px beside a /16 student",
-        num_classes=768,
-        clip_input=True,
-    ),
-    Teacher(
-        "hf-hub:timm/vit_base_patch16_224.dino",
-        ("hd3_vitb16_clip_dino_mae:dino",),
-        "DINO ViT-B/16 (self-supervised contrastive)",
-    ),
-    Teacher(
-        "hf-hub:timm/vit_base_patch16_224.mae",
-        ("hd_vitb16_deit_mae:mae", "hd_vitb16_clip_mae:mae", "hd3_vitb16_clip_dino_mae:mae"),
-        "MAE ViT-B/16 encoder",
-    ),
-    Teacher(
-        "hf-hub:timm/vit_large_patch16_224.mae",
-        ("hd_vitl16_clipl14_mae:mae",),
-        "MAE ViT-L/16 encoder",
-    ),
-)
-
-
-def teacher(recipe: str, name: str) -> str:
-    """The hub name of the teacher ``configs/RECIPE.py`` calls ``teachers.NAME`` (the recipes' defaults)."""
-    (found,) = [t.name for t in TEACHERS if f"{recipe}:{name}" in t.recipes]
-    return found
-
-
-def known_config(repo: str) -> dict | None:
-    """The timm ``config.json`` fields a listed teacher's shapes depend on, from :data:`TEACHERS`."""
-    listed = [t for t in TEACHERS if t.name == PREFIX + repo]
-    if not listed:
-        return None
-    architecture, _, tag = repo.split("/", 1)[1].partition(".")
-    mean, std = (CLIP_MEAN, CLIP_STD) if listed[0].clip_input else (IMAGENET_MEAN, IMAGENET_STD)
-    return {
-        "architecture": architecture,
-        "num_classes": listed[0].num_classes,
-        "pretrained_cfg": {"tag": tag, "input_size": [3, 224, 224], "mean": list(mean), "std": list(std)},
-    }
-
-
 def describe(name: str, field: str = "checkpoint") -> dict:
     """The ``model.json`` of a hub teacher, without downloading or converting anything.
 
     In order: the conversion already in our cache; the repo's ``config.json`` in huggingface_hub's cache;
-    the listed teachers' known configs (:func:`known_config`). A name none of them describes is a
+    the known teachers' configs (``known.known_config``). A name none of them describes is a
     ConfigError saying which file to fetch.
     """
-    from hybrid_distill_jax.convert import timm_config
-    from hybrid_distill_jax.models import io as model_io
-
     repo, revision = parse(name, field)
     converted = _read_ref(repo, revision)
     config_path = None
@@ -141,13 +68,13 @@ def describe(name: str, field: str = "checkpoint") -> dict:
         config_path = cached if isinstance(cached, str) else None
     if config_path is not None:
         return timm_config.description(timm_config.read_config(config_path), config_path)
-    known = known_config(repo)
-    if known is None:
+    listed = known.known_config(repo)
+    if listed is None:
         raise ConfigError(
             f"{field}={name!r}: its architecture is unknown without its {CONFIG}: run `hf download {repo} "
             f"{CONFIG}` (a few KB), or pass a converted directory"
         )
-    return timm_config.description(known, f"{field}={name}")
+    return timm_config.description(listed, f"{field}={name}")
 
 
 def is_hub_name(path) -> bool:
@@ -166,7 +93,7 @@ def cache_root() -> str:
     """``$HYBRID_DISTILL_JAX_CACHE``, else ``hybrid_distill_jax`` under huggingface_hub's ``HF_HOME``."""
     try:
         from huggingface_hub.constants import HF_HOME as home
-    except ImportError:  # `convert list` without huggingface_hub: its default, for the message
+    except ImportError:  # `teachers list` without huggingface_hub: its default, for the message
         home = os.environ.get("HF_HOME", "~/.cache/huggingface")
     return os.path.expanduser(os.environ.get(CACHE_ENV) or os.path.join(home, "hybrid_distill_jax"))
 
@@ -271,7 +198,7 @@ def _download(name: str, repo: str, revision: str | None, field: str):
         except EntryNotFoundError:
             raise ConfigError(
                 f"{field}={name!r}: {repo} has no {filename} (only timm repos with safetensors weights "
-                "resolve by name; convert other files with `convert import --family ... --input FILE`)"
+                "resolve by name; convert other files with `teachers import --family ... --input FILE`)"
             ) from None
         except OSError as e:  # HTTP errors, disk full, ...
             raise ConfigError(f"{field}={name!r}: cannot fetch {filename} of {repo}: {e}") from None
@@ -306,7 +233,7 @@ def verify(path: str, repo: str, filename: str) -> str:
     else:
         raise CheckpointError(
             f"{path}: cannot verify {filename} of {repo}: the hub cache does not name it by its hash "
-            "(a cache without symlinks); convert the file with `convert import --family timm` instead"
+            "(a cache without symlinks); convert the file with `teachers import --family timm` instead"
         )
     if actual != expected:
         for p in {path, blob}:
@@ -321,8 +248,6 @@ def verify(path: str, repo: str, filename: str) -> str:
 
 def _convert_once(name, repo, revision, commit, config_path, weights_path, target, log) -> None:
     from filelock import FileLock
-
-    from hybrid_distill_jax import convert
 
     os.makedirs(os.path.dirname(target), exist_ok=True)
     lock = os.path.join(cache_root(), "teachers", ".locks", os.path.basename(os.path.dirname(target)))
@@ -343,7 +268,7 @@ def _convert_once(name, repo, revision, commit, config_path, weights_path, targe
                 "sha256": sha256,
                 "config_sha1": config_sha1,
             }
-            convert.import_checkpoint("timm", weights_path, tmp, provenance={"hub": hub}, log=log)
+            importer.import_checkpoint("timm", weights_path, tmp, provenance={"hub": hub}, log=log)
             try:
                 os.rename(tmp, target)
                 log(f"{name}: converted into {target}")
@@ -387,16 +312,3 @@ def _read_ref(repo: str, revision: str | None) -> str | None:
 
 def _listdir(path: str) -> list[str]:
     return [d for d in os.listdir(path) if _complete(os.path.join(path, d))] if os.path.isdir(path) else []
-
-
-def list_teachers(print_fn=print) -> None:
-    """The known teacher names, what each is, and the recipes that use them (as which teacher)."""
-    width = max(len(t.name) for t in TEACHERS)
-    print_fn(f"{'name':{width}}  what; used by")
-    for t in TEACHERS:
-        used = [f"configs/{r.split(':')[0]}.py (teachers.{r.split(':')[1]})" for r in t.recipes]
-        print_fn(f"{t.name:{width}}  {t.what}; {', '.join(used) or '-'}")
-    print_fn(
-        f"\nconverted once into {os.path.join(cache_root(), 'teachers')} ({CACHE_ENV} to move it); "
-        "files come from huggingface_hub's cache (HF_HOME, HF_HUB_OFFLINE)"
-    )

@@ -1,6 +1,9 @@
-"""AdamW with linear warmup + cosine decay, global-norm clipping and a weight-decay mask."""
+"""AdamW with linear warmup + cosine decay, global-norm clipping and a weight-decay mask; the schedule's
+length in steps (``resolve_steps``)."""
 
 from __future__ import annotations
+
+import math
 
 import jax
 import optax
@@ -54,3 +57,11 @@ def make_optimizer(optim_cfg, batch_size: int, total_steps: int, warmup_steps: i
     )
     parts.extend(extra)
     return optax.chain(*parts), sched
+
+
+def resolve_steps(config, num_train_examples: int) -> tuple[int, int, int]:
+    """(total_steps, warmup_steps, steps_per_epoch) from the step or epoch settings."""
+    steps_per_epoch = max(num_train_examples // config.batch_size, 1)
+    total = config.total_steps or int(math.ceil(config.total_epochs * steps_per_epoch))
+    warmup = config.optim.warmup_steps or int(round(config.optim.warmup_epochs * steps_per_epoch))
+    return total, min(warmup, total), steps_per_epoch
