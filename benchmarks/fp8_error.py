@@ -25,7 +25,6 @@ import os
 import sys
 
 import jax
-import ml_collections
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +39,7 @@ from hybrid_distill_jax.experiments.stages import run_stage  # noqa: E402
 from hybrid_distill_jax.models import io as model_io  # noqa: E402
 from hybrid_distill_jax.models.build import normalize, pooled_features  # noqa: E402
 from hybrid_distill_jax.models.vit import decode_variant  # noqa: E402
-from hybrid_distill_jax.teachers import FrozenTeacher  # noqa: E402
+from hybrid_distill_jax.teachers import FrozenTeacher, teacher_config  # noqa: E402
 from hybrid_distill_jax.terms.relations import relation_layers  # noqa: E402
 
 # The demo student's teachers (configs/demo.py: teachers.deit, teachers.mae) -> the demo stage training it.
@@ -48,8 +47,7 @@ TEACHERS = {"deit": "teacher_supervised", "mae": "teacher_mae"}
 
 
 def load(checkpoint: str, fp8: bool):
-    cfg = ml_collections.ConfigDict(dict(checkpoint=checkpoint, dtype="bfloat16", attn_impl="", fp8=fp8))
-    return FrozenTeacher.load(cfg, "teacher")
+    return FrozenTeacher.load(teacher_config(checkpoint, fp8=fp8), "teacher")
 
 
 def test_images(config) -> np.ndarray:

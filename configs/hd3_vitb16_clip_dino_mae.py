@@ -30,17 +30,14 @@ configs/hd3_vitb16_clip_dino_mae.py --target h200`` reports its memory.
 from hybrid_distill_jax.recipes import imagenet_distill
 from hybrid_distill_jax.terms import term_config
 
+# Three ViT-B/16 teachers at 224 px: 14x14 grids like the student's; MAE has its 12 heads.
+TEACHERS = dict(clip="clip_b16", dino="dino_b16", mae="mae_b16")
+
 
 def get_config(arg=None):
     """``arg``: optional 'CLIP,DINO,MAE' (converted teacher directories or hf-hub: names)."""
-    # Three ViT-B/16 teachers at 224 px: 14x14 grids like the student's; MAE has its 12 heads.
     c = imagenet_distill(
-        "hd3_vitb16_clip_dino_mae",
-        arg,
-        dict(clip="clip_b16", dino="dino_b16", mae="mae_b16"),
-        variant="B/16",
-        drop_path=0.1,
+        "hd3_vitb16_clip_dino_mae", arg, TEACHERS, variant="B/16", drop_path=0.1, feature_teacher="clip"
     )
-    c.terms.feature.teacher = c.masking.score_teacher = "clip"
     c.terms.dino_block8 = term_config("tokens", "dino", teacher_block=8, student_block=8)
     return c

@@ -30,12 +30,12 @@ keeps ImageNet's.
 
 from hybrid_distill_jax.recipes import imagenet_distill
 
+# CLIP ViT-B/16 and MAE-B/16 at 224 px: 14x14 grids like the student's; MAE has the student's 12 heads.
+TEACHERS = dict(clip="clip_b16", mae="mae_b16")
+
 
 def get_config(arg=None):
     """``arg``: optional 'CLIP,MAE' (converted teacher directories or hf-hub: names)."""
-    # CLIP ViT-B/16 and MAE-B/16 at 224 px: 14x14 grids like the student's; MAE has the student's 12 heads.
-    c = imagenet_distill(
-        "hd_vitb16_clip_mae", arg, dict(clip="clip_b16", mae="mae_b16"), variant="B/16", drop_path=0.1
+    return imagenet_distill(
+        "hd_vitb16_clip_mae", arg, TEACHERS, variant="B/16", drop_path=0.1, feature_teacher="clip"
     )
-    c.terms.feature.teacher = c.masking.score_teacher = "clip"  # relations stay MAE's
-    return c

@@ -33,10 +33,10 @@ fine-tuning with timm/DeiT code.
 
 from hybrid_distill_jax.recipes import imagenet_distill
 
+# DeiT-B/16 and MAE-B/16 at 224 px: 14x14 grids like the student's; MAE has the student's 12 heads.
+TEACHERS = dict(deit="deit_b16", mae="mae_b16")
+
 
 def get_config(arg=None):
     """``arg``: optional 'DEIT,MAE' (converted teacher directories or hf-hub: names)."""
-    # DeiT-B/16 and MAE-B/16 at 224 px: 14x14 grids like the student's; MAE has the student's 12 heads.
-    return imagenet_distill(
-        "hd_vitb16_deit_mae", arg, dict(deit="deit_b16", mae="mae_b16"), variant="B/16", drop_path=0.1
-    )
+    return imagenet_distill("hd_vitb16_deit_mae", arg, TEACHERS, variant="B/16", drop_path=0.1)

@@ -30,18 +30,22 @@ embedding once, at conversion time (otherwise it is resampled on the fly, with t
 
 from hybrid_distill_jax.recipes import imagenet_distill
 
+# CLIP ViT-L/14 at 196 px (196 / 14 = 14x14 patches, the student's grid at 224 / 16) and MAE-L/16 at
+# 224 px, which has the student's 16 heads.
+TEACHERS = dict(clip="clip_l14", mae="mae_l16")
+CLIP_AT_196 = dict(clip=dict(image_size=196))
+
 
 def get_config(arg=None):
     """``arg``: optional 'CLIP,MAE' (converted teacher directories or hf-hub: names)."""
     c = imagenet_distill(
         "hd_vitl16_clipl14_mae",
         arg,
-        dict(clip="clip_l14", mae="mae_l16"),  # MAE-L/16 at 224 px has the student's 16 heads
+        TEACHERS,
         variant="L/16",
         drop_path=0.2,
-        # CLIP ViT-L/14 at 196 px: 196 / 14 = 14x14 patches, the student's grid at 224 / 16
-        teacher_fields=dict(clip=dict(image_size=196)),
+        feature_teacher="clip",
+        teacher_fields=CLIP_AT_196,
     )
     c.student.remat_policy = "full"
-    c.terms.feature.teacher = c.masking.score_teacher = "clip"  # relations stay MAE's
     return c

@@ -17,6 +17,7 @@ def imagenet_distill(
     *,
     variant: str,
     drop_path: float,
+    feature_teacher: str = "",
     teacher_fields: dict[str, dict] | None = None,
 ) -> ml_collections.ConfigDict:
     """``base_config('distill')`` for recipe ``name`` at 224 px: a bf16 ``variant`` student, 300 epochs at
@@ -24,7 +25,9 @@ def imagenet_distill(
 
     Each teacher's checkpoint is the hub name of its known teacher (``known``: config name -> short name,
     ``teachers.known``), unless ``arg`` ('A,B,...', the recipe's ``--config`` argument) gives directories
-    or hub names for the first ones. ``teacher_fields``: more ``teacher_config`` fields by config name.
+    or hub names for the first ones. ``feature_teacher``: the teacher whose final tokens the student
+    regresses (``terms.feature``) and whose CLS attention scores the patches, when not ``base_config``'s
+    ``deit``. ``teacher_fields``: more ``teacher_config`` fields by config name.
     """
     given = arg.split(",") if arg else []
     if len(given) > len(known):
@@ -43,6 +46,8 @@ def imagenet_distill(
             for teacher, path in zip(known, checkpoints, strict=True)
         }
     )
+    if feature_teacher:
+        c.terms.feature.teacher = c.masking.score_teacher = feature_teacher  # relations stay MAE's
     c.total_epochs = 300.0
     c.batch_size = 2048
     c.optim.warmup_epochs = 20.0

@@ -10,14 +10,7 @@ import jax.numpy as jnp
 
 from hybrid_distill_jax import checks
 from hybrid_distill_jax.errors import ConfigError
-from hybrid_distill_jax.masking.base import (
-    KeepPlan,
-    KeptTokens,
-    check_mask_ratios,
-    keep_count,
-    register,
-    select_tokens,
-)
+from hybrid_distill_jax.masking import base
 
 
 def nested_selection(
@@ -37,16 +30,16 @@ def nested_selection(
     relative, absolute = [], []
     for i, (scores, k) in enumerate(zip(scores_per_drop, counts)):
         sub_scores = jnp.take_along_axis(scores, current, axis=1)
-        rel = select_tokens(jax.random.fold_in(rng, i), sub_scores, k, method, temperature)
+        rel = base.select_tokens(jax.random.fold_in(rng, i), sub_scores, k, method, temperature)
         current = jnp.take_along_axis(current, rel, axis=1)
         relative.append(rel)
         absolute.append(current)
     return relative, absolute
 
 
-@register
+@base.register
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class OverDepthPlan(KeepPlan):
+class OverDepthPlan(base.KeepPlan):
     """EViT-style: all patches enter; after block ``drop_layers[i]`` only ``1 - drop_ratios[i]`` stay."""
 
     mode = "over_depth"
@@ -65,7 +58,7 @@ class OverDepthPlan(KeepPlan):
             raise ConfigError(
                 f"masking.drop_layers={layers}: expected increasing layers in 1..{self.depth - 1}"
             )
-        check_mask_ratios("masking.drop_ratios", self.drop_ratios, non_decreasing=True)
+        base.check_mask_ratios("masking.drop_ratios", self.drop_ratios, non_decreasing=True)
 
     @classmethod
     def from_config(cls, mcfg, num_patches: int, depth: int) -> OverDepthPlan:
@@ -77,7 +70,7 @@ class OverDepthPlan(KeepPlan):
         )
 
     def stage(self, step: int, total_steps: int) -> tuple[int, ...]:
-        return tuple(keep_count(self.num_patches, r, self.token_multiple) for r in self.drop_ratios)
+        return tuple(base.keep_count(self.num_patches, r, self.token_multiple) for r in self.drop_ratios)
 
     def stage_metrics(self, stage: tuple[int, ...]) -> dict[str, float]:
         return {"keep": stage[-1]}
@@ -93,9 +86,11 @@ class OverDepthPlan(KeepPlan):
     def score_layers(self, teacher_depth: int) -> tuple[int, ...]:
         return self.drop_layers
 
-    def select(self, rng, scores_by_layer, stage: tuple[int, ...]) -> KeptTokens:
+    def select(self, rng, scores_by_layer, stage: tuple[int, ...]) -> base.KeptTokens:
         scores = [scores_by_layer[layer] for layer in self.drop_layers]
         relative, absolute = nested_selection(rng, scores, stage, self.selection, self.temperature)
         sets = ((1, self._all_patches(scores[0].shape[0])),)
         sets += tuple((layer + 1, idx) for layer, idx in zip(self.drop_layers, absolute))
-        return KeptTokens(input_indices=None, drop_after=dict(zip(self.drop_layers, relative)), sets=sets)
+        return base.KeptTokens(
+            input_indices=None, drop_after=dict(zip(self.drop_layers, relative)), sets=sets
+        )

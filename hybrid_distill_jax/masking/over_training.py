@@ -7,14 +7,7 @@ import math
 
 from hybrid_distill_jax import checks
 from hybrid_distill_jax.errors import ConfigError
-from hybrid_distill_jax.masking.base import (
-    KeepPlan,
-    KeptTokens,
-    check_mask_ratios,
-    keep_count,
-    register,
-    select_tokens,
-)
+from hybrid_distill_jax.masking import base
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +26,7 @@ class MaskRatioSchedule:
             raise ConfigError(
                 f"masking.stage_starts={list(self.starts)}: must start at 0.0, increase, and stay below 1.0"
             )
-        check_mask_ratios("masking.stage_ratios", self.ratios)
+        base.check_mask_ratios("masking.stage_ratios", self.ratios)
 
     def stage(self, step: int, total_steps: int) -> int:
         frac = step / max(total_steps, 1)
@@ -43,9 +36,9 @@ class MaskRatioSchedule:
         return self.ratios[self.stage(step, total_steps)]
 
 
-@register
+@base.register
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class OverTrainingPlan(KeepPlan):
+class OverTrainingPlan(base.KeepPlan):
     """Student input = CLS + K kept patches, K fixed within a stage and falling over training."""
 
     mode = "over_training"
@@ -60,7 +53,9 @@ class OverTrainingPlan(KeepPlan):
         return cls(schedule=schedule, **cls._common(mcfg, num_patches))
 
     def stage(self, step: int, total_steps: int) -> int:
-        return keep_count(self.num_patches, self.schedule.mask_ratio(step, total_steps), self.token_multiple)
+        return base.keep_count(
+            self.num_patches, self.schedule.mask_ratio(step, total_steps), self.token_multiple
+        )
 
     def stage_metrics(self, stage: int) -> dict[str, float]:
         return {"keep": stage}
@@ -77,7 +72,7 @@ class OverTrainingPlan(KeepPlan):
     def score_layers(self, teacher_depth: int) -> tuple[int, ...]:
         return (teacher_depth,)
 
-    def select(self, rng, scores_by_layer, stage: int) -> KeptTokens:
+    def select(self, rng, scores_by_layer, stage: int) -> base.KeptTokens:
         (scores,) = scores_by_layer.values()
-        keep = select_tokens(rng, scores, stage, self.selection, self.temperature)
-        return KeptTokens(input_indices=keep, drop_after=None, sets=((1, keep),))
+        keep = base.select_tokens(rng, scores, stage, self.selection, self.temperature)
+        return base.KeptTokens(input_indices=keep, drop_after=None, sets=((1, keep),))

@@ -30,14 +30,7 @@ from hybrid_distill_jax.errors import CheckpointError
 from hybrid_distill_jax.models.build import MODEL_RANGES, normalize, vit_from_config
 from hybrid_distill_jax.models.vit import resample_posemb
 from hybrid_distill_jax.optim import make_optimizer
-from hybrid_distill_jax.tasks.base import (
-    Task,
-    check_loss_section,
-    check_model_section,
-    loss_section,
-    model_section,
-    register,
-)
+from hybrid_distill_jax.tasks import base
 
 FINETUNE_RANGES = {
     "layer_decay": checks.Range(0.0, 1.0, open_lo=True, open_hi=False),
@@ -133,8 +126,8 @@ def mix_batch(
     return images, lam * targets + (1.0 - lam) * targets[::-1]
 
 
-@register
-class FinetuneTask(Task):
+@base.register
+class FinetuneTask(base.Task):
     """Supervised fine-tuning of a pre-trained (or fresh) ViT with a new classification head."""
 
     name = "finetune"
@@ -142,8 +135,8 @@ class FinetuneTask(Task):
     @staticmethod
     def add_defaults(c):
         """MAE's fine-tuning protocol (ViT-B: 100 epochs, blr 5e-4, layer decay 0.65)."""
-        c.model = model_section(pool="gap")
-        c.loss = loss_section()
+        c.model = base.model_section(pool="gap")
+        c.loss = base.loss_section()
         c.init_from = ""  # an exported/converted model directory; "" = train config.model from scratch
         c.eval.pool = "gap"
         c.eval.knn = c.eval.linear = False  # the fine-tuned classifier's top-1 is always reported
@@ -155,11 +148,11 @@ class FinetuneTask(Task):
 
     @staticmethod
     def check_config(config, *, check_teachers=True, deviceless=False):
-        check_loss_section(config)
+        base.check_loss_section(config)
         checks.check_ranges(config.finetune, FINETUNE_RANGES, prefix="finetune.")
         checks.one_of(config.model.pool, ("cls", "gap"), "model.pool")
         if not config.init_from:
-            return check_model_section(config)
+            return base.check_model_section(config)
         checks.check_ranges(config.model, MODEL_RANGES, prefix="model.")
         meta = teachers.describe_for_validation(config.init_from, "init_from", deviceless)
         if meta is None:  # an hf-hub: name not fetched yet: checked once loaded

@@ -10,29 +10,22 @@ import jax.numpy as jnp
 
 from hybrid_distill_jax import losses
 from hybrid_distill_jax.models.build import normalize, vit_from_config
-from hybrid_distill_jax.tasks.base import (
-    Task,
-    check_loss_section,
-    check_model_section,
-    loss_section,
-    model_section,
-    register,
-)
+from hybrid_distill_jax.tasks import base
 
 
-@register
-class SupervisedTask(Task):
+@base.register
+class SupervisedTask(base.Task):
     name = "supervised"
 
     @staticmethod
     def add_defaults(c):
-        c.model = model_section()
-        c.loss = loss_section()
+        c.model = base.model_section()
+        c.loss = base.loss_section()
 
     @staticmethod
     def check_config(config, *, check_teachers=True, deviceless=False):
-        check_model_section(config)
-        check_loss_section(config)
+        base.check_model_section(config)
+        base.check_loss_section(config)
 
     def __init__(self, config, num_classes: int, *, abstract: bool = False, platform: str | None = None):
         super().__init__(config, num_classes, abstract=abstract, platform=platform)

@@ -368,34 +368,8 @@ def test_cli_import_options_are_recorded(tmp_path, capsys):
     m = _timm_vit(seed=18, num_classes=0)
     path = _save(m.state_dict(), str(tmp_path / "vit.safetensors"))
     out = str(tmp_path / "cli_out")
-    assert (
-        cli_main(
-            [
-                "import",
-                "--family",
-                "timm",
-                "--input",
-                path,
-                "--output",
-                out,
-                "--heads",
-                "4",
-                "--act",
-                "quick_gelu",
-                "--norm-eps",
-                "1e-5",
-                "--mean",
-                "0.5",
-                "0.5",
-                "0.5",
-                "--std",
-                "0.25",
-                "0.25",
-                "0.25",
-            ]
-        )
-        == 0
-    )
+    flags = "--heads 4 --act quick_gelu --norm-eps 1e-5 --mean 0.5 0.5 0.5 --std 0.25 0.25 0.25".split()
+    assert cli_main(["import", "--family", "timm", "--input", path, "--output", out, *flags]) == 0
     assert "wrote " in capsys.readouterr().out
     model, _, meta = model_io.load_model(out)
     assert model.act == "quick_gelu" and model.norm_eps == 1e-5 and model.num_heads == 4
@@ -456,20 +430,8 @@ def test_mismatched_checkpoints_list_the_problems(tmp_path):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    assert (
-        cli_main(
-            [
-                "import",
-                "--family",
-                "timm",
-                "--input",
-                str(tmp_path / "nope.pth"),
-                "--output",
-                str(tmp_path / "o"),
-            ]
-        )
-        == 2
-    )
+    missing = str(tmp_path / "nope.pth")
+    assert cli_main(["import", "--family", "timm", "--input", missing, "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no such file" in err
     url = "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth"
