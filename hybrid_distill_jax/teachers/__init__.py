@@ -13,17 +13,11 @@ The rest of the package imports this face only; ``models`` reads and writes dire
 nothing of names.
 """
 
-from hybrid_distill_jax.teachers.frozen import (
-    TEACHER_FIELDS,
-    FrozenTeacher,
-    check_teacher_entry,
-    teacher_config,
-)
+from hybrid_distill_jax.teachers.frozen import FrozenTeacher, check_teacher_entry, teacher_config
 from hybrid_distill_jax.teachers.known import hub_name
 from hybrid_distill_jax.teachers.resolve import describe, describe_for_validation, load_model, resolve
 
 __all__ = [
-    "TEACHER_FIELDS",
     "FrozenTeacher",
     "check_teacher_entry",
     "describe",

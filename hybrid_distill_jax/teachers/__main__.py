@@ -20,6 +20,7 @@ import sys
 
 from hybrid_distill_jax import errors
 from hybrid_distill_jax.errors import ConfigError
+from hybrid_distill_jax.models.vit import ACTIVATIONS
 from hybrid_distill_jax.teachers import hub, importer
 from hybrid_distill_jax.teachers.families import FAMILIES
 from hybrid_distill_jax.teachers.known import KNOWN
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     imp.add_argument(
         "--act",
-        choices=("gelu", "gelu_tanh", "quick_gelu"),
+        choices=tuple(ACTIVATIONS),
         default=None,
         help="MLP activation (default: quick_gelu for clip, gelu for the others; --family timm reads it "
         "from a timm config.json beside the file, and without one needs it for pre-norm towers; open_clip "
