@@ -421,7 +421,7 @@ def test_timm_clip_tower_needs_its_config_or_flags(tmp_path, exports):
 
 
 def test_architecture_table_matches_timm():
-    """convert.timm_config.ARCHITECTURES against timm's own factories (built on the meta device)."""
+    """teachers.timm_config.ARCHITECTURES against timm's own factories (built on the meta device)."""
     acts = {"GELU": "gelu", "QuickGELU": "quick_gelu"}
     for arch, expected in timm_config.ARCHITECTURES.items():
         with torch.device("meta"):
