@@ -165,7 +165,7 @@ def prepare_numbered_tfds(data_dir: str, images: np.ndarray, num_shards: int, fi
 
 
 def timm_parity_error(export_dir: str, out_path: str, image_size: int = 32) -> float:
-    """Exports a model directory to a timm state dict through the CLI (``convert export``), loads it into
+    """Exports a model directory to a timm state dict through the CLI (``teachers export``), loads it into
     a timm ViT strictly and returns the largest |difference| of the final tokens on random images.
     Needs torch and timm (``scripts/install_torch_cpu.sh``)."""
     import subprocess

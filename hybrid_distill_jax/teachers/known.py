@@ -54,7 +54,7 @@ def hub_name(short: str) -> str:
 
 def known_config(repo: str) -> dict | None:
     """The timm ``config.json`` fields a known teacher's shapes depend on (by hub repo ``ORG/NAME``)."""
-    listed = [t for t in KNOWN.values() if t.hub == f"hf-hub:{repo}"]
+    listed = [t for t in KNOWN.values() if t.hub.partition(":")[2] == repo]
     if not listed:
         return None
     architecture, _, tag = repo.split("/", 1)[1].partition(".")

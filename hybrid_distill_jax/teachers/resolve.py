@@ -23,9 +23,9 @@ def resolve(reference: str, field: str = "checkpoint") -> str:
 def describe(reference: str, field: str = "checkpoint") -> dict:
     """``model.json``'s description of ``reference``, never downloading or converting (for validation
     and deviceless compiles; ``hub.describe``)."""
-    return hub.describe(reference, field) if hub.is_hub_name(reference) else model_io.read_model_json(
-        reference, field
-    )
+    if hub.is_hub_name(reference):
+        return hub.describe(reference, field)
+    return model_io.read_model_json(reference, field)
 
 
 def describe_for_validation(reference: str, field: str, deviceless: bool) -> dict | None:
