@@ -1,6 +1,8 @@
 """Shared builders for trainer tests: tiny configs on the embedded data and random-init teacher exports."""
 
 import os
+import signal
+import subprocess
 import sys
 
 import jax
@@ -192,3 +194,27 @@ def timm_parity_error(export_dir: str, out_path: str, image_size: int = 32) -> f
         expected = tm.forward_features(x).numpy()
     ours = np.asarray(model.apply({"params": params}, np.asarray(x.permute(0, 2, 3, 1)))["tokens"])
     return float(np.abs(ours - expected).max())
+
+
+def run_cli(cmd) -> subprocess.CompletedProcess:
+    """Runs a ``tiny_cli``-style command in a ``tiny_cli_env`` subprocess; asserts it exits 0."""
+    proc = subprocess.run(cmd, cwd=REPO, env=tiny_cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def assert_kill_and_resume_match(cli, killed, reference_dir, terms) -> None:
+    """SIGKILLs the run ``cli(killed)`` at steps 3 and 8, resumes it to the end, and asserts that its final
+    parameters and metric rows (``terms`` among them) equal the uninterrupted run's in ``reference_dir``."""
+    from hybrid_distill_jax.train import metrics
+    from tests.integration.test_reliability import _final_params, _run_until
+
+    for step in (3, 8):
+        code, err = _run_until(cli(killed), killed, step, signal.SIGKILL)
+        assert code == -signal.SIGKILL, err[-3000:]
+    assert "resumed from" in run_cli(cli(killed)).stderr
+    for a, b in zip(_final_params(reference_dir), _final_params(killed), strict=True):
+        np.testing.assert_array_equal(a, b)
+    keys = ("step", "loss", *terms, "grad_norm")
+    rows = lambda d: [{k: r[k] for k in keys} for r in metrics.read_metrics(str(d))]  # noqa: E731
+    assert rows(reference_dir) == rows(killed)

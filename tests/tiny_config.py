@@ -7,7 +7,15 @@
 ``tests/tiny_config.py:three`` adds a third teacher, ``teachers.dino`` (pass its checkpoint too), whose
 block-2 hidden tokens the student's block 1 regresses (``terms.dino_block2``), beside the two-teacher
 objective.
+
+``tests/tiny_config.py:modern`` replaces them with three teachers of today's kinds (pass each checkpoint):
+``teachers.dinov2`` (registers, LayerScale, a patch-4 grid resampled onto the student's) gives the tokens
+(``terms.feature``) and scores the patches; ``teachers.dinov3`` (RoPE, registers) the relations
+(``terms.relation``); ``teachers.siglip`` (no CLS, a MAP head) the summary embedding (``terms.summary``)
+and patch tokens (``terms.siglip_tokens``).
 """
+
+import ml_collections
 
 from hybrid_distill_jax.config_lib import base_config
 from hybrid_distill_jax.teachers import teacher_config
@@ -31,6 +39,23 @@ def get_config(arg=None):
         c.name = "tiny_three"
         c.teachers.dino = teacher_config(dtype="float32")
         c.terms.dino_block2 = term_config("tokens", "dino", teacher_block=2, student_block=1, weight=0.5)
+    if arg == "modern":
+        c.name = "tiny_modern"
+        c.teachers = ml_collections.ConfigDict(
+            {
+                name: teacher_config(dtype="float32", interpolate_grid=name == "dinov2")
+                for name in ("dinov2", "dinov3", "siglip")
+            }
+        )
+        c.terms = ml_collections.ConfigDict(
+            dict(
+                feature=term_config("tokens", "dinov2"),
+                relation=term_config("relations", "dinov3"),
+                summary=term_config("embedding", "siglip"),
+                siglip_tokens=term_config("tokens", "siglip"),
+            )
+        )
+        c.masking.score_teacher = "dinov2"
     c.masking.stage_starts = (0.0, 0.5)
     c.masking.stage_ratios = (0.25, 0.5)
     c.optim.lr = 1e-3

@@ -24,6 +24,8 @@ def randomize(module, seed: int):
                     "class_embedding",
                     "positional_embedding",
                     "mask_token",
+                    "reg_token",
+                    "latent",
                 )
             ):
                 p.copy_(0.5 * r)

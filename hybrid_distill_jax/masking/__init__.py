@@ -1,7 +1,8 @@
 """Progressive redundant token masking.
 
 A teacher's CLS->patch attention (the teacher ``masking.score_teacher`` names; '' scores every patch
-equally) scores each patch: patches it barely attends to are redundant.
+equally) scores each patch: patches it barely attends to are redundant. A teacher without CLS scores by
+its MAP query's attention or its patch-token norms (``masking.score``, ``SCORES``).
 The student keeps K patches sampled without replacement with probability proportional to the score
 (Gumbel-top-k), or the top K, or K uniformly at random. K is a Python int per stage so every shape
 stays static under ``jit``: the step compiles once per stage.
@@ -15,14 +16,18 @@ module here with a ``@register``-ed ``KeepPlan`` subclass owning its fields, and
 
 from hybrid_distill_jax.masking.base import (
     PLANS,
+    SCORES,
     SELECTIONS,
     KeepPlan,
     KeptTokens,
+    check_scorer,
     check_section,
     keep_count,
     keep_plan,
+    patch_scores,
     redundancy_scores,
     register,
+    score_request,
     section,
     select_tokens,
 )
@@ -32,14 +37,18 @@ import_submodules(__name__, __path__)
 
 __all__ = [
     "PLANS",
+    "SCORES",
     "SELECTIONS",
     "KeepPlan",
     "KeptTokens",
+    "check_scorer",
     "check_section",
     "keep_count",
     "keep_plan",
+    "patch_scores",
     "redundancy_scores",
     "register",
+    "score_request",
     "section",
     "select_tokens",
 ]

@@ -21,12 +21,19 @@ from hybrid_distill_jax.errors import ConfigError
 
 SELECTIONS = ("gumbel", "topk", "random")
 
+# How the scoring teacher rates a patch at each of the plan's layers: 'cls_attention', its CLS -> patch
+# attention there (averaged over heads; the paper's); 'map_attention', its MAP head's query -> patch
+# attention (a teacher without CLS, e.g. SigLIP; the same scores at every layer, read off its final
+# tokens); 'token_norm', the L2 norm of each patch token after that layer (any teacher).
+SCORES = ("cls_attention", "map_attention", "token_norm")
+
 # The fields every plan reads, beside each plan's own.
 SHARED_DEFAULTS = dict(
     mode="over_training",
     selection="gumbel",
     temperature=1.0,
     score_teacher="deit",
+    score="cls_attention",
     # 1, or e.g. 8/16/128: masked stages keep K patches with CLS + K a multiple of it (fewer patches than
     # the ratio says; shapes GPU and TPU kernels tile without padding).
     token_multiple=1,
@@ -45,6 +52,42 @@ def register(cls: type[KeepPlan]) -> type[KeepPlan]:
 def redundancy_scores(cls_attn: jax.Array) -> jax.Array:
     """CLS->patch attention [B, H, N] averaged over heads -> importance score [B, N] (fp32)."""
     return jnp.mean(cls_attn.astype(jnp.float32), axis=1)
+
+
+def score_request(score: str, layers: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """What the scoring teacher's pass must return for ``score`` at ``layers`` (keyword arguments)."""
+    if score == "cls_attention":
+        return {"cls_attn_layers": layers}
+    if score == "token_norm":
+        return {"hidden_layers": layers}
+    return {}  # map_attention: the MAP head's attention is always in the outputs
+
+
+def patch_scores(score: str, out: Mapping, layer: int, num_prefix: int) -> jax.Array:
+    """The scoring teacher's importance of each patch [B, N] (fp32) at ``layer``, from its outputs."""
+    if score == "cls_attention":
+        return redundancy_scores(out["cls_attn"][layer])
+    if score == "map_attention":
+        return redundancy_scores(out["map_attn"])
+    patches = out["hidden"][layer][:, num_prefix:].astype(jnp.float32)
+    return jnp.sqrt(jnp.sum(patches * patches, axis=-1))
+
+
+def check_scorer(mcfg, scorer: Mapping) -> None:
+    """``masking.score`` against the scoring teacher's architecture (``arch_dict``); one-line ConfigError."""
+    name = mcfg.score_teacher
+    if mcfg.score == "cls_attention":
+        checks.require(
+            scorer.get("class_token", True),
+            f"masking.score='cls_attention': teacher {name!r} has no CLS token; use masking.score="
+            f"{'map_attention' if scorer.get('pool') == 'map' else 'token_norm'!r}",
+        )
+    if mcfg.score == "map_attention":
+        checks.require(
+            scorer.get("pool") == "map",
+            f"masking.score='map_attention': teacher {name!r} has no MAP head (pool={scorer.get('pool')!r}); "
+            "use 'cls_attention' or 'token_norm'",
+        )
 
 
 def select_tokens(
@@ -188,6 +231,7 @@ def check_section(mcfg, teachers: Iterable[str]) -> None:
     take."""
     checks.one_of(mcfg.mode, sorted(PLANS), "masking.mode")
     checks.one_of(mcfg.selection, SELECTIONS, "masking.selection")
+    checks.one_of(mcfg.get("score", "cls_attention"), SCORES, "masking.score")
     ranges = dict(SHARED_RANGES)
     for cls in PLANS.values():
         ranges.update(cls.ranges)

@@ -82,6 +82,7 @@ def load_model(
     meta = read_model_json(directory, field)
     model = make_vit(meta["arch"], **overrides)
     params = read_params(os.path.join(directory, "params.msgpack"), field)
+    check_token_fields(model, params, f"{field}: {os.path.join(directory, 'model.json')}")
     size = model.image_size
     expected = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, size, size, 3), np.float32)))
     check_params(expected["params"], params, where=directory)
@@ -126,6 +127,28 @@ def shape_mismatches(header: str, expected: dict, actual: dict, prefix: str = ""
     if shapes:
         lines.append(f"  shape mismatches ({len(shapes)}): {'; '.join(prefix + w for w in shapes[:20])}")
     return CheckpointError("\n".join(lines))
+
+
+def check_token_fields(model: VisionTransformer, params: Any, where: str) -> None:
+    """One-line CheckpointError when ``model.json``'s token fields (``num_registers``, ``class_token``, a
+    MAP head, LayerScale) disagree with what the parameters hold, before ``check_params``'s key-by-key
+    listing: such a disagreement is one wrong field, not dozens of wrong keys."""
+    held = params.get("reg_token")
+    registers = int(np.shape(held)[1]) if held is not None and np.ndim(held) == 3 else 0
+    if registers != model.num_registers:
+        raise CheckpointError(
+            f"{where} says num_registers={model.num_registers}, params.msgpack holds {registers} register "
+            "tokens"
+        )
+    for field, stated, present, param in (
+        ("class_token", model.class_token, "cls_token" in params, "cls_token"),
+        ("pool", model.pool == "map", "map_head" in params, "map_head"),
+        ("layer_scale_init", model.layer_scale_init is not None, "ls1" in params.get("block1", {}), "ls1"),
+    ):
+        if stated != present:
+            value = repr(getattr(model, field))
+            holds = "holds" if present else "has no"
+            raise CheckpointError(f"{where} says {field}={value}, params.msgpack {holds} {param}")
 
 
 def check_params(expected: Any, actual: Any, where: str) -> None:

@@ -1,7 +1,10 @@
 """A pure-functional Flax (linen) Vision Transformer for students and teachers alike.
 
 One module covers timm ViT/DeiT (incl. the distillation token), MAE encoders, DINO and CLIP visual
-towers (``ln_pre``, QuickGELU, ``proj``). The forward pass can
+towers (``ln_pre``, QuickGELU, ``proj``), DINOv2 with registers (register tokens, LayerScale, no position
+embedding on the prefix), DINOv3 (rotary position embeddings) and SigLIP (no CLS, a MAP head). Tokens are
+ordered prefix first: CLS (if ``class_token``), the distillation token, the registers, then the patches;
+everything that indexes patches skips the ``num_prefix`` tokens. The forward pass can
 
 * run on a subset of patch tokens (``keep_indices``, a static count K), masked MAE-style after the
   position embedding, and drop further tokens inside the network (``drop_after``, EViT-style);
@@ -118,8 +121,40 @@ def resample_posemb(posemb: jax.Array, num_prefix: int, new_grid: int) -> jax.Ar
 
 
 def gather_tokens(x: jax.Array, indices: jax.Array) -> jax.Array:
-    """x [B, N, D], indices [B, K] -> [B, K, D]."""
-    return jnp.take_along_axis(x, indices[..., None], axis=1)
+    """x [B, N, ...], indices [B, K] -> [B, K, ...]."""
+    return jnp.take_along_axis(x, indices.reshape(indices.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def rope_periods(head_dim: int, temperature: float) -> np.ndarray:
+    """DINOv3's rotary periods: ``temperature ** (2 i / (head_dim / 2))`` for i < head_dim / 4 (fp32);
+    ``check_arch`` refuses a head dimension not divisible by 4."""
+    exponents = 2.0 * np.arange(head_dim // 4, dtype=np.float32) / np.float32(head_dim // 2)
+    return (np.float32(temperature) ** exponents).astype(np.float32)
+
+
+def rope_table(grid_h: int, grid_w: int, head_dim: int, temperature: float) -> np.ndarray:
+    """DINOv3's rotary table for an ``grid_h x grid_w`` patch grid: [grid_h * grid_w, 2, head_dim] fp32
+    (sin, cos), row-major over patches. Each patch's centre is normalised by the grid's own size to
+    [-1, 1] per axis, so any resolution reuses the trained frequencies; the first half of the head
+    dimension rotates by the y angles then the x angles, the second half repeats them ('rotate half')."""
+    ys = (np.arange(grid_h, dtype=np.float32) + np.float32(0.5)) / np.float32(grid_h)
+    xs = (np.arange(grid_w, dtype=np.float32) + np.float32(0.5)) / np.float32(grid_w)
+    coords = np.stack(np.meshgrid(ys, xs, indexing="ij"), axis=-1).reshape(-1, 2)
+    coords = np.float32(2.0) * coords - np.float32(1.0)
+    angles = np.float32(2 * math.pi) * coords[:, :, None] / rope_periods(head_dim, temperature)[None, None]
+    angles = angles.reshape(angles.shape[0], -1)  # [N, head_dim / 2]: y frequencies, then x
+    angles = np.concatenate([angles, angles], axis=-1)
+    return np.stack([np.sin(angles), np.cos(angles)], axis=1).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, table: jax.Array, num_prefix: int) -> jax.Array:
+    """Rotates the patch tokens of ``x`` [B, N, H, Dh] by ``table`` [B, N - num_prefix, 2, Dh] (sin, cos),
+    in fp32; the prefix tokens pass unrotated."""
+    patches = x[:, num_prefix:].astype(jnp.float32)
+    sin, cos = table[:, :, None, 0], table[:, :, None, 1]
+    first, second = jnp.split(patches, 2, axis=-1)
+    rotated = patches * cos + jnp.concatenate([-second, first], axis=-1) * sin
+    return jnp.concatenate([x[:, :num_prefix], rotated.astype(x.dtype)], axis=1)
 
 
 class DropPath(nn.Module):
@@ -224,6 +259,7 @@ class Attention(nn.Module):
         want_cls: bool = False,
         num_prefix: int = 1,
         want_qk: bool = False,
+        rope: jax.Array | None = None,
     ):
         width = x.shape[-1]
         if width % self.num_heads:
@@ -238,6 +274,8 @@ class Attention(nn.Module):
             name="qkv",
         )(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, Dh]
+        if rope is not None:
+            q, k = apply_rope(q, rope, num_prefix), apply_rope(k, rope, num_prefix)
         scale = 1.0 / math.sqrt(head_dim)
         extras = {}
         if want_qk:
@@ -254,7 +292,7 @@ class Attention(nn.Module):
             out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v, precision=precision)
             extras["logits"] = logits
             if want_cls:
-                extras["cls"] = probs[:, :, 0, num_prefix:]
+                extras["cls"] = probs[:, :, 0, num_prefix:]  # the caller checks the model has a CLS token
         else:
             out = fused_attention(
                 q, k, v, scale=scale, implementation=self.attn_impl, length_multiple=self.attn_length_multiple
@@ -293,8 +331,21 @@ class MlpBlock(nn.Module):
         return nn.Dense(width, name="fc2", **dense)(x)
 
 
+class LayerScale(nn.Module):
+    """A learned per-channel scale on a residual branch (CaiT, DINOv2): ``x * gamma``."""
+
+    init_value: float
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.constant(self.init_value)
+        gamma = self.param("gamma", init, (x.shape[-1],), self.param_dtype)
+        return x * gamma.astype(x.dtype)
+
+
 class Block(nn.Module):
-    """Pre-LN transformer block."""
+    """Pre-LN transformer block, with LayerScale on both branches when ``layer_scale_init`` is set."""
 
     num_heads: int
     mlp_dim: int
@@ -307,6 +358,7 @@ class Block(nn.Module):
     attn_impl: str | None = None
     fp8: bool = False
     attn_length_multiple: int = 1
+    layer_scale_init: float | None = None
 
     @nn.compact
     def __call__(
@@ -317,6 +369,7 @@ class Block(nn.Module):
         want_cls: bool = False,
         num_prefix: int = 1,
         want_qk: bool = False,
+        rope: jax.Array | None = None,
     ):
         norm = dict(epsilon=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         y, extras = Attention(
@@ -334,26 +387,66 @@ class Block(nn.Module):
             want_cls=want_cls,
             num_prefix=num_prefix,
             want_qk=want_qk,
+            rope=rope,
         )
+        if self.layer_scale_init is not None:
+            y = LayerScale(self.layer_scale_init, self.param_dtype, name="ls1")(y)
         x = x + DropPath(self.drop_path)(y, deterministic=not train)
         y = MlpBlock(self.mlp_dim, self.act, self.dtype, self.param_dtype, self.fp8, name="mlp")(
             nn.LayerNorm(name="norm2", **norm)(x)
         )
+        if self.layer_scale_init is not None:
+            y = LayerScale(self.layer_scale_init, self.param_dtype, name="ls2")(y)
         x = x + DropPath(self.drop_path)(y, deterministic=not train)
         return x, extras
+
+
+class MapHead(nn.Module):
+    """Multihead attention pooling (SigLIP's MAP head): one learned query attends over the tokens, then a
+    residual MLP. Returns the pooled vector [B, D] and the query's attention probabilities [B, H, N] (fp32),
+    which score patches for a model without CLS."""
+
+    num_heads: int
+    mlp_dim: int
+    act: str = "gelu"
+    norm_eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        b, n, width = x.shape
+        head_dim = width // self.num_heads
+        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        latent = self.param("latent", nn.initializers.normal(0.02), (1, 1, width), self.param_dtype)
+        q = nn.Dense(width, name="q", **dense)(latent.astype(self.dtype)).reshape(1, self.num_heads, head_dim)
+        kv = nn.Dense(2 * width, name="kv", **dense)(x).reshape(b, n, 2, self.num_heads, head_dim)
+        logits = jnp.einsum(
+            "hd,bkhd->bhk", q[0] / math.sqrt(head_dim), kv[:, :, 0], preferred_element_type=jnp.float32
+        )
+        probs = jax.nn.softmax(logits, axis=-1)
+        pooled = jnp.einsum("bhk,bkhd->bhd", probs.astype(self.dtype), kv[:, :, 1]).reshape(b, width)
+        pooled = nn.Dense(width, name="proj", **dense)(pooled)
+        y = nn.LayerNorm(epsilon=self.norm_eps, name="norm", **dense)(pooled)
+        pooled = pooled + MlpBlock(self.mlp_dim, self.act, self.dtype, self.param_dtype, name="mlp")(y)
+        return pooled, probs
 
 
 class VisionTransformer(nn.Module):
     """ViT returning a dict of outputs.
 
-    Outputs: ``tokens`` (all tokens after the final norm, prefix first: [B, P+K, D]), ``pooled``,
+    Outputs: ``tokens`` (all tokens after the final norm, prefix first: [B, P+K, D]), ``pooled``
+    (the CLS token, the mean patch token or the MAP head's output, by ``pool``), ``summary`` (the one
+    vector an image is summarised by: CLIP's ``embedding`` if ``proj_dim``, else the MAP head's output,
+    else the final CLS token, else the mean patch token),
     ``logits`` (if ``num_classes``), ``embedding`` (CLIP ``proj`` of the CLS token, if ``proj_dim``),
+    ``map_attn`` (with ``pool='map'``: the MAP query's fp32 probabilities over the patches [B, H, K]),
     ``attn_logits`` {layer: fp32 [B, H, N_l, N_l]} for ``attn_layers``, ``cls_attn``
     {layer: fp32 [B, H, K_l]} (CLS -> patch probabilities) for ``cls_attn_layers``, and ``qk``
-    {layer: (q / sqrt(Dh), k), each [B, N_l, H, Dh] in ``dtype``} for ``qk_layers``: the logits of any
-    token subset, ``einsum('bqhd,bkhd->bhqk', q[:, rows], k[:, cols])``, without the N x N map; and
-    ``hidden`` {layer: [B, P+K_l, D] in ``dtype``}, the residual stream after block l (before any drop
-    there and before the final norm), for ``hidden_layers``.
+    {layer: (q / sqrt(Dh), k), each [B, N_l, H, Dh] in ``dtype``, after any rotary embedding} for
+    ``qk_layers``: the logits of any token subset, ``einsum('bqhd,bkhd->bhqk', q[:, rows], k[:, cols])``,
+    without the N x N map; and ``hidden`` {layer: [B, P+K_l, D] in ``dtype``}, the residual stream after
+    block l (before any drop there and before the final norm), for ``hidden_layers``.
     """
 
     patch_size: int = 16
@@ -363,15 +456,22 @@ class VisionTransformer(nn.Module):
     mlp_dim: int = 3072
     image_size: int = 224  # sets the position-embedding grid; other inputs are resampled on the fly
     num_classes: int = 0
+    class_token: bool = True
     dist_token: bool = False
+    num_registers: int = 0  # register tokens (DINOv2-reg, DINOv3): prefix tokens no output reads
     ln_pre: bool = False
     final_norm: bool = True
     patch_bias: bool = True
     qkv_bias: bool = True
     act: str = "gelu"
     norm_eps: float = 1e-6
-    posemb: str = "learn"  # or "sincos2d" (MAE; initialised fixed, stored as a parameter)
-    pool: str = "cls"  # or "gap" (mean of patch tokens) for ``pooled``/``logits``
+    # "learn", "sincos2d" (MAE; initialised fixed, stored as a parameter) or "rope" (DINOv3: no table,
+    # queries and keys of the patches rotated in every block; see ``rope_table``)
+    posemb: str = "learn"
+    prefix_posemb: bool = True  # the table has entries for the prefix tokens too (timm: not no_embed_class)
+    rope_temperature: float = 100.0  # posemb='rope' only
+    layer_scale_init: float | None = None  # LayerScale on both residual branches, initialised to this
+    pool: str = "cls"  # "cls", "gap" (mean of patch tokens) or "map" (a MAP head) for ``pooled``/``logits``
     proj_dim: int | None = None
     drop_path: float = 0.0
     remat_policy: str = "none"  # see REMAT_POLICIES: what each block saves for the backward pass
@@ -388,11 +488,28 @@ class VisionTransformer(nn.Module):
 
     @property
     def num_prefix(self) -> int:
-        return 2 if self.dist_token else 1
+        return int(self.class_token) + int(self.dist_token) + self.num_registers
+
+    @property
+    def posemb_prefix(self) -> int:
+        """How many prefix tokens have an entry in the position-embedding table."""
+        return self.num_prefix if self.prefix_posemb else 0
 
     @property
     def grid(self) -> int:
         return self.image_size // self.patch_size
+
+    def prefix_tokens(self) -> list[jax.Array]:
+        tokens = []
+        for name, count, wanted in (
+            ("cls_token", 1, self.class_token),
+            ("dist_token", 1, self.dist_token),
+            ("reg_token", self.num_registers, self.num_registers),
+        ):
+            if wanted:
+                init = nn.initializers.normal(1e-6)
+                tokens.append(self.param(name, init, (1, count, self.width), self.param_dtype))
+        return tokens
 
     @nn.compact
     def __call__(
@@ -415,6 +532,8 @@ class VisionTransformer(nn.Module):
                 raise ConfigError(
                     f"layer {layer} requested from a ViT of depth {self.depth} (layers are 1..depth)"
                 )
+        if cls_attn_layers and not self.class_token:
+            raise ConfigError("CLS attention requested from a ViT without a CLS token (class_token=False)")
         p = self.num_prefix
         x = nn.Conv(
             self.width,
@@ -431,23 +550,30 @@ class VisionTransformer(nn.Module):
             raise ConfigError(f"non-square patch grid {h}x{w}: images must be square")
         x = x.reshape(b, h * w, self.width)
 
-        if self.posemb == "sincos2d":
-            init = lambda *_: jnp.asarray(sincos_posemb_2d(self.grid, self.width, p), self.param_dtype)  # noqa: E731
+        rope = None
+        prefix_pos = jnp.zeros((1, p, self.width), self.dtype)
+        if self.posemb == "rope":
+            table = rope_table(h, w, self.width // self.num_heads, self.rope_temperature)
+            rope = jnp.broadcast_to(jnp.asarray(table), (b, *table.shape))
         else:
-            init = nn.initializers.normal(stddev=0.02)
-        posemb = self.param("pos_embed", init, (1, p + self.grid**2, self.width), self.param_dtype)
-        posemb = resample_posemb(posemb, p, h).astype(self.dtype)
-        x = x + posemb[:, p:]
+            q = self.posemb_prefix
+            if self.posemb == "sincos2d":
+                init = lambda *_: jnp.asarray(sincos_posemb_2d(self.grid, self.width, q), self.param_dtype)  # noqa: E731
+            else:
+                init = nn.initializers.normal(stddev=0.02)
+            posemb = self.param("pos_embed", init, (1, q + self.grid**2, self.width), self.param_dtype)
+            posemb = resample_posemb(posemb, q, h).astype(self.dtype)
+            x = x + posemb[:, q:]
+            if q:
+                prefix_pos = posemb[:, :q]
         if keep_indices is not None:
             x = gather_tokens(x, keep_indices)
+            rope = None if rope is None else gather_tokens(rope, keep_indices)
 
-        prefix = [self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, self.width), self.param_dtype)]
-        if self.dist_token:
-            prefix.append(
-                self.param("dist_token", nn.initializers.normal(1e-6), (1, 1, self.width), self.param_dtype)
-            )
-        prefix = jnp.concatenate(prefix, axis=1).astype(self.dtype) + posemb[:, :p]
-        x = jnp.concatenate([jnp.broadcast_to(prefix, (b, p, self.width)), x], axis=1)
+        prefix = self.prefix_tokens()
+        if prefix:
+            prefix = jnp.concatenate(prefix, axis=1).astype(self.dtype) + prefix_pos
+            x = jnp.concatenate([jnp.broadcast_to(prefix, (b, p, self.width)), x], axis=1)
         if self.ln_pre:
             x = nn.LayerNorm(
                 epsilon=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm_pre"
@@ -477,8 +603,9 @@ class VisionTransformer(nn.Module):
                 self.attn_impl,
                 self.fp8,
                 self.attn_length_multiple,
+                self.layer_scale_init,
                 name=f"block{layer}",
-            )(x, train, want_logits, want_cls, p, want_qk)
+            )(x, train, want_logits, want_cls, p, want_qk, rope)
             if want_logits:
                 attn_logits[layer] = extras["logits"]
             if want_qk:
@@ -489,6 +616,7 @@ class VisionTransformer(nn.Module):
                 hidden[layer] = x
             if layer in drop_after:
                 x = jnp.concatenate([x[:, :p], gather_tokens(x[:, p:], drop_after[layer])], axis=1)
+                rope = None if rope is None else gather_tokens(rope, drop_after[layer])
 
         if self.final_norm:
             x = nn.LayerNorm(
@@ -497,10 +625,17 @@ class VisionTransformer(nn.Module):
         out: dict[str, Any] = {
             "tokens": x, "attn_logits": attn_logits, "cls_attn": cls_attn, "qk": qk, "hidden": hidden
         }
-        pooled = x[:, 0] if self.pool == "cls" else jnp.mean(x[:, p:], axis=1)
+        if self.pool == "map":
+            pooled, out["map_attn"] = MapHead(
+                self.num_heads, self.mlp_dim, self.act, self.norm_eps, self.dtype, self.param_dtype,
+                name="map_head",
+            )(x[:, p:])  # fmt: skip
+        else:
+            pooled = x[:, 0] if self.pool == "cls" else jnp.mean(x[:, p:], axis=1)
         out["pooled"] = pooled
+        out["summary"] = x[:, 0] if self.class_token and self.pool != "map" else pooled
         if self.proj_dim:
-            out["embedding"] = nn.Dense(
+            out["embedding"] = out["summary"] = nn.Dense(
                 self.proj_dim, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="proj"
             )(x[:, 0])
         if self.num_classes:
@@ -531,7 +666,35 @@ def make_vit(arch: Mapping[str, Any], **overrides) -> VisionTransformer:
     unknown = set(kwargs) - {f.name for f in dataclasses.fields(VisionTransformer)}
     if unknown:
         raise ConfigError(f"model: unknown ViT field(s) {sorted(unknown)}; known: {sorted(ARCH_FIELDS)}")
-    return VisionTransformer(**kwargs)
+    model = VisionTransformer(**kwargs)
+    check_arch(model)
+    return model
+
+
+POSEMBS = ("learn", "sincos2d", "rope")
+POOLS = ("cls", "gap", "map")
+
+
+def check_arch(model: VisionTransformer) -> None:
+    """ConfigError naming the field when the architecture's fields contradict each other."""
+    if model.posemb not in POSEMBS:
+        raise ConfigError(f"model.posemb={model.posemb!r}: expected one of {list(POSEMBS)}")
+    if model.pool not in POOLS:
+        raise ConfigError(f"model.pool={model.pool!r}: expected one of {list(POOLS)}")
+    if model.num_registers < 0:
+        raise ConfigError(f"model.num_registers={model.num_registers}: expected >= 0")
+    if not model.class_token:
+        if model.pool == "cls":
+            raise ConfigError("model.pool='cls' reads the CLS token; class_token=False: use 'gap' or 'map'")
+        if model.proj_dim:
+            raise ConfigError(f"model.proj_dim={model.proj_dim} projects the CLS token; class_token=False")
+        if model.dist_token:
+            raise ConfigError("model.dist_token=True needs class_token=True (DeiT puts it after the CLS)")
+    if model.posemb == "rope" and (model.width // model.num_heads) % 4:
+        raise ConfigError(
+            f"model.posemb='rope' needs a head dimension divisible by 4; width {model.width} / "
+            f"{model.num_heads} heads gives {model.width // model.num_heads}"
+        )
 
 
 def arch_dict(model: VisionTransformer) -> dict[str, Any]:
@@ -556,8 +719,9 @@ def add_fp8_scales(model: VisionTransformer, params: Any) -> Any:
 def forward_flops(model: VisionTransformer, patches_per_block: Sequence[int], image_size: int) -> float:
     """Matmul FLOPs (2 per multiply-add) of one image's forward pass at ``image_size``: every patch is
     embedded, then block ``l`` runs on the prefix + ``patches_per_block[l-1]`` tokens (qkv, projection,
-    MLP and the two attention products), then the CLIP projection and the head. Elementwise work
-    (norms, softmax, activations) is not counted: this is the count MFU is quoted against."""
+    MLP and the two attention products), then the MAP head, the CLIP projection and the head.
+    Elementwise work (norms, softmax, activations) is not counted: this is the count MFU is quoted
+    against."""
     if len(patches_per_block) != model.depth:
         raise ValueError(f"{len(patches_per_block)} token counts for a ViT of depth {model.depth}")
     d, mlp = model.width, model.mlp_dim
@@ -565,5 +729,7 @@ def forward_flops(model: VisionTransformer, patches_per_block: Sequence[int], im
     for patches in patches_per_block:
         n = model.num_prefix + patches
         flops += 2 * n * (4 * d * d + 2 * d * mlp) + 2 * 2 * n * n * d
+    if model.pool == "map":  # keys and values of the last block's patches; query, projection, MLP of one
+        flops += 2 * patches_per_block[-1] * (2 * d * d + 2 * d) + 2 * (2 * d * d + 2 * d * mlp)
     flops += 2 * d * (model.proj_dim or 0) + 2 * d * model.num_classes
     return float(flops)

@@ -5,7 +5,9 @@ kind (``hybrid_distill_jax.terms``): ``tokens`` regression (final tokens or bloc
 ``relations`` at chosen blocks, a summary ``embedding``. Hybrid Distill is two teachers and two terms (the
 defaults here); FD-only, relation-only, random or no masking, and three-teacher objectives are
 configurations of this one task. Which patches are kept, and where, is the ``masking.KeepPlan``'s
-business; the patches are scored by ``masking.score_teacher``'s CLS attention.
+business; the patches are scored by ``masking.score_teacher``'s CLS attention (or ``masking.score``'s
+other choices, for a teacher without CLS). A teacher whose patch grid differs from the student's has its
+patch outputs resampled onto the student's grid when its entry says ``interpolate_grid``.
 """
 
 from __future__ import annotations
@@ -71,6 +73,10 @@ def check_fields(config) -> dict:
         not config.student.get("dist_token", False),
         "student.dist_token=True: the student must have a single CLS prefix token",
     )
+    checks.require(
+        config.student.get("class_token", True),
+        "student.class_token=False: the terms read the student's CLS token; a student needs one",
+    )
     checks.require(len(config.teachers) > 0, "teachers: no teacher; name one, e.g. teachers.deit")
     for name, tcfg in config.teachers.items():
         check_teacher_entry(name, tcfg)
@@ -120,12 +126,22 @@ def check_archs(config, archs: Mapping[str, Mapping[str, Any]]) -> None:
             size % patch == 0, f"teachers.{name}.image_size={size} is not divisible by its patch size {patch}"
         )
         checks.require(
-            size // patch == grid,
+            size // patch == grid or config.teachers[name].get("interpolate_grid", False),
             f"teachers.{name}: patch grid {size // patch}x{size // patch} differs from the student's "
-            f"{grid}x{grid} ({size}px / patch {patch}); set teachers.{name}.image_size={grid * patch}",
+            f"{grid}x{grid} ({size}px / patch {patch}); set teachers.{name}.image_size={grid * patch}, "
+            f"or teachers.{name}.interpolate_grid=True to resample its outputs onto the student's grid",
         )
+        if size // patch != grid:
+            for term, cfg in active_terms(config, depth).items():
+                checks.require(
+                    not (cfg.teacher == name and cfg.get("teacher_on_kept", False)),
+                    f"terms.{term}.teacher_on_kept=True runs teacher {name!r} on the student's kept patches, "
+                    f"which index the student's {grid}x{grid} grid, not its {size // patch}x{size // patch} "
+                    f"one: set teachers.{name}.image_size={grid * patch}, or teacher_on_kept=False",
+                )
     scorer = archs.get(config.masking.score_teacher)
     if scorer is not None:
+        masking.check_scorer(config.masking, scorer)
         deepest = max(plan.score_layers(scorer["depth"]))
         checks.require(
             deepest <= scorer["depth"],
@@ -198,8 +214,10 @@ class DistillTask(Task):
         for term in self.terms.values():
             if (ask := term.teacher_outputs()) is not None:
                 asks.setdefault(term.cfg.teacher, []).append(ask)
+        self.score = mcfg.score
         if self.score_teacher:
-            asks.setdefault(self.score_teacher, []).append({"cls_attn_layers": self.score_layers})
+            scorer_ask = masking.score_request(self.score, self.score_layers)
+            asks.setdefault(self.score_teacher, []).append(scorer_ask)
         self.teacher_requests = {name: _union(asks[name]) for name in sorted(asks)}
         self.student_request = _union([term.student_outputs() for term in self.terms.values()])
 
@@ -244,6 +262,7 @@ class DistillTask(Task):
         for name, request in self.teacher_requests.items():
             t = self.teachers[name]
             final = any(term.reads_final_tokens for term in self.terms.values() if term.cfg.teacher == name)
+            final = final or (name == self.score_teacher and self.score == "map_attention")
             blocks = t.model.depth if final else max(max(layers) for layers in request.values())
             model = (
                 t.model
@@ -265,12 +284,13 @@ class DistillTask(Task):
         # Every teacher once, on the full image and fused attention: no N x N map is formed. Each hands
         # out what some term reads (queries and keys, hidden states) and the scorer its CLS attention.
         tout = {
-            name: self.teachers[name](frozen[name], images, **request)
+            name: self.teachers[name](frozen[name], images, grid=self.student.grid, **request)
             for name, request in self.teacher_requests.items()
         }
+        scorer = self.teachers.get(self.score_teacher)
         scores = {
-            layer: masking.redundancy_scores(tout[self.score_teacher]["cls_attn"][layer])
-            if self.score_teacher
+            layer: masking.patch_scores(self.score, tout[self.score_teacher], layer, scorer.model.num_prefix)
+            if scorer
             else jnp.ones((b, self.num_patches), jnp.float32)
             for layer in self.score_layers
         }

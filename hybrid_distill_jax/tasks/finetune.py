@@ -202,7 +202,7 @@ class FinetuneTask(base.Task):
                     f"init_from={self.config.init_from}: parameter {name!r} not in the model"
                 )
             if name == "pos_embed":
-                value = resample_posemb(jnp.asarray(value), self.vit.num_prefix, self.vit.grid)
+                value = resample_posemb(jnp.asarray(value), self.vit.posemb_prefix, self.vit.grid)
             expected = jax.tree.map(np.shape, params[name])
             got = jax.tree.map(np.shape, value)
             if expected != got:

@@ -89,9 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument(
         "--timm-name",
         default=None,
-        help="timm model name to print in the load command (default vit_base_patch16_224)",
+        help="timm model name to print in the load command (default: vit_base_patch16_224, a DeiT "
+        "distilled name for a distillation token, vit_*_patch16_dinov3[_qkvb] for rotary embeddings)",
     )
-    sub.add_parser("list", help="the known teachers: short name, hf-hub: name, what each is")
+    sub.add_parser(
+        "list", help="the known teachers: short name, hf-hub: name, input resolution, licence, what each is"
+    )
     return parser
 
 
@@ -127,12 +130,14 @@ def _import(args) -> None:
 
 
 def list_known(print_fn=print) -> None:
-    """The known teachers (short name, hub name, what each is) and where their conversions are cached."""
+    """The known teachers (short name, hub name, input resolution, licence, what each is) and where their
+    conversions are cached."""
     width = max(len("short name"), *(len(name) for name in KNOWN))
     hub_width = max(len(t.hub) for t in KNOWN.values())
-    print_fn(f"{'short name':{width}}  {'hub name':{hub_width}}  what")
+    lic_width = max(len("licence"), *(len(t.licence) for t in KNOWN.values()))
+    print_fn(f"{'short name':{width}}  {'hub name':{hub_width}}  {'px':>4}  {'licence':{lic_width}}  what")
     for name, t in KNOWN.items():
-        print_fn(f"{name:{width}}  {t.hub:{hub_width}}  {t.what}")
+        print_fn(f"{name:{width}}  {t.hub:{hub_width}}  {t.image_size:>4}  {t.licence:{lic_width}}  {t.what}")
     print_fn(
         f"\nconverted once into {os.path.join(hub.cache_root(), 'teachers')} ({hub.CACHE_ENV} to move it); "
         "files come from huggingface_hub's cache (HF_HOME, HF_HUB_OFFLINE); a recipe names a known "

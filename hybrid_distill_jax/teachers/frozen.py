@@ -5,6 +5,7 @@ step runs it (:class:`FrozenTeacher`: an exported ViT, frozen, at its own resolu
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -23,7 +24,9 @@ from hybrid_distill_jax.models.build import (
 from hybrid_distill_jax.models.vit import VisionTransformer, add_fp8_scales, make_vit
 from hybrid_distill_jax.teachers.resolve import describe, load_model
 
-TEACHER_FIELDS = dict(checkpoint="", dtype="bfloat16", image_size=0, attn_impl="", fp8=False)
+TEACHER_FIELDS = dict(
+    checkpoint="", dtype="bfloat16", image_size=0, attn_impl="", fp8=False, interpolate_grid=False
+)
 TEACHER_RANGES = {"image_size": checks.ints(0, "0: the teacher's own")}
 
 
@@ -32,7 +35,9 @@ def teacher_config(checkpoint: str = "", **fields) -> ml_collections.ConfigDict:
 
     ``dtype`` (bfloat16) is what it computes in; ``image_size`` (0: its own) the resolution it is fed the
     crop at; ``attn_impl`` ('' fastest here, 'xla', 'cudnn') its attention kernel; ``fp8`` its block
-    matmuls on float8 operands."""
+    matmuls on float8 operands; ``interpolate_grid`` lets its patch grid differ from the student's (a /14
+    teacher at 224 px beside a /16 student): its patch outputs are resampled onto the student's grid
+    (``resample_patches``). Without it a differing grid is refused."""
     unknown = sorted(set(fields) - set(TEACHER_FIELDS))
     if unknown:
         raise ConfigError(f"teacher_config: no field {unknown[0]!r}; fields: {sorted(TEACHER_FIELDS)}")
@@ -51,7 +56,37 @@ def check_teacher_entry(name: str, tcfg) -> None:
         f"{field}: expected a teacher entry ({', '.join(TEACHER_FIELDS)})",
     )
     checks.one_of(tcfg.get("attn_impl", ""), ATTN_IMPLS, f"{field}.attn_impl")
+    checks.one_of(tcfg.get("interpolate_grid", False), (False, True), f"{field}.interpolate_grid")
     checks.check_ranges(tcfg, TEACHER_RANGES, prefix=f"{field}.")
+
+
+def _resize_grid(x: jax.Array, axis: int, grid: int) -> jax.Array:
+    """Bilinear resize of a square patch axis (``axis``, length g*g) of ``x`` to ``grid``*``grid``, fp32."""
+    x = jnp.moveaxis(x, axis, 1)
+    b, n, *rest = x.shape
+    g = math.isqrt(n)
+    square = x.astype(jnp.float32).reshape(b, g, g, -1)
+    square = jax.image.resize(square, (b, grid, grid, square.shape[-1]), method="bilinear")
+    return jnp.moveaxis(square.reshape(b, grid * grid, *rest).astype(x.dtype), 1, axis)
+
+
+def resample_patches(out: dict, num_prefix: int, grid: int) -> dict:
+    """A teacher's outputs with every patch-indexed one resampled onto a ``grid`` x ``grid`` patch grid:
+    the patch part of ``tokens``, ``hidden`` and ``qk`` (queries and keys: the relations of the
+    interpolated tokens), and the ``cls_attn`` / ``map_attn`` scores. Prefix tokens pass unchanged. Full
+    attention maps (``attn_logits``) cannot be resampled this way; nothing requests them here."""
+
+    def tokens(x):
+        return jnp.concatenate([x[:, :num_prefix], _resize_grid(x[:, num_prefix:], 1, grid)], axis=1)
+
+    out = dict(out)
+    out["tokens"] = tokens(out["tokens"])
+    out["hidden"] = {layer: tokens(x) for layer, x in out["hidden"].items()}
+    out["qk"] = {layer: (tokens(q), tokens(k)) for layer, (q, k) in out["qk"].items()}
+    out["cls_attn"] = {layer: _resize_grid(a, 2, grid) for layer, a in out["cls_attn"].items()}
+    if "map_attn" in out:
+        out["map_attn"] = _resize_grid(out["map_attn"], 2, grid)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,8 +133,12 @@ class FrozenTeacher:
     def grid(self) -> int:
         return self.image_size // self.model.patch_size
 
-    def __call__(self, params, images, **kwargs):
+    def __call__(self, params, images, *, grid: int | None = None, **kwargs):
+        """The frozen model's outputs on ``images``; ``grid``: on that patch grid (``resample_patches``)
+        where the teacher's own differs."""
         out = self.model.apply(
             {"params": params}, normalize(images, self.mean, self.std, self.image_size), **kwargs
         )
+        if grid is not None and grid != self.grid:
+            out = resample_patches(out, self.model.num_prefix, grid)
         return jax.tree.map(jax.lax.stop_gradient, out)

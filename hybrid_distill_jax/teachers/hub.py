@@ -268,10 +268,13 @@ def _convert_once(name, repo, revision, commit, config_path, weights_path, targe
                 "sha256": sha256,
                 "config_sha1": config_sha1,
             }
-            importer.import_checkpoint("timm", weights_path, tmp, provenance={"hub": hub}, log=log)
+            # 'timm' reads the config.json beside the weights, which names the layout (importer)
+            _, _, report = importer.import_checkpoint(
+                "timm", weights_path, tmp, provenance={"hub": hub}, log=log
+            )
             try:
                 os.rename(tmp, target)
-                log(f"{name}: converted into {target}")
+                log(f"{name}: converted into {target} (family {report['family']})")
             except OSError:  # a process without the lock (another host, no shared locking) won
                 if not _complete(target):
                     raise

@@ -1,5 +1,6 @@
 """Summary-embedding distillation (RADIO/UNIC-style): the student's CLS token through a linear head onto
-the teacher's image embedding: its projected CLS (``embedding``, e.g. CLIP's) or else its final CLS."""
+the teacher's image summary (``summary``): its projected CLS (CLIP's ``embedding``), its MAP head's output
+(SigLIP), or else its pooled token (the final CLS)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,11 @@ class EmbeddingTerm(Term):
     def check_archs(cls, name, cfg, student, teacher):
         width = teacher.get("proj_dim") or teacher["width"]
         checks.require(
+            teacher.get("class_token", True) or teacher.get("pool") == "map" or teacher.get("proj_dim"),
+            f"terms.{name}: teacher {cfg.teacher!r} has neither a CLS token nor a MAP head to summarise an "
+            "image by",
+        )
+        checks.require(
             cfg.head == "linear" or student["width"] == width,
             f"terms.{name}.head='identity' needs the student's width {student['width']} to equal the "
             f"teacher's embedding width {width}: use head='linear'",
@@ -41,8 +47,7 @@ class EmbeddingTerm(Term):
         return self.head.init(rng, jnp.zeros((1, self.student.width)))["params"]
 
     def value(self, params, inputs: TermInputs) -> jax.Array:
-        teacher = inputs.teacher
-        target = teacher["embedding"] if "embedding" in teacher else teacher["tokens"][:, 0]
+        target = inputs.teacher["summary"]
         pred = inputs.student["tokens"][:, 0]
         if self.head is not None:
             pred = self.head.apply({"params": params}, pred)

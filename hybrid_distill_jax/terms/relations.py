@@ -1,5 +1,11 @@
 """Attention-relation distillation (the diversity half of Hybrid Distill): the student's attention
-distributions at chosen blocks imitate the teacher's over the same tokens, by KL or MSE."""
+distributions at chosen blocks imitate the teacher's over the same tokens, by KL or MSE.
+
+A teacher qualifies when its blocks' attention is a plain softmax over its tokens and it has a CLS token:
+DeiT, MAE, DINO, DINOv2 (registers are left out of the map), CLIP and DINOv3 (rotary embeddings rotate the
+queries and keys; the map is still a softmax of their products, taken after the rotation) qualify;
+SigLIP has no CLS token (its MAP head pools with one learned query, not a relation between tokens) and is
+refused, as is a teacher whose patch grid is interpolated asked to run on the student's kept tokens."""
 
 from __future__ import annotations
 
@@ -14,6 +20,15 @@ from hybrid_distill_jax.terms.base import Term, TermInputs, register
 def relation_layers(cfg, student_depth: int) -> tuple[int, ...]:
     """The student blocks a relations term distils (``layers``; default every block but the last)."""
     return tuple(cfg.layers) if cfg.get("layers") is not None else tuple(range(1, student_depth))
+
+
+def without_registers(logits: jax.Array, num_prefix: int) -> jax.Array:
+    """Attention logits [B, H, N, N] over CLS + patches only: the other prefix tokens' rows and columns
+    (registers, a distillation token) removed."""
+    if num_prefix == 1:
+        return logits
+    rows = jnp.concatenate([logits[:, :, :1], logits[:, :, num_prefix:]], axis=2)
+    return jnp.concatenate([rows[..., :1], rows[..., num_prefix:]], axis=3)
 
 
 @register
@@ -51,8 +66,9 @@ class RelationTerm(Term):
                 f"{cfg.teacher!r}",
             )
         checks.require(
-            not (cfg.teacher_on_kept and teacher.get("dist_token")),
-            f"{field}.teacher_on_kept=True needs a teacher with one prefix (CLS) token",
+            teacher.get("class_token", True),
+            f"{field}: teacher {cfg.teacher!r} has no CLS token; relations distil the CLS + patch attention "
+            "map (a MAP head's pooling is not a token relation)",
         )
         checks.require(
             teacher["num_heads"] == student["num_heads"],
@@ -77,15 +93,15 @@ class RelationTerm(Term):
     def targets(self, inputs: TermInputs) -> dict[int, jax.Array]:
         """{layer: the teacher's fp32 logits [B, H, 1+K_l, 1+K_l] over CLS + the patches block l sees}."""
         kept = inputs.kept
+        p = self.teacher.model.num_prefix
         if self.cfg.teacher_on_kept:
             # Drops after the last distilled layer change no target: the teacher stops needing tokens there.
             drops = {k: v for k, v in (kept.drop_after or {}).items() if k < max(self.layers)}
             out = inputs.run_teacher(
                 keep_indices=kept.input_indices, drop_after=drops, attn_layers=self.layers
             )
-            return out["attn_logits"]
+            return {layer: without_registers(out["attn_logits"][layer], p) for layer in self.layers}
         cls = jnp.zeros((kept.final_indices.shape[0], 1), jnp.int32)
-        p = self.teacher.model.num_prefix
         return {
             layer: losses.relation_logits(
                 *inputs.teacher["qk"][layer], jnp.concatenate([cls, kept.patches_at(layer) + p], axis=1)
@@ -95,8 +111,11 @@ class RelationTerm(Term):
 
     def value(self, params, inputs: TermInputs) -> jax.Array:
         targets = self.targets(inputs)
+        sp = self.student.num_prefix
         per_layer = [
-            losses.relation_loss(targets[layer], inputs.student["attn_logits"][layer], self.cfg.loss)
+            losses.relation_loss(
+                targets[layer], without_registers(inputs.student["attn_logits"][layer], sp), self.cfg.loss
+            )
             for layer in self.layers
         ]
         return jnp.mean(jnp.stack(per_layer))

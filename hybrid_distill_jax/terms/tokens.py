@@ -35,7 +35,8 @@ def linear_head(name: str, student, out_width: int) -> nn.Dense:
 @register
 class TokenTerm(Term):
     """CLS + kept patch tokens of student block ``student_block`` regressed onto the teacher's at block
-    ``teacher_block`` (0: each model's final, normed tokens; l: the hidden state after block l)."""
+    ``teacher_block`` (0: each model's final, normed tokens; l: the hidden state after block l).
+    Registers (either side's) are not regressed; a teacher without CLS (SigLIP) gives patch targets only."""
 
     kind = "tokens"
     defaults = dict(
@@ -95,9 +96,15 @@ class TokenTerm(Term):
         )
         block = cfg.student_block or self.student.depth
         pred = inputs.student["hidden"][block] if cfg.student_block else inputs.student["tokens"]
-        p = self.teacher.model.num_prefix
-        patches = gather_tokens(teacher_tokens[:, p:], inputs.kept.patches_at(block))
-        target = normalize_target(jnp.concatenate([teacher_tokens[:, :1], patches], axis=1), cfg.target_norm)
+        teacher, p = self.teacher.model, self.teacher.model.num_prefix
+        target = gather_tokens(teacher_tokens[:, p:], inputs.kept.patches_at(block))
+        patches_pred = pred[:, self.student.num_prefix :]
+        if teacher.class_token:
+            target = jnp.concatenate([teacher_tokens[:, :1], target], axis=1)
+            pred = jnp.concatenate([pred[:, :1], patches_pred], axis=1)
+        else:
+            pred = patches_pred
+        target = normalize_target(target, cfg.target_norm)
         if self.head is not None:
             pred = self.head.apply({"params": params}, pred)
         return losses.feature_loss(pred, target, cfg.loss, cfg.smooth_l1_beta)

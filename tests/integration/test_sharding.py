@@ -308,3 +308,119 @@ def test_checkpoint_from_8_devices_restores_on_1_and_back(tmp_path, tfds_dir, la
     assert_same(gathered_params(state), dict(np.load(out + "_stepped.npz")), atol=0)
     assert_same(gathered_params(state), layouts["fsdp"]["params"])
     back.checkpointer.close()
+
+
+# ---- equivalence with today's teachers and a student with registers and LayerScale ------------------
+MODERN_LAYOUTS = {name: LAYOUTS[name] for name in ("one_device", "fsdp", "fsdp_tp")}
+# Patches scored by DINOv2's CLS attention (past its registers), or by SigLIP's MAP query.
+MODERN_SCORES = {"cls": ("dinov2", "cls_attention"), "map": ("siglip", "map_attention")}
+GAMMA_RULE = "/ls[12]/gamma$=replicated"
+
+
+@pytest.fixture(scope="module")
+def modern_teachers(tmp_path_factory):
+    from tests.helpers import make_teacher
+    from tests.integration.test_modern_teachers import DINOV2, DINOV3, SIGLIP
+
+    root = tmp_path_factory.mktemp("modern_teachers")
+    return dict(
+        dinov2=make_teacher(root / "dinov2", seed=1, perturb_seed=11, **DINOV2),
+        dinov3=make_teacher(root / "dinov3", seed=2, perturb_seed=12, **DINOV3),
+        siglip=make_teacher(root / "siglip", seed=3, perturb_seed=13, **SIGLIP),
+    )
+
+
+def modern_equivalence_config(tmp_path, tfds_dir, teachers, mesh, strategy="replicated", score="cls"):
+    """``equivalence_config`` with the ``tests/tiny_config.py:modern`` teachers and terms, a student
+    with 2 registers and LayerScale, and LayerScale's gammas kept whole by a rule."""
+    import ml_collections
+
+    from hybrid_distill_jax.teachers import teacher_config
+    from hybrid_distill_jax.terms import term_config
+
+    c = equivalence_config(tmp_path, tfds_dir, mesh, strategy)
+    c.teachers = ml_collections.ConfigDict(
+        {
+            name: teacher_config(path, dtype="float32", interpolate_grid=name == "dinov2")
+            for name, path in teachers.items()
+        }
+    )
+    c.terms = ml_collections.ConfigDict(
+        dict(
+            feature=term_config("tokens", "dinov2"),
+            relation=term_config("relations", "dinov3"),
+            summary=term_config("embedding", "siglip"),
+            siglip_tokens=term_config("tokens", "siglip"),
+        )
+    )
+    c.masking.score_teacher, c.masking.score = MODERN_SCORES[score]
+    c.student.num_registers = 2
+    c.student.layer_scale_init = 0.1
+    c.sharding.rules = (GAMMA_RULE,)
+    return c
+
+
+@pytest.fixture(scope="module")
+def modern_layouts(tmp_path_factory, tfds_dir, modern_teachers):
+    from hybrid_distill_jax.train import Trainer
+
+    tmp = tmp_path_factory.mktemp("modern_layouts")
+    batches = fixed_batches()
+    results = {}
+    for score in MODERN_SCORES:
+        for name, (mesh, strategy, _) in MODERN_LAYOUTS.items():
+            config = modern_equivalence_config(tmp, tfds_dir, modern_teachers, mesh, strategy, score)
+            trainer = Trainer(config, str(tmp / f"{score}_{name}"))
+            losses, state = run_fixed_steps(trainer, batches)
+            results[score, name] = dict(
+                losses=losses, params=gathered_params(state), state=state, trainer=trainer
+            )
+    return results
+
+
+def _max_difference(a: dict, b: dict) -> float:
+    return max(float(np.max(np.abs(a[k] - b[k]))) for k in a if not k.endswith("attn/qkv/bias"))
+
+
+@pytest.mark.parametrize("score", sorted(MODERN_SCORES))
+@pytest.mark.parametrize("name", ["fsdp", "fsdp_tp"])
+def test_modern_teachers_layout_matches_one_device(modern_layouts, score, name):
+    ref, got = modern_layouts[score, "one_device"], modern_layouts[score, name]
+    assert {"student/reg_token", "student/block2/ls2/gamma"} <= set(got["params"])
+    assert not np.allclose(ref["params"]["student/block2/ls2/gamma"], 0.1)  # trained from its init
+    print(
+        f"\n[{score} scores, {name}] losses {got['losses']} vs {ref['losses']}; max |param diff| "
+        f"{_max_difference(got['params'], ref['params']):.2e}"
+    )
+    np.testing.assert_allclose(got["losses"], ref["losses"], rtol=1e-5)
+    assert_same(got["params"], ref["params"])
+
+
+def test_modern_fsdp_splits_new_parameters_by_the_rules(modern_layouts):
+    trainer, state = modern_layouts["cls", "fsdp"]["trainer"], modern_layouts["cls", "fsdp"]["state"]
+    student, frozen = state["params"]["student"], trainer.frozen
+    expected = {
+        "student reg_token [1, 2, 32]": (student["reg_token"], P(None, None, "fsdp")),
+        "student gamma [32], by rule": (student["block1"]["ls1"]["gamma"], P()),
+        "dinov2 reg_token [1, 4, 32]": (frozen["dinov2"]["reg_token"], P(None, None, "fsdp")),
+        "dinov2 gamma [32], by rule": (frozen["dinov2"]["block2"]["ls2"]["gamma"], P()),
+        "dinov3 qkv kernel [32, 3, 2, 16]": (frozen["dinov3"]["block1"]["attn"]["qkv"]["kernel"], P("fsdp")),
+        "siglip map latent [1, 1, 32]": (frozen["siglip"]["map_head"]["latent"], P(None, None, "fsdp")),
+        "siglip map kv kernel [32, 64]": (frozen["siglip"]["map_head"]["kv"]["kernel"], P(None, "fsdp")),
+    }
+    for what, (array, spec) in expected.items():
+        assert array.sharding.spec == spec, what
+    assert frozen["siglip"]["map_head"]["kv"]["kernel"].addressable_shards[0].data.shape == (32, 16)
+    assert "cls_token" not in frozen["siglip"] and "pos_embed" not in frozen["dinov3"]
+    # Every leaf, new or old, where the rules put it.
+    mesh = dict(trainer.mesh.shape)
+    rules = sharding.parse_rules([GAMMA_RULE])
+    trees = {"params": state["params"], "opt_state": state["opt_state"], "teachers": frozen}
+    for prefix, tree in trees.items():
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            name = f"{prefix}/{sharding.path_name(path)}"
+            assert leaf.sharding.spec == sharding.leaf_spec(name, leaf.shape, mesh, "fsdp", rules), name
+    # With tensor parallelism the MAP head's MLP and DINOv3's heads are split over 'model' too.
+    tp = modern_layouts["cls", "fsdp_tp"]["trainer"].frozen
+    assert tp["siglip"]["map_head"]["mlp"]["fc1"]["kernel"].sharding.spec == P("fsdp", "model")
+    assert tp["dinov3"]["block1"]["attn"]["qkv"]["kernel"].sharding.spec == P("fsdp", None, "model")

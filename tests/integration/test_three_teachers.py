@@ -3,15 +3,19 @@ DINO-like block-2 hidden tokens into the student's block 1, MAE-like relations. 
 term falls), resumes bit-identically after SIGKILLs, and its export loads in timm with equal outputs."""
 
 import os
-import signal
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
 from hybrid_distill_jax.train import metrics
-from tests.helpers import REPO, make_teacher, timm_parity_error, tiny_cli_env
+from tests.helpers import (
+    REPO,
+    assert_kill_and_resume_match,
+    make_teacher,
+    run_cli,
+    timm_parity_error,
+)
 
 TERMS = ("feature_loss", "relation_loss", "dino_block2_loss")
 # DINO-like: wider and deeper than the pico student, with its own head count (it is distilled by tokens
@@ -43,16 +47,10 @@ def _cli(workdir, tfds_dir, teachers, steps=12):
     ]
 
 
-def _run(cmd):
-    proc = subprocess.run(cmd, cwd=REPO, env=tiny_cli_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tfds_dir, teachers):
     workdir = tmp_path_factory.mktemp("three_reference")
-    proc = _run(_cli(workdir, tfds_dir, teachers))
+    proc = run_cli(_cli(workdir, tfds_dir, teachers))
     return workdir, proc
 
 
@@ -70,20 +68,8 @@ def test_three_teachers_train_and_the_progress_line_names_each_term(reference):
 
 
 def test_three_teachers_resume_bit_identically_after_kills(tmp_path, tfds_dir, teachers, reference):
-    from tests.integration.test_reliability import _final_params, _run_until
-
-    killed = tmp_path / "killed"
-    for step in (3, 8):
-        code, err = _run_until(_cli(killed, tfds_dir, teachers), killed, step, signal.SIGKILL)
-        assert code == -signal.SIGKILL, err[-3000:]
-    final = _run(_cli(killed, tfds_dir, teachers))
-    assert "resumed from" in final.stderr
-    ref_dir, _ = reference
-    for a, b in zip(_final_params(ref_dir), _final_params(killed), strict=True):
-        np.testing.assert_array_equal(a, b)
-    keys = ("step", "loss", *TERMS, "grad_norm")
-    rows = lambda d: [{k: r[k] for k in keys} for r in metrics.read_metrics(str(d))]  # noqa: E731
-    assert rows(ref_dir) == rows(killed)
+    cli = lambda workdir: _cli(workdir, tfds_dir, teachers)  # noqa: E731
+    assert_kill_and_resume_match(cli, tmp_path / "killed", reference[0], TERMS)
 
 
 def test_three_teacher_export_loads_in_timm(reference, tmp_path):
