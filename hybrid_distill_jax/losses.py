@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from hybrid_distill_jax.errors import ConfigError
 
-FEATURE_LOSSES = ("smooth_l1", "mse", "cosine")
+FEATURE_LOSSES = ("smooth_l1", "mse", "cosine", "mix")
 RELATION_LOSSES = ("kl", "mse")
 
 
@@ -25,10 +25,20 @@ def smooth_l1(pred: jax.Array, target: jax.Array, beta: float = 2.0) -> jax.Arra
     return jnp.mean(jnp.where(diff < beta, 0.5 * diff**2 / beta, diff - 0.5 * beta))
 
 
-def feature_loss(pred: jax.Array, target: jax.Array, kind: str = "smooth_l1", beta: float = 2.0) -> jax.Array:
-    """Regression of the student's projected tokens onto the (whitened) teacher tokens, [B, N, C]."""
+def feature_loss(
+    pred: jax.Array,
+    target: jax.Array,
+    kind: str = "smooth_l1",
+    beta: float = 2.0,
+    mix: tuple[float, float] = (0.5, 0.5),
+) -> jax.Array:
+    """Regression of the student's projected tokens onto the (whitened) teacher tokens, [B, N, C] (or one
+    vector per image, [B, C]). 'cosine' is minus the mean cosine similarity; 'mix' is
+    ``mix[0] * cosine + mix[1] * smooth_l1`` (DUNE's 0.5 / 0.5, RADIO's 0.9 / 0.1 on features)."""
     if kind == "smooth_l1":
         return smooth_l1(pred, target, beta)
+    if kind == "mix":
+        return mix[0] * feature_loss(pred, target, "cosine") + mix[1] * smooth_l1(pred, target, beta)
     pred, target = pred.astype(jnp.float32), target.astype(jnp.float32)
     if kind == "mse":
         return jnp.mean((pred - target) ** 2)
@@ -38,6 +48,19 @@ def feature_loss(pred: jax.Array, target: jax.Array, kind: str = "smooth_l1", be
         )
         return -jnp.mean(cos)
     raise ConfigError(f"feature loss {kind!r}: expected one of {FEATURE_LOSSES}")
+
+
+def cosine_gram(x: jax.Array) -> jax.Array:
+    """The cosine similarities among a set of tokens: x [B, K, C] -> fp32 [B, K, K]."""
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
+    return jnp.einsum("bqc,bkc->bqk", x, x)
+
+
+def gram_loss(student: jax.Array, teacher: jax.Array) -> jax.Array:
+    """DINOv3's Gram loss between two models: the mean squared difference of the cosine-similarity
+    matrices of the same K tokens, [B, K, Cs] and [B, K, Ct] (the widths may differ)."""
+    return jnp.mean((cosine_gram(student) - cosine_gram(teacher)) ** 2)
 
 
 def relation_logits(q: jax.Array, k: jax.Array, token_indices: jax.Array) -> jax.Array:

@@ -9,17 +9,17 @@ import jax.numpy as jnp
 
 from hybrid_distill_jax import checks, losses
 from hybrid_distill_jax.terms.base import Term, TermInputs, register
-from hybrid_distill_jax.terms.tokens import linear_head
+from hybrid_distill_jax.terms.tokens import MIX_FIELDS, MIX_RANGES, linear_head, mix_weights
 
 
 @register
 class EmbeddingTerm(Term):
-    """Cosine (default), MSE or SmoothL1 between head(student CLS) and the teacher's embedding."""
+    """Cosine (default), MSE, SmoothL1 or their 'mix' between head(student CLS) and the teacher's summary."""
 
     kind = "embedding"
-    defaults = dict(loss="cosine", smooth_l1_beta=2.0, head="linear")
+    defaults = dict(loss="cosine", smooth_l1_beta=2.0, **MIX_FIELDS, head="linear")
     choices = dict(loss=losses.FEATURE_LOSSES, head=("linear", "identity"))
-    ranges = dict(smooth_l1_beta=checks.POSITIVE)
+    ranges = dict(smooth_l1_beta=checks.POSITIVE, **MIX_RANGES)
     needs_grid = False  # one vector per image: the teacher may see any patch grid
 
     @classmethod
@@ -51,7 +51,8 @@ class EmbeddingTerm(Term):
         pred = inputs.student["tokens"][:, 0]
         if self.head is not None:
             pred = self.head.apply({"params": params}, pred)
-        return losses.feature_loss(pred, target, self.cfg.loss, self.cfg.smooth_l1_beta)
+        cfg = self.cfg
+        return losses.feature_loss(pred, target, cfg.loss, cfg.smooth_l1_beta, mix_weights(cfg))
 
     def flops_per_example(self, patches_per_block):
         return {} if self.head is None else {"student_fwd_bwd": 3 * 2.0 * self.student.width * self.width}

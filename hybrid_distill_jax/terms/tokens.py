@@ -12,6 +12,13 @@ from hybrid_distill_jax.models.vit import gather_tokens
 from hybrid_distill_jax.terms.base import Term, TermInputs, register
 
 TARGET_NORMS = ("whiten", "standardize", "none")
+# loss='mix': the weights of the cosine and the SmoothL1 parts (``losses.feature_loss``)
+MIX_FIELDS = dict(mix_cosine=0.5, mix_smooth_l1=0.5)
+MIX_RANGES = dict(mix_cosine=checks.NON_NEGATIVE, mix_smooth_l1=checks.NON_NEGATIVE)
+
+
+def mix_weights(cfg) -> tuple[float, float]:
+    return float(cfg.mix_cosine), float(cfg.mix_smooth_l1)
 
 
 def normalize_target(x: jax.Array, kind: str) -> jax.Array:
@@ -27,6 +34,27 @@ def normalize_target(x: jax.Array, kind: str) -> jax.Array:
     return x
 
 
+def tokens_at(out: dict, block: int) -> jax.Array:
+    """A model's tokens after block ``block`` (its hidden state; 0: its final, normed tokens)."""
+    return out["hidden"][block] if block else out["tokens"]
+
+
+def check_blocks(name: str, cfg, student, teacher) -> None:
+    """``teacher_block`` / ``student_block`` within each model's depth (0: the final tokens)."""
+    for side, arch in (("teacher", teacher), ("student", student)):
+        block = cfg[f"{side}_block"]
+        checks.require(
+            block <= arch["depth"],
+            f"terms.{name}.{side}_block={block} exceeds the {side}'s depth {arch['depth']}",
+        )
+
+
+BLOCK_FIELDS = dict(teacher_block=0, student_block=0)
+BLOCK_RANGES = dict(
+    teacher_block=checks.ints(0, "0: the final tokens"), student_block=checks.ints(0, "0: the final tokens")
+)
+
+
 def linear_head(name: str, student, out_width: int) -> nn.Dense:
     """The projection a term trains beside the student, in the student's dtypes."""
     return nn.Dense(out_width, dtype=student.dtype, param_dtype=student.param_dtype, name=name)
@@ -40,29 +68,20 @@ class TokenTerm(Term):
 
     kind = "tokens"
     defaults = dict(
-        teacher_block=0,
-        student_block=0,
+        **BLOCK_FIELDS,
         loss="smooth_l1",
         smooth_l1_beta=2.0,
+        **MIX_FIELDS,
         target_norm="whiten",
         head="linear",
     )
     choices = dict(loss=losses.FEATURE_LOSSES, target_norm=TARGET_NORMS, head=("linear", "identity"))
-    ranges = dict(
-        teacher_block=checks.ints(0, "0: the final tokens"),
-        student_block=checks.ints(0, "0: the final tokens"),
-        smooth_l1_beta=checks.POSITIVE,
-    )
+    ranges = dict(**BLOCK_RANGES, smooth_l1_beta=checks.POSITIVE, **MIX_RANGES)
 
     @classmethod
     def check_archs(cls, name, cfg, student, teacher):
         field = f"terms.{name}"
-        for side, arch in (("teacher", teacher), ("student", student)):
-            block = cfg[f"{side}_block"]
-            checks.require(
-                block <= arch["depth"],
-                f"{field}.{side}_block={block} exceeds the {side}'s depth {arch['depth']}",
-            )
+        check_blocks(name, cfg, student, teacher)
         checks.require(
             cfg.head == "linear" or student["width"] == teacher["width"],
             f"{field}.head='identity' needs equal widths; the student has {student['width']}, "
@@ -91,11 +110,9 @@ class TokenTerm(Term):
 
     def value(self, params, inputs: TermInputs) -> jax.Array:
         cfg = self.cfg
-        teacher_tokens = (
-            inputs.teacher["hidden"][cfg.teacher_block] if cfg.teacher_block else inputs.teacher["tokens"]
-        )
+        teacher_tokens = tokens_at(inputs.teacher, cfg.teacher_block)
         block = cfg.student_block or self.student.depth
-        pred = inputs.student["hidden"][block] if cfg.student_block else inputs.student["tokens"]
+        pred = tokens_at(inputs.student, cfg.student_block)
         teacher, p = self.teacher.model, self.teacher.model.num_prefix
         target = gather_tokens(teacher_tokens[:, p:], inputs.kept.patches_at(block))
         patches_pred = pred[:, self.student.num_prefix :]
@@ -107,7 +124,7 @@ class TokenTerm(Term):
         target = normalize_target(target, cfg.target_norm)
         if self.head is not None:
             pred = self.head.apply({"params": params}, pred)
-        return losses.feature_loss(pred, target, cfg.loss, cfg.smooth_l1_beta)
+        return losses.feature_loss(pred, target, cfg.loss, cfg.smooth_l1_beta, mix_weights(cfg))
 
     def flops_per_example(self, patches_per_block):
         if self.head is None:

@@ -281,7 +281,7 @@ ZERO_VALID = {
     "faults.pause_s", "student.drop_path", "student.mean", "model.drop_path", "model.mean",
     "teachers.deit.image_size", "teachers.mae.image_size", "terms.feature.weight", "terms.relation.weight",
     "terms.feature.teacher_block", "terms.feature.student_block", "terms.feature.drop_prob",
-    "terms.relation.drop_prob",
+    "terms.relation.drop_prob", "terms.feature.mix_cosine", "terms.feature.mix_smooth_l1",
     "loss.label_smoothing", "masking.stage_starts", "masking.stage_ratios", "masking.drop_ratios",
     "finetune.mixup", "finetune.cutmix", "finetune.mix_prob", "finetune.switch_prob", "data.prefetch",
     "data.max_unreadable_fraction",

@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from hybrid_distill_jax import losses
 from hybrid_distill_jax.config_lib import base_config, validate
 from hybrid_distill_jax.errors import ConfigError
 from hybrid_distill_jax.models.build import normalize
@@ -136,6 +137,63 @@ def test_embedding_term_matches_numpy_for_a_projected_and_a_plain_teacher(tmp_pa
     )
 
 
+def test_mixed_cosine_and_smooth_l1_loss_matches_numpy(tmp_path):
+    terms = {"feat": term_config("tokens", "deit", loss="mix", mix_cosine=0.9, mix_smooth_l1=0.1)}
+    task = _task(tmp_path, {"deit": {}}, terms)
+    params, images, metrics = _run(task)
+    t = task.teachers["deit"]
+    teacher = t.model.apply({"params": task.frozen["deit"]}, normalize(images, t.mean, t.std, 32))
+    target = whiten(teacher["tokens"])
+    student = task.student.apply({"params": params["student"]}, normalize(images, task.mean, task.std, 32))
+    pred = dense(params["heads"]["feat"], student["tokens"])
+    cosine = -np.mean(
+        np.sum(pred * target, -1) / (np.linalg.norm(pred, axis=-1) * np.linalg.norm(target, axis=-1))
+    )
+    np.testing.assert_allclose(metrics["feat_loss"], 0.9 * cosine + 0.1 * smooth_l1(pred, target), rtol=1e-5)
+
+
+def cosine_gram(x):
+    x = np.asarray(x, np.float64)
+    x = x / np.linalg.norm(x, axis=-1, keepdims=True)
+    return x @ np.swapaxes(x, -1, -2)
+
+
+def test_gram_term_of_any_teacher_matches_numpy(tmp_path):
+    """Gram relations with a teacher of another width, registers, no CLS and a MAP head (no attention map
+    to read), and from the student's block 2 onto the teacher's block 1."""
+    siglip = dict(width=48, num_heads=3, mlp_dim=96, class_token=False, pool="map", num_registers=2)
+    terms = {"gram": term_config("gram", "siglip", student_block=2, teacher_block=1)}
+    task = _task(tmp_path, {"siglip": siglip}, terms)
+    params, images, metrics = _run(task)
+    t = task.teachers["siglip"]
+    teacher = t.model.apply(
+        {"params": task.frozen["siglip"]}, normalize(images, t.mean, t.std, 32), hidden_layers=(1,)
+    )["hidden"][1][:, 2:]
+    student = task.student.apply(
+        {"params": params["student"]}, normalize(images, task.mean, task.std, 32), hidden_layers=(2,)
+    )["hidden"][2][:, 1:]
+    expected = np.mean((cosine_gram(student) - cosine_gram(teacher)) ** 2)
+    np.testing.assert_allclose(metrics["gram_loss"], expected, rtol=1e-5)
+
+
+def test_gram_loss_gradient_matches_numpy():
+    """d/dX of mean((G(X) - G(T))^2), G the cosine Gram: through the normalisation by hand in float64."""
+    x = np.random.default_rng(0).normal(size=(2, 5, 8))
+    t = np.random.default_rng(1).normal(size=(2, 5, 6))
+    got = jax.grad(losses.gram_loss)(jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32))
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    unit = x / norm
+    d_gram = 2 * (cosine_gram(x) - cosine_gram(t)) / x.shape[0] / x.shape[1] ** 2
+    d_unit = (d_gram + np.swapaxes(d_gram, -1, -2)) @ unit
+    expected = (d_unit - unit * np.sum(d_unit * unit, axis=-1, keepdims=True)) / norm
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(
+        losses.gram_loss(jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32)),
+        np.mean((cosine_gram(x) - cosine_gram(t)) ** 2),
+        rtol=1e-5,
+    )
+
+
 # ---- the ViT's hidden states ------------------------------------------------------------------------
 
 
@@ -159,7 +217,7 @@ def nn_layernorm(x, p, eps=1e-6):
 
 
 def test_the_registry_holds_the_three_kinds_and_term_config_fills_their_defaults():
-    assert set(TERMS) == {"tokens", "relations", "embedding"}
+    assert set(TERMS) == {"tokens", "relations", "embedding", "gram"}
     t = term_config("tokens", "dino", teacher_block=8)
     assert (t.kind, t.teacher, t.weight, t.teacher_block, t.student_block, t.target_norm) == (
         "tokens",
