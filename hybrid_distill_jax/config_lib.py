@@ -87,6 +87,11 @@ def base_config(mode: str = "distill") -> ml_collections.ConfigDict:
         )
     )
     c.export_dir = ""  # default: WORKDIR/export
+    # Student EMA (DINO, RADIO): an fp32 exponential moving average of the trained parameters, in the train
+    # state (sharded and checkpointed like them). decay 0 = off; warmup_steps ramps the decay linearly
+    # from 0 (decay * min(1, step / warmup_steps)); export: what WORKDIR/export holds, 'ema', 'online', or
+    # 'both' (the EMA weights there, the online ones in EXPORT_online). The final evaluation reports both.
+    c.ema = ml_collections.ConfigDict(dict(decay=0.0, warmup_steps=0, export="ema"))
     c.nonfinite_policy = "skip"  # a NaN/Inf loss or gradient: 'skip' the update (counted) or 'stop' the run
     # Fault injection, for tests of the guards: a NaN gradient at one step; a pause of pause_s seconds at
     # one phase of the run (signals.PHASES), during which tests send signals.
@@ -135,7 +140,10 @@ RANGES: dict[str, Range] = {
     "eval.diagnostics_examples": ints(1),
     "faults.nan_at_step": ints(0, "-1: off", also=(-1,)),
     "faults.pause_s": NON_NEGATIVE,
+    "ema.decay": Range(0.0, 1.0, note="0: off"),
+    "ema.warmup_steps": ints(0, "0: none"),
 }
+EMA_EXPORTS = ("ema", "online", "both")
 
 
 def validate(
@@ -156,6 +164,7 @@ def validate(
     one_of(config.mode, VALIDATED_MODES, "config.mode")
     mode = MODES[config.mode]
     check_ranges(config, {**RANGES, **mode.ranges})
+    one_of(config.ema.export, EMA_EXPORTS, "ema.export")
     require(config.total_steps > 0 or config.total_epochs > 0, "set total_steps or total_epochs (> 0)")
     visible = num_devices or jax.device_count()
     processes = num_processes or jax.process_count()

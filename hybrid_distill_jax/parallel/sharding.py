@@ -243,11 +243,12 @@ def tree_shardings(
 
 
 def state_shardings(abstract_state: Mapping[str, Any], mesh: jax.sharding.Mesh, sharding_cfg: Any) -> dict:
-    """Train-state shardings: ``params`` and ``opt_state`` by the rules, everything else replicated."""
+    """Train-state shardings: ``params``, ``opt_state`` and the params' ``ema`` by the rules, everything else
+    replicated."""
     cfg = _sharding_fields(sharding_cfg)
     out = {}
     for key, sub in abstract_state.items():
-        if key in ("params", "opt_state"):
+        if key in ("params", "opt_state", "ema"):
             out[key] = tree_shardings(sub, mesh, cfg["student"], cfg["rules"], cfg["fsdp_min_size"], key)
         else:
             out[key] = jax.tree.map(lambda _: NamedSharding(mesh, P()), sub)

@@ -94,7 +94,8 @@ def build_program(
 ) -> StepProgram:
     """The step of ``task`` under ``config``'s optimizer, sharding rules and gradient accumulation."""
     tx, lr_schedule = task.make_optimizer(config.optim, config.batch_size, total_steps, warmup_steps)
-    init_state = make_init_fn(task, tx)
+    ema = (float(config.ema.decay), int(config.ema.warmup_steps))
+    init_state = make_init_fn(task, tx, ema=ema[0] > 0)
     abstract_state = jax.eval_shape(init_state, jax.random.key(config.seed))
     step = make_train_step(
         task,
@@ -103,6 +104,7 @@ def build_program(
         grad_accum_steps=config.get("grad_accum_steps", 1),
         mesh=mesh,
         nan_at_step=nan_at_step,
+        ema=ema,
     )
     return StepProgram(
         task=task,

@@ -4,7 +4,8 @@
 ``step(state, frozen, batch, stage) -> (state, metrics)`` that ``jit_step`` compiles once per stage
 (``stage`` fixes the static shapes, e.g. the kept-token count). The step draws its RNG from the state,
 computes the task's loss and gradients (accumulated over micro-batches when asked), skips updates with
-a non-finite loss or gradient (counted in the state) and applies the optax update.
+a non-finite loss or gradient (counted in the state), applies the optax update and, when the run keeps
+one, moves the parameters' EMA (``ema_decay``).
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from hybrid_distill_jax.errors import ConfigError
 from hybrid_distill_jax.parallel.sharding import BATCH_AXES
 
 
-def make_init_fn(task, tx: optax.GradientTransformation) -> Callable[[jax.Array], dict]:
-    """``init(rng) -> state``: step, params, optimizer state, RNG and the non-finite counters."""
+def make_init_fn(task, tx: optax.GradientTransformation, ema: bool = False) -> Callable[[jax.Array], dict]:
+    """``init(rng) -> state``: step, params, optimizer state, RNG and the non-finite counters; with
+    ``ema``, an fp32 copy of the params that the step averages (``ema``)."""
 
     def init(rng):
         params = task.init_params(rng)
-        return {
+        state = {
             "step": jnp.zeros((), jnp.int32),
             "params": params,
             "opt_state": tx.init(params),
@@ -35,8 +37,23 @@ def make_init_fn(task, tx: optax.GradientTransformation) -> Callable[[jax.Array]
             "nonfinite": jnp.zeros((), jnp.int32),  # steps skipped for a NaN/Inf loss or gradient
             "first_nonfinite": jnp.full((), -1, jnp.int32),
         }
+        if ema:
+            state["ema"] = ema_of(params)
+        return state
 
     return init
+
+
+def ema_of(params: Any) -> Any:
+    """The EMA's starting point: the parameters themselves, in fp32."""
+    return jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
+
+
+def ema_decay(step: jax.Array, decay: float, warmup_steps: int) -> jax.Array:
+    """The EMA decay after ``step`` updates: ``decay``, ramped linearly from 0 over ``warmup_steps``."""
+    if not warmup_steps:
+        return jnp.float32(decay)
+    return jnp.float32(decay) * jnp.minimum(1.0, step.astype(jnp.float32) / warmup_steps)
 
 
 def make_train_step(
@@ -47,10 +64,12 @@ def make_train_step(
     grad_accum_steps: int = 1,
     mesh: jax.sharding.Mesh | None = None,
     nan_at_step: int = -1,
+    ema: tuple[float, int] = (0.0, 0),
 ) -> Callable:
     """The un-jitted step ``(state, frozen, batch, stage) -> (state, metrics)`` of ``task``.
 
     ``nan_at_step >= 0`` poisons that step's gradients (fault injection for the tests of the guard).
+    ``ema`` = (decay, warmup steps): how a state's ``ema`` follows the updated params (``ema_decay``).
     """
 
     def step(state, frozen, batch, stage: Hashable):
@@ -86,6 +105,12 @@ def make_train_step(
             nonfinite=nonfinite,
             first_nonfinite=first_nonfinite,
         )
+        if "ema" in state:
+            d = ema_decay(state["step"] + 1, *ema)
+            averaged = jax.tree.map(
+                lambda e, p: d * e + (1.0 - d) * p.astype(jnp.float32), state["ema"], new_state["params"]
+            )
+            new_state["ema"] = keep_old(averaged, state["ema"])
         metrics = dict(
             metrics,
             grad_norm=grad_norm,

@@ -29,6 +29,7 @@ from hybrid_distill_jax.parallel import sharding
 from hybrid_distill_jax.train.checkpoint import Checkpointer, abstract_like
 from hybrid_distill_jax.train.metrics import ExampleLog, MetricWriter, Progress
 from hybrid_distill_jax.train.program import build_program
+from hybrid_distill_jax.train.step import ema_of
 
 log = logging.getLogger("hybrid_distill_jax")
 
@@ -122,6 +123,8 @@ class Trainer:
         params = self.task.pretrained_params(state["params"])  # e.g. fine-tuning from loaded weights
         if params is not state["params"]:
             state["params"] = jax.device_put(params, self.program.state_shardings["params"])
+            if "ema" in state:
+                state["ema"] = jax.device_put(ema_of(params), self.program.state_shardings["ema"])
         return state, 0
 
     def _save(self, step, state):
@@ -236,11 +239,22 @@ class Trainer:
         writer.flush()
 
         params = sharding.to_host(state["params"])  # gathers FSDP shards held by other processes
+        ema = sharding.to_host(state["ema"]) if "ema" in state else None
         export_dir = cfg.export_dir or os.path.join(self.workdir, "export")
+        exports = {export_dir: params}
+        if ema is not None and cfg.ema.export != "online":
+            exports = {export_dir: ema}
+            if cfg.ema.export == "both":
+                exports[export_dir.rstrip(os.sep) + "_online"] = params
         if jax.process_index() == 0:
             signals.pause_for_fault(cfg, "export")
-            self.task.export(params, export_dir)
-        summary = self.final_evaluation(params) if cfg.eval.at_end else {}
+            for directory, weights in exports.items():
+                self.task.export(weights, directory)
+        summary = {}
+        if cfg.eval.at_end:
+            summary = self.final_evaluation(params)
+            if ema is not None:  # the EMA weights' probes beside the online ones
+                summary.update({f"ema_{k}": v for k, v in self.final_evaluation(ema).items()})
         if summary:
             writer.write(self.total_steps, {f"eval/{k}": v for k, v in summary.items()})
             writer.flush()

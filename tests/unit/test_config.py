@@ -284,7 +284,7 @@ ZERO_VALID = {
     "terms.relation.drop_prob", "terms.feature.mix_cosine", "terms.feature.mix_smooth_l1",
     "loss.label_smoothing", "masking.stage_starts", "masking.stage_ratios", "masking.drop_ratios",
     "finetune.mixup", "finetune.cutmix", "finetune.mix_prob", "finetune.switch_prob", "data.prefetch",
-    "data.max_unreadable_fraction",
+    "data.max_unreadable_fraction", "ema.decay", "ema.warmup_steps",
 }  # fmt: skip
 ZERO_VALID_IN_MODE = {"evaluate": {"image_size"}}  # 0 = the model's own resolution
 
