@@ -11,12 +11,12 @@ import jax
 
 from hybrid_distill_jax import losses
 from hybrid_distill_jax.models.vit import gather_tokens
-from hybrid_distill_jax.terms.base import Term, TermInputs, register
-from hybrid_distill_jax.terms.tokens import BLOCK_FIELDS, BLOCK_RANGES, check_blocks, tokens_at
+from hybrid_distill_jax.terms.base import TermInputs, register
+from hybrid_distill_jax.terms.tokens import BLOCK_FIELDS, BLOCK_RANGES, BlockTokensTerm, tokens_at
 
 
 @register
-class GramTerm(Term):
+class GramTerm(BlockTokensTerm):
     """MSE between the cosine-similarity matrices of the kept patches: the student's tokens after block
     ``student_block`` and the teacher's after ``teacher_block`` (0: each model's final, normed tokens).
     Prefix tokens (CLS, registers) take no part."""
@@ -24,20 +24,6 @@ class GramTerm(Term):
     kind = "gram"
     defaults = dict(BLOCK_FIELDS)
     ranges = dict(BLOCK_RANGES)
-
-    @classmethod
-    def check_archs(cls, name, cfg, student, teacher):
-        check_blocks(name, cfg, student, teacher)
-
-    def teacher_outputs(self):
-        return {"hidden_layers": (self.cfg.teacher_block,)} if self.cfg.teacher_block else {}
-
-    @property
-    def reads_final_tokens(self):
-        return not self.cfg.teacher_block
-
-    def student_outputs(self):
-        return {"hidden_layers": (self.cfg.student_block,)} if self.cfg.student_block else {}
 
     def value(self, params, inputs: TermInputs) -> jax.Array:
         cfg = self.cfg

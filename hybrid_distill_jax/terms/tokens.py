@@ -39,20 +39,34 @@ def tokens_at(out: dict, block: int) -> jax.Array:
     return out["hidden"][block] if block else out["tokens"]
 
 
-def check_blocks(name: str, cfg, student, teacher) -> None:
-    """``teacher_block`` / ``student_block`` within each model's depth (0: the final tokens)."""
-    for side, arch in (("teacher", teacher), ("student", student)):
-        block = cfg[f"{side}_block"]
-        checks.require(
-            block <= arch["depth"],
-            f"terms.{name}.{side}_block={block} exceeds the {side}'s depth {arch['depth']}",
-        )
-
-
 BLOCK_FIELDS = dict(teacher_block=0, student_block=0)
 BLOCK_RANGES = dict(
     teacher_block=checks.ints(0, "0: the final tokens"), student_block=checks.ints(0, "0: the final tokens")
 )
+
+
+class BlockTokensTerm(Term):
+    """A term that compares the student's tokens after ``student_block`` with the teacher's after
+    ``teacher_block`` (``BLOCK_FIELDS``; 0: each model's final, normed tokens): what it asks of each pass."""
+
+    @classmethod
+    def check_archs(cls, name, cfg, student, teacher):
+        for side, arch in (("teacher", teacher), ("student", student)):
+            block = cfg[f"{side}_block"]
+            checks.require(
+                block <= arch["depth"],
+                f"terms.{name}.{side}_block={block} exceeds the {side}'s depth {arch['depth']}",
+            )
+
+    def teacher_outputs(self):
+        return {"hidden_layers": (self.cfg.teacher_block,)} if self.cfg.teacher_block else {}
+
+    @property
+    def reads_final_tokens(self):
+        return not self.cfg.teacher_block
+
+    def student_outputs(self):
+        return {"hidden_layers": (self.cfg.student_block,)} if self.cfg.student_block else {}
 
 
 def linear_head(name: str, student, out_width: int) -> nn.Dense:
@@ -61,7 +75,7 @@ def linear_head(name: str, student, out_width: int) -> nn.Dense:
 
 
 @register
-class TokenTerm(Term):
+class TokenTerm(BlockTokensTerm):
     """CLS + kept patch tokens of student block ``student_block`` regressed onto the teacher's at block
     ``teacher_block`` (0: each model's final, normed tokens; l: the hidden state after block l).
     Registers (either side's) are not regressed; a teacher without CLS (SigLIP) gives patch targets only."""
@@ -81,7 +95,7 @@ class TokenTerm(Term):
     @classmethod
     def check_archs(cls, name, cfg, student, teacher):
         field = f"terms.{name}"
-        check_blocks(name, cfg, student, teacher)
+        super().check_archs(name, cfg, student, teacher)
         checks.require(
             cfg.head == "linear" or student["width"] == teacher["width"],
             f"{field}.head='identity' needs equal widths; the student has {student['width']}, "
@@ -92,16 +106,6 @@ class TokenTerm(Term):
         super().__init__(name, cfg, student, teacher)
         self.width = teacher.model.width
         self.head = linear_head(name, student, self.width) if cfg.head == "linear" else None
-
-    def teacher_outputs(self):
-        return {"hidden_layers": (self.cfg.teacher_block,)} if self.cfg.teacher_block else {}
-
-    @property
-    def reads_final_tokens(self):
-        return not self.cfg.teacher_block
-
-    def student_outputs(self):
-        return {"hidden_layers": (self.cfg.student_block,)} if self.cfg.student_block else {}
 
     def init_params(self, rng):
         if self.head is None:
