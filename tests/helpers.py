@@ -1,5 +1,6 @@
 """Shared builders for trainer tests: tiny configs on the embedded data and random-init teacher exports."""
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -219,3 +220,34 @@ def assert_kill_and_resume_match(cli, killed, reference_dir, terms) -> None:
     keys = ("step", "loss", *terms, "grad_norm")
     rows = lambda d: [{k: r[k] for k in keys} for r in metrics.read_metrics(str(d)) if "loss" in r]  # noqa: E731
     assert rows(reference_dir) == rows(killed)
+
+
+def hub_commit(repo: str) -> str:
+    """A stand-in commit hash for ``repo`` (the same on every call)."""
+    return hashlib.sha1(repo.encode()).hexdigest()
+
+
+def _git_blob_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def add_to_hub_cache(cache: str, repo: str, files: dict[str, str], commit: str, ref: str = "main") -> str:
+    """Writes ``files`` as huggingface_hub lays out a download: blobs named by the hub's ETag (sha256 for
+    LFS files such as weights, the git blob sha1 for small text files), ``refs/<ref>`` holding the commit,
+    and ``snapshots/<commit>/<file>`` relative symlinks to the blobs."""
+    root = os.path.join(cache, "models--" + repo.replace("/", "--"))
+    for sub in ("blobs", "refs", f"snapshots/{commit}"):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    for name, src in files.items():
+        with open(src, "rb") as f:
+            data = f.read()
+        blob = hashlib.sha256(data).hexdigest() if name.endswith(".safetensors") else _git_blob_sha1(data)
+        with open(os.path.join(root, "blobs", blob), "wb") as f:
+            f.write(data)
+        link = os.path.join(root, "snapshots", commit, name)
+        if os.path.lexists(link):
+            os.remove(link)
+        os.symlink(os.path.join("..", "..", "blobs", blob), link)
+    with open(os.path.join(root, "refs", ref), "w") as f:
+        f.write(commit)
+    return root

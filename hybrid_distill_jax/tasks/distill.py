@@ -113,7 +113,8 @@ def check_archs(config, archs: Mapping[str, Mapping[str, Any]]) -> None:
     depth, grid = student["depth"], student["image_size"] // student["patch_size"]
     plan = masking.keep_plan(config.masking, grid**2, depth)
     needs_grid = {config.masking.score_teacher} - {""}
-    for name, cfg in active_terms(config, depth).items():
+    active = active_terms(config, depth)
+    for name, cfg in active.items():
         teacher = archs.get(cfg.teacher)
         cls = terms.term_class(cfg.kind, f"terms.{name}")
         if teacher is not None:
@@ -132,7 +133,7 @@ def check_archs(config, archs: Mapping[str, Mapping[str, Any]]) -> None:
             f"or teachers.{name}.interpolate_grid=True to resample its outputs onto the student's grid",
         )
         if size // patch != grid:
-            for term, cfg in active_terms(config, depth).items():
+            for term, cfg in active.items():
                 checks.require(
                     not (cfg.teacher == name and cfg.get("teacher_on_kept", False)),
                     f"terms.{term}.teacher_on_kept=True runs teacher {name!r} on the student's kept patches, "

@@ -14,7 +14,6 @@ against timm's own hub loader, and the known RADIO teachers.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -35,6 +34,7 @@ from hybrid_distill_jax.teachers import hub, importer, known, timm_config  # noq
 from hybrid_distill_jax.teachers.__main__ import main as cli_main  # noqa: E402
 from hybrid_distill_jax.teachers.families.base import CLIP_INPUT  # noqa: E402
 from hybrid_distill_jax.teachers.torch_io import declare_torchvision_ops  # noqa: E402
+from tests.helpers import add_to_hub_cache, hub_commit  # noqa: E402
 from tests.torch_reference import randomize  # noqa: E402
 
 declare_torchvision_ops()
@@ -204,6 +204,18 @@ def test_bare_file_takes_align_corners_from_the_family_flag(saved, tmp_path, cap
     assert model.image_size == 512
 
 
+def _as_published(source: str, target: str) -> dict:
+    """The timm config.json at ``source`` as the real C-RADIO repos publish it (written to ``target``):
+    model_args leave the input size to the factory, the pretrained config says 512 px."""
+    with open(source) as f:
+        cfg = json.load(f)
+    cfg["model_args"].pop("img_size")
+    cfg["pretrained_cfg"]["input_size"] = [3, 512, 512]
+    with open(target, "w") as f:
+        json.dump(cfg, f, indent=2)
+    return cfg
+
+
 @pytest.mark.skipif(
     not os.environ.get("HD_FULL_SIZE_RADIO"), reason="full-size C-RADIO: HD_FULL_SIZE_RADIO=1"
 )
@@ -216,13 +228,7 @@ def test_full_size_parity(tmp_path, arch):
     directory = str(tmp_path / "export")
     save_for_hf(m, directory, safe_serialization=True)
     del m
-    config = os.path.join(directory, hub.CONFIG)
-    with open(config) as f:
-        cfg = json.load(f)
-    cfg["model_args"].pop("img_size")
-    cfg["pretrained_cfg"]["input_size"] = [3, 512, 512]
-    with open(config, "w") as f:
-        json.dump(cfg, f)
+    _as_published(os.path.join(directory, hub.CONFIG), os.path.join(directory, hub.CONFIG))
     weights = os.path.join(directory, hub.WEIGHTS)
     model, params, report = importer.import_checkpoint(
         "timm", weights, str(tmp_path / "out"), log=lambda s: None
@@ -243,42 +249,17 @@ def test_full_size_parity(tmp_path, arch):
 # ------------------------------------------------------------------------------------------------ by name
 
 
-def _add_to_hub_cache(cache: str, repo: str, files: dict[str, str], commit: str) -> None:
-    """``files`` laid out as huggingface_hub stores a download: blobs named by the hub's ETag (sha256 for
-    the weights, the git blob sha1 for config.json), ``refs/main`` and snapshot symlinks."""
-    root = os.path.join(cache, "models--" + repo.replace("/", "--"))
-    for sub in ("blobs", "refs", f"snapshots/{commit}"):
-        os.makedirs(os.path.join(root, sub), exist_ok=True)
-    for name, src in files.items():
-        with open(src, "rb") as f:
-            data = f.read()
-        if name.endswith(".safetensors"):
-            blob = hashlib.sha256(data).hexdigest()
-        else:
-            blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-        with open(os.path.join(root, "blobs", blob), "wb") as f:
-            f.write(data)
-        os.symlink(os.path.join("..", "..", "blobs", blob), os.path.join(root, "snapshots", commit, name))
-    with open(os.path.join(root, "refs", "main"), "w") as f:
-        f.write(commit)
-
-
 @pytest.fixture
 def radio_hub(saved, tmp_path, monkeypatch):
     """An offline hub cache holding HUB_REPO as timm publishes it: the reduced weights (16x16 stored
     grid), a config.json whose model_args leave the input size to the factory (512 px, as the real
     repos do)."""
     arch = HUB_REPO.split("/")[1].split(".")[0]
-    with open(os.path.join(saved[arch], hub.CONFIG)) as f:
-        cfg = json.load(f)
-    cfg["model_args"].pop("img_size")
-    cfg["pretrained_cfg"]["input_size"] = [3, 512, 512]
     config = str(tmp_path / hub.CONFIG)
-    with open(config, "w") as f:
-        json.dump(cfg, f, indent=2)
+    cfg = _as_published(os.path.join(saved[arch], hub.CONFIG), config)
     cache = str(tmp_path / "hf" / "hub")
     files = {hub.CONFIG: config, hub.WEIGHTS: os.path.join(saved[arch], hub.WEIGHTS)}
-    _add_to_hub_cache(cache, HUB_REPO, files, hashlib.sha1(HUB_REPO.encode()).hexdigest())
+    add_to_hub_cache(cache, HUB_REPO, files, hub_commit(HUB_REPO))
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", cache)
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv(hub.CACHE_ENV, str(tmp_path / "converted"))

@@ -11,7 +11,6 @@ two resolution times are printed (``pytest -s``) and recorded in docs/CONVERT.md
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -36,6 +35,7 @@ from hybrid_distill_jax.teachers import hub, importer, known, timm_config  # noq
 from hybrid_distill_jax.teachers.__main__ import main as cli_main  # noqa: E402
 from hybrid_distill_jax.teachers.families.base import CLIP_INPUT  # noqa: E402
 from hybrid_distill_jax.teachers.torch_io import declare_torchvision_ops  # noqa: E402
+from tests.helpers import add_to_hub_cache, hub_commit  # noqa: E402
 from tests.torch_reference import ours, randomize, timm_reference  # noqa: E402
 
 declare_torchvision_ops()
@@ -76,36 +76,6 @@ ALL_NAMES = {**NAMES, **NEW_NAMES}
 MAE = "hf-hub:timm/vit_base_patch16_224.mae"
 
 
-def _commit(repo: str) -> str:
-    return hashlib.sha1(repo.encode()).hexdigest()
-
-
-def _git_blob_sha1(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def add_to_hub_cache(cache: str, repo: str, files: dict[str, str], commit: str, ref: str = "main") -> str:
-    """Writes ``files`` as huggingface_hub lays out a download: blobs named by the hub's ETag (sha256 for
-    LFS files such as weights, the git blob sha1 for small text files), ``refs/<ref>`` holding the commit,
-    and ``snapshots/<commit>/<file>`` relative symlinks to the blobs."""
-    root = os.path.join(cache, "models--" + repo.replace("/", "--"))
-    for sub in ("blobs", "refs", f"snapshots/{commit}"):
-        os.makedirs(os.path.join(root, sub), exist_ok=True)
-    for name, src in files.items():
-        with open(src, "rb") as f:
-            data = f.read()
-        blob = hashlib.sha256(data).hexdigest() if name.endswith(".safetensors") else _git_blob_sha1(data)
-        with open(os.path.join(root, "blobs", blob), "wb") as f:
-            f.write(data)
-        link = os.path.join(root, "snapshots", commit, name)
-        if os.path.lexists(link):
-            os.remove(link)
-        os.symlink(os.path.join("..", "..", "blobs", blob), link)
-    with open(os.path.join(root, "refs", ref), "w") as f:
-        f.write(commit)
-    return root
-
-
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     """name -> (timm's save_for_hf directory, the timm model) for every teacher name."""
@@ -126,7 +96,7 @@ def hub_env(tmp_path, exports, monkeypatch):
     cache = str(tmp_path / "hf" / "hub")
     for repo, (directory, _) in exports.items():
         files = {f: os.path.join(directory, f) for f in (hub.CONFIG, hub.WEIGHTS)}
-        add_to_hub_cache(cache, repo, files, _commit(repo))
+        add_to_hub_cache(cache, repo, files, hub_commit(repo))
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", cache)
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv(hub.CACHE_ENV, str(tmp_path / "converted"))
@@ -154,7 +124,7 @@ def test_cache_is_laid_out_as_huggingface_hub_does(hub_env):
     assert {r.repo_id for r in info.repos} == set(ALL_NAMES)
     for r in info.repos:
         (rev,) = r.revisions
-        assert rev.commit_hash == _commit(r.repo_id) and "main" in rev.refs
+        assert rev.commit_hash == hub_commit(r.repo_id) and "main" in rev.refs
         assert {f.file_name for f in rev.files} == {hub.CONFIG, hub.WEIGHTS}
     path = huggingface_hub.hf_hub_download("timm/vit_base_patch16_224.mae", hub.WEIGHTS)  # offline
     assert os.path.realpath(path).startswith(os.path.realpath(cache))
@@ -197,7 +167,7 @@ def test_parity_per_name(hub_env, repo):
     assert meta["input"]["image_size"] == NAMES[repo] == model.image_size
     record = meta["converted_from"]["hub"]
     weights = huggingface_hub.try_to_load_from_cache(repo, hub.WEIGHTS)
-    assert record["commit"] == _commit(repo) and record["revision"] == "main"
+    assert record["commit"] == hub_commit(repo) and record["revision"] == "main"
     assert record["sha256"] == os.path.basename(os.path.realpath(weights))
     assert model.num_heads == 2 and model.depth == 2 and model.width == 64
     clip = "_clip_" in repo
@@ -397,10 +367,10 @@ def test_second_resolution_neither_converts_nor_downloads(hub_env, monkeypatch):
         f"\n[hub] {MAE}: first resolution {t1 - t0:.2f} s (verify + convert), second {t3 - t2:.4f} s (cached)"
     )
     # pinned to the commit: the same directory; the hub cache pruned: our own ref still finds it
-    assert hub.resolve(f"{MAE}@{_commit(MAE[7:])}", log=lines.append) == first
+    assert hub.resolve(f"{MAE}@{hub_commit(MAE[7:])}", log=lines.append) == first
     shutil.rmtree(os.path.join(hf_constants.HF_HUB_CACHE, "models--timm--vit_base_patch16_224.mae"))
     assert hub.resolve(MAE, log=lines.append) == first
-    assert hub.resolve(f"{MAE}@{_commit(MAE[7:])}", log=lines.append) == first
+    assert hub.resolve(f"{MAE}@{hub_commit(MAE[7:])}", log=lines.append) == first
 
 
 def test_download_path_pins_the_weights_to_the_configs_commit(hub_env, monkeypatch):
@@ -408,7 +378,8 @@ def test_download_path_pins_the_weights_to_the_configs_commit(hub_env, monkeypat
     monkeypatch.setattr(hub, "_cached_files", lambda repo, revision: None)
     directory = hub.resolve(MAE, log=lambda s: None)
     record = model_io.read_model_json(directory)["converted_from"]["hub"]
-    assert record["commit"] == _commit(MAE[7:]) and os.path.basename(directory).startswith(record["commit"])
+    assert record["commit"] == hub_commit(MAE[7:])
+    assert os.path.basename(directory).startswith(record["commit"])
 
 
 def test_offline_and_missing_is_one_line_exit_2(hub_env, tmp_path, capsys):
@@ -470,7 +441,7 @@ def test_cli_import_by_name_offline_and_concurrent_resolution(hub_env, tmp_path)
     assert r.returncode == 0, r.stderr
     assert "cached conversion" in r.stdout and "converting" not in r.stdout
     meta = model_io.read_model_json(out)
-    assert meta["converted_from"]["hub"]["commit"] == _commit(MAE[7:])
+    assert meta["converted_from"]["hub"]["commit"] == hub_commit(MAE[7:])
 
 
 def test_teacher_checkpoint_by_name_in_a_distill_config(hub_env, tmp_path, tfds_dir):
@@ -510,7 +481,7 @@ def test_teacher_checkpoint_by_name_in_a_distill_config(hub_env, tmp_path, tfds_
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"{MAE}: cached conversion" in r.stderr
     exported = model_io.read_model_json(str(tmp_path / "run" / "export"))
-    assert exported["teachers"]["mae"]["hub"]["commit"] == _commit(MAE[7:])
+    assert exported["teachers"]["mae"]["hub"]["commit"] == hub_commit(MAE[7:])
     assert exported["teachers"]["deit"] == {"model_dir": c.teachers.deit.checkpoint}
 
 
