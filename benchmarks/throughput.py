@@ -506,7 +506,7 @@ def run_jax(args, recipe=None) -> dict:
     import jax
     import numpy as np
 
-    from hybrid_distill_jax import config_lib, masking
+    from hybrid_distill_jax import config_lib, hardware, masking
     from hybrid_distill_jax.compile import IMAGENET_TRAIN_EXAMPLES, select_stages, stage_label
     from hybrid_distill_jax.data.prefetch import prefetch_to_device, to_devices
     from hybrid_distill_jax.optim import resolve_steps
@@ -514,6 +514,7 @@ def run_jax(args, recipe=None) -> dict:
     from hybrid_distill_jax.tasks import build_task
     from hybrid_distill_jax.train.program import build_program, compiled_flops
 
+    hardware.platform()  # a JAX_PLATFORMS this host cannot start: one line (a ConfigError)
     chips = jax.device_count()
     kind = jax.devices()[0].device_kind
     print(f"# jax {jax.__version__} on {chips} x {kind} ({jax.default_backend()})", flush=True)

@@ -24,6 +24,25 @@ Another dataset: ``--config.data.name=cifar10 --config.data.data_dir=$TFDS_DATA_
 --config.data.train_split=train --config.data.eval_split=test`` (shared by every stage; ``--config.variant``
 sets the shared architecture). ``configs/study.py:smoke`` is a minutes-long run of the same chain with 2
 seeds (tests).
+
+PHI-S and student EMA against the Hybrid student (``mode='study_agglomerative'``,
+``experiments/study_agglomerative.py``):
+
+    python -m hybrid_distill_jax.main --config configs/study.py:agglomerative --workdir runs/study
+
+The same teachers and data; three students x ``seeds``: the Hybrid student above (progressive redundant
+masking, the same stage: reused from the study in the same workdir, and the study reuses this run's),
+the same with ``terms.feature.target_norm='phi_s'`` instead of ``whiten`` and the same with a student EMA
+(decay 0.95, warm-up 12 steps: ``EMA_DECAY``), its EMA weights evaluated. k-NN and linear probe per model,
+paired 95% intervals of PHI-S - whiten and EMA - online Hybrid, judged by the study's rule, in a generated
+section of ``report_dir``/RESULTS.md that the study's report keeps. ``:agglomerative,smoke`` is the
+smoke-sized version (2 seeds).
+
+Measured (2026-12-08, 2 shared cores at load 4-12, docs/RESULTS.md): 38.7 min with the teachers trained
+(teachers 14 min, a student 2-5 min with its evaluation; with the study's stages present, ~20 min).
+3-seed means, k-NN / linear: Hybrid 60.3 / 64.5, PHI-S 59.7 / 65.0, EMA weights 60.5 / 64.5 (the EMA
+run's online weights train exactly like the Hybrid student); PHI-S - whiten -0.6 [-4.6, +3.4] / +0.5
+[-0.5, +1.5], EMA - online +0.2 [-0.9, +1.4] / -0.0 [-0.4, +0.3]: all four not resolved.
 """
 
 import ml_collections
@@ -85,8 +104,47 @@ def finetune(steps):
     return c
 
 
+# The agglomerative comparison's student EMA: mean age 19 steps (the decay's 1 / (1 - decay) = 20, less
+# the warm-up), 87% of the average's weight on the last 40 of 120 steps and 5% on the first half; 0.99
+# would average over a mean age of 67 steps, 55% of its weight on the first half of a run whose features
+# are still improving. The warm-up is the learning rate's (10% of the run).
+EMA_DECAY, EMA_WARMUP = 0.95, 12
+
+
+def agglomerative(c, smoke: bool):
+    """``configs/study.py:agglomerative``: the study's Hybrid student (progressive redundant masking, the
+    same stage, reused from a main study in the same workdir), the same with PHI-S feature targets and
+    the same with a student EMA (its EMA weights evaluated); ``experiments.study_agglomerative``."""
+    out = ml_collections.ConfigDict()
+    out.mode = "study_agglomerative"
+    out.name = "study_agglomerative"
+    for key in ("report_dir", "seeds", "image_size", "variant", "data", "teacher_supervised", "teacher_mae"):
+        out[key] = c[key]
+    out.hybrid_progressive = c.hybrid_progressive
+    out.hybrid_phi_s = c.hybrid_progressive.copy_and_resolve_references()
+    out.hybrid_phi_s.name = "hybrid_phi_s"
+    out.hybrid_phi_s.terms.feature.target_norm = "phi_s"  # statistics from the first phi_s_batches batches
+    out.hybrid_ema = c.hybrid_progressive.copy_and_resolve_references()
+    out.hybrid_ema.name = "hybrid_ema"
+    out.hybrid_ema.ema.update(dict(decay=EMA_DECAY, warmup_steps=EMA_WARMUP, export="ema"))
+    if smoke:
+        out.hybrid_phi_s.terms.feature.phi_s_batches = 2
+        out.hybrid_ema.ema.warmup_steps = 2
+    out.students = ("hybrid_progressive", "hybrid_phi_s", "hybrid_ema")
+    # The paired differences reported, (A, B) = A - B; a student with an EMA is its EMA weights' row and
+    # KEY_online its online weights' (the same run), compared with its EMA too if it did not train exactly
+    # like the reference (students[0]).
+    out.differences = (("hybrid_phi_s", "hybrid_progressive"), ("hybrid_ema", "hybrid_progressive"))
+    out.section = "agglomerative"  # the generated section of report_dir/RESULTS.md it owns
+    return out
+
+
 def get_config(arg=None):
-    smoke = arg == "smoke"
+    args = set((arg or "").split(","))
+    unknown = args - {"", "smoke", "agglomerative"}
+    if unknown:
+        raise ValueError(f"configs/study.py: unknown argument(s) {sorted(unknown)}; smoke, agglomerative")
+    smoke = "smoke" in args
     t_steps, s_steps, f_steps = (4, 6, 4) if smoke else (300, 120, 600)
     c = ml_collections.ConfigDict()
     c.mode = "study"
@@ -137,4 +195,4 @@ def get_config(arg=None):
             c[key].eval.max_test = 200
             c[key].eval.linear_epochs = 2
         c.hybrid_progressive.eval.diagnostics_every = 2  # exercises the trainer's hook
-    return c
+    return agglomerative(c, smoke) if "agglomerative" in args else c

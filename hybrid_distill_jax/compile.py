@@ -109,6 +109,8 @@ def _prepare_environment(argv: list[str]) -> None:
         return  # absl reports the missing flag
     try:
         platform = targets.platform_of(name)
+        if platform == "cuda":
+            targets.gpu_spec(name)  # a damaged description: one line in a second, not a crash in XLA
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -125,7 +127,11 @@ def deviceless_program(config, target, *, train_examples: int, num_classes: int)
     from hybrid_distill_jax.train.program import build_program
 
     config_lib.validate(
-        config, num_devices=target.num_devices, num_processes=target.num_processes, deviceless=True
+        config,
+        num_devices=target.num_devices,
+        num_processes=target.num_processes,
+        deviceless=True,
+        platform=target.platform,
     )
     total_steps, warmup_steps, _ = resolve_steps(config, train_examples)
     mesh = sharding.make_mesh(config.mesh, devices=sharding_devices(config.mesh, target))

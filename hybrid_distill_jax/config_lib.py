@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 import jax
 import ml_collections
 
-from hybrid_distill_jax import signals, teachers
+from hybrid_distill_jax import hardware, signals, teachers
 from hybrid_distill_jax.checks import (
     NON_NEGATIVE,
     POSITIVE,
@@ -93,6 +93,9 @@ def base_config(mode: str = "distill") -> ml_collections.ConfigDict:
     # 'both' (the EMA weights there, the online ones in EXPORT_online). The final evaluation reports both.
     c.ema = ml_collections.ConfigDict(dict(decay=0.0, warmup_steps=0, export="ema"))
     c.nonfinite_policy = "skip"  # a NaN/Inf loss or gradient: 'skip' the update (counted) or 'stop' the run
+    # A resume whose config changed what the run computes (objective, models, data, optimizer; beyond
+    # train/run_config.MAY_CHANGE) is refused; True resumes the old checkpoint anyway.
+    c.resume_with_changes = False
     # Fault injection, for tests of the guards: a NaN gradient at one step; a pause of pause_s seconds at
     # one phase of the run (signals.PHASES), during which tests send signals.
     c.faults = ml_collections.ConfigDict(dict(nan_at_step=-1, pause_at="", pause_s=0.0))
@@ -153,19 +156,24 @@ def validate(
     *,
     num_processes: int | None = None,
     deviceless: bool = False,
+    platform: str | None = None,
 ) -> None:
     """Checks every field that can be checked without data or model weights; raises ConfigError.
 
     ``check_teachers=False`` skips the teachers' files (for a chain that has yet to train them).
     ``deviceless``: the run is compiled here for ``num_devices`` devices on ``num_processes`` hosts it
     does not have: the data (which lives there) is not checked, teachers are described without a
-    download (``teachers.describe``).
+    download (``teachers.describe``). ``platform`` is what the step is built for (``hardware.platform``'s
+    names: a compile target's); by default this host's, whose backend is started here (a JAX_PLATFORMS
+    this host cannot start is one line, naming it).
     """
     one_of(config.mode, VALIDATED_MODES, "config.mode")
     mode = MODES[config.mode]
     check_ranges(config, {**RANGES, **mode.ranges})
     one_of(config.ema.export, EMA_EXPORTS, "ema.export")
     require(config.total_steps > 0 or config.total_epochs > 0, "set total_steps or total_epochs (> 0)")
+    platform = platform or hardware.platform()
+    hardware.check_kernels(config, platform)
     visible = num_devices or jax.device_count()
     processes = num_processes or jax.process_count()
     subset = config.mesh.get("num_devices", 0)
@@ -197,6 +205,7 @@ def validate(
     one_of(config.eval.pool, ("cls", "gap"), "eval.pool")
     _validate_diagnostics(config)
     one_of(config.nonfinite_policy, ("skip", "stop"), "nonfinite_policy")
+    one_of(config.get("resume_with_changes", False), (False, True), "resume_with_changes")
     one_of(config.faults.get("pause_at", ""), ("", *signals.PHASES), "faults.pause_at")
     if not deviceless:
         from hybrid_distill_jax.data import validate_data_config
@@ -262,7 +271,7 @@ class Mode:
 
 
 # Every config.mode: each training task (hybrid_distill_jax.tasks, ``@register``), frozen-feature
-# evaluation and the two experiment chains.
+# evaluation and the experiment chains.
 MODES: dict[str, Mode] = {
     **{
         name: Mode("hybrid_distill_jax.train.trainer:run", task.add_defaults, task.check_config)
@@ -276,6 +285,7 @@ MODES: dict[str, Mode] = {
     ),
     "demo": Mode("hybrid_distill_jax.experiments.demo:run_demo"),
     "study": Mode("hybrid_distill_jax.experiments.study:run_study"),
+    "study_agglomerative": Mode("hybrid_distill_jax.experiments.study_agglomerative:run_agglomerative"),
 }
 # The modes whose config is one run's: the ones validate checks.
 VALIDATED_MODES = tuple(name for name, mode in MODES.items() if mode.check_config is not None)

@@ -1,8 +1,8 @@
 """Every exception the program turns into an exit status, each with a one-line, user-facing message.
 
 ``main`` maps them to exit statuses: ConfigError, DataError and CheckpointError -> 2,
-NonFiniteError -> 3, Preempted -> 75 (SIGTERM) or 130 (SIGINT) (docs/ERRORS.md). The file reads and writes
-at the end fail with errors that name their file, so that a full disk too is one line.
+NonFiniteError -> 3, Preempted -> 75 (SIGTERM), 130 (SIGINT) or 129 (SIGHUP) (docs/ERRORS.md). The file
+reads and writes at the end fail with errors that name their file, so that a full disk too is one line.
 """
 
 import contextlib
@@ -33,20 +33,24 @@ class NonFiniteError(RuntimeError):
 
 
 class Preempted(Exception):
-    """SIGTERM or SIGINT (or a multi-host preemption notice) arrived; a checkpoint was written at ``step``."""
+    """SIGTERM, SIGINT or SIGHUP (or a multi-host preemption notice) arrived; a checkpoint was written at
+    ``step``."""
 
     exit_code = 75  # EX_TEMPFAIL: try again later (rerun the same command to resume)
 
     def __init__(self, step: int, directory: str, signum: int | None = None):
-        what = "interrupted (SIGINT)" if signum == signal.SIGINT else "preempted"
+        what = {signal.SIGINT: "interrupted (SIGINT)", signal.SIGHUP: "hung up (SIGHUP)"}.get(
+            signum, "preempted"
+        )
         super().__init__(f"{what}: checkpoint written at step {step} in {directory}; rerun to resume")
         self.step = step
         self.exit_code = self.exit_status(signum)
 
     @staticmethod
     def exit_status(signum: int | None) -> int:
-        """75 for SIGTERM (and preemption notices: None), 130 (128 + 2, the shell's convention) for SIGINT."""
-        return 130 if signum == signal.SIGINT else 75
+        """75 for SIGTERM (and preemption notices: None); 128 + the signal's number, the shell's convention,
+        for SIGINT (130) and SIGHUP (129), which no restart loop resumes (``signals``' docstring says why)."""
+        return 128 + signum if signum in (signal.SIGINT, signal.SIGHUP) else 75
 
 
 def report(e: BaseException) -> int | None:

@@ -11,6 +11,11 @@ FEATURE_LOSSES = ("smooth_l1", "mse", "cosine", "mix")
 RELATION_LOSSES = ("kl", "mse")
 
 
+def mean(x: jax.Array, per_sample: bool = False) -> jax.Array:
+    """The mean over every element, or with ``per_sample`` over all but the leading (batch) axis: [B]."""
+    return jnp.mean(x, axis=tuple(range(1, x.ndim))) if per_sample else jnp.mean(x)
+
+
 def whiten(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     """Parameter-free LayerNorm over channels (FD/MaskAlign target whitening)."""
     x = x.astype(jnp.float32)
@@ -19,10 +24,10 @@ def whiten(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return (x - mean) * jax.lax.rsqrt(var + eps)
 
 
-def smooth_l1(pred: jax.Array, target: jax.Array, beta: float = 2.0) -> jax.Array:
-    """Huber-style SmoothL1 (PyTorch's definition), mean over every element."""
+def smooth_l1(pred: jax.Array, target: jax.Array, beta: float = 2.0, per_sample: bool = False) -> jax.Array:
+    """Huber-style SmoothL1 (PyTorch's definition), mean over every element (``per_sample``: per example)."""
     diff = jnp.abs(pred.astype(jnp.float32) - target.astype(jnp.float32))
-    return jnp.mean(jnp.where(diff < beta, 0.5 * diff**2 / beta, diff - 0.5 * beta))
+    return mean(jnp.where(diff < beta, 0.5 * diff**2 / beta, diff - 0.5 * beta), per_sample)
 
 
 def feature_loss(
@@ -31,22 +36,25 @@ def feature_loss(
     kind: str = "smooth_l1",
     beta: float = 2.0,
     mix: tuple[float, float] = (0.5, 0.5),
+    per_sample: bool = False,
 ) -> jax.Array:
-    """Regression of the student's projected tokens onto the (whitened) teacher tokens, [B, N, C] (or one
-    vector per image, [B, C]). 'cosine' is minus the mean cosine similarity; 'mix' is
-    ``mix[0] * cosine + mix[1] * smooth_l1`` (DUNE's 0.5 / 0.5, RADIO's 0.9 / 0.1 on features)."""
+    """Regression of the student's projected tokens onto the (normalised) teacher tokens, [B, N, C] (or
+    one vector per image, [B, C]). 'cosine' is minus the mean cosine similarity; 'mix' is
+    ``mix[0] * cosine + mix[1] * smooth_l1`` (DUNE's 0.5 / 0.5, RADIO's 0.9 / 0.1 on features).
+    ``per_sample``: one value per example, [B]."""
     if kind == "smooth_l1":
-        return smooth_l1(pred, target, beta)
+        return smooth_l1(pred, target, beta, per_sample)
     if kind == "mix":
-        return mix[0] * feature_loss(pred, target, "cosine") + mix[1] * smooth_l1(pred, target, beta)
+        cosine = feature_loss(pred, target, "cosine", per_sample=per_sample)
+        return mix[0] * cosine + mix[1] * smooth_l1(pred, target, beta, per_sample)
     pred, target = pred.astype(jnp.float32), target.astype(jnp.float32)
     if kind == "mse":
-        return jnp.mean((pred - target) ** 2)
+        return mean((pred - target) ** 2, per_sample)
     if kind == "cosine":
         cos = jnp.sum(pred * target, -1) / (
             jnp.linalg.norm(pred, axis=-1) * jnp.linalg.norm(target, axis=-1) + 1e-8
         )
-        return -jnp.mean(cos)
+        return -mean(cos, per_sample)
     raise ConfigError(f"feature loss {kind!r}: expected one of {FEATURE_LOSSES}")
 
 
@@ -57,10 +65,10 @@ def cosine_gram(x: jax.Array) -> jax.Array:
     return jnp.einsum("bqc,bkc->bqk", x, x)
 
 
-def gram_loss(student: jax.Array, teacher: jax.Array) -> jax.Array:
+def gram_loss(student: jax.Array, teacher: jax.Array, per_sample: bool = False) -> jax.Array:
     """DINOv3's Gram loss between two models: the mean squared difference of the cosine-similarity
     matrices of the same K tokens, [B, K, Cs] and [B, K, Ct] (the widths may differ)."""
-    return jnp.mean((cosine_gram(student) - cosine_gram(teacher)) ** 2)
+    return mean((cosine_gram(student) - cosine_gram(teacher)) ** 2, per_sample)
 
 
 def relation_logits(q: jax.Array, k: jax.Array, token_indices: jax.Array) -> jax.Array:
@@ -76,8 +84,11 @@ def relation_logits(q: jax.Array, k: jax.Array, token_indices: jax.Array) -> jax
     return jnp.einsum("bqhd,bkhd->bhqk", q_kept, k_kept, preferred_element_type=jnp.float32)
 
 
-def relation_loss(teacher_logits: jax.Array, student_logits: jax.Array, kind: str = "kl") -> jax.Array:
-    """Per query row: KL(softmax(teacher) || softmax(student)) over keys; mean over batch, heads and rows.
+def relation_loss(
+    teacher_logits: jax.Array, student_logits: jax.Array, kind: str = "kl", per_sample: bool = False
+) -> jax.Array:
+    """Per query row: KL(softmax(teacher) || softmax(student)) over keys; mean over batch, heads and rows
+    (``per_sample``: over heads and rows, [B]).
 
     Both logit maps cover the same (kept) token set, so the softmax over kept keys equals the full
     attention restricted to the kept set and renormalised.
@@ -87,9 +98,9 @@ def relation_loss(teacher_logits: jax.Array, student_logits: jax.Array, kind: st
     if kind == "kl":
         log_pt = jax.nn.log_softmax(t, axis=-1)
         log_ps = jax.nn.log_softmax(s, axis=-1)
-        return jnp.mean(jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), axis=-1))
+        return mean(jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), axis=-1), per_sample)
     if kind == "mse":
-        return jnp.mean((jax.nn.softmax(t, axis=-1) - jax.nn.softmax(s, axis=-1)) ** 2)
+        return mean((jax.nn.softmax(t, axis=-1) - jax.nn.softmax(s, axis=-1)) ** 2, per_sample)
     raise ConfigError(f"relation loss {kind!r}: expected one of {RELATION_LOSSES}")
 
 

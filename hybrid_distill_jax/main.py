@@ -79,8 +79,10 @@ def main(argv) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)
 
     def start_up() -> None:
+        from hybrid_distill_jax import hardware
         from hybrid_distill_jax.parallel import distributed
 
+        hardware.check_platforms()  # JAX_PLATFORMS naming hardware this host lacks: one line, nothing started
         distributed.initialize(  # before anything touches a device
             FLAGS.coordinator_address,
             FLAGS.num_processes,
@@ -97,7 +99,7 @@ def run_config(config, workdir: str, start_up=None) -> int:
     """Runs ``config`` in ``workdir``: every expected failure is one line on stderr and its exit status."""
 
     def run():
-        signals.pause_for_fault(config, "startup")
+        signals.enter(config, "startup")
         if start_up is not None:
             start_up()
         # Not at the top: run() installs the signal handlers before the config layer loads JAX.

@@ -89,18 +89,22 @@ def tiny_distill_config(tmp_path, data_dir, steps=6, batch=16):
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_cli(workdir, tfds_dir, teachers) -> list[str]:
-    """The command line of a ``tests/tiny_config.py`` distillation with two teacher directories."""
+def tiny_cli(workdir, tfds_dir, teachers, variant: str | None = None) -> list[str]:
+    """The command line of a ``tests/tiny_config.py`` distillation: ``teachers`` the two teacher
+    directories (deit, mae), or {teacher name: directory}; ``variant`` the config's argument
+    (``tests/tiny_config.py:VARIANT``)."""
+    if not isinstance(teachers, dict):
+        teachers = dict(deit=teachers[0], mae=teachers[1])
+    config = os.path.join(REPO, "tests", "tiny_config.py") + (f":{variant}" if variant else "")
     return [
         sys.executable,
         "-m",
         "hybrid_distill_jax.main",
         "--config",
-        os.path.join(REPO, "tests", "tiny_config.py"),
+        config,
         f"--workdir={workdir}",
         f"--config.data.data_dir={tfds_dir}",
-        f"--config.teachers.deit.checkpoint={teachers[0]}",
-        f"--config.teachers.mae.checkpoint={teachers[1]}",
+        *(f"--config.teachers.{name}.checkpoint={path}" for name, path in teachers.items()),
     ]
 
 
@@ -204,22 +208,27 @@ def run_cli(cmd) -> subprocess.CompletedProcess:
     return proc
 
 
-def assert_kill_and_resume_match(cli, killed, reference_dir, terms) -> None:
-    """SIGKILLs the run ``cli(killed)`` at steps 3 and 8, resumes it to the end, and asserts that its final
-    parameters and its training steps' metric rows (``terms`` among them) equal the uninterrupted run's in
-    ``reference_dir``."""
+def assert_kill_and_resume_match(cli, killed, reference_dir, terms, steps=(3, 8)) -> list[str]:
+    """SIGKILLs the run ``cli(killed)`` once it has logged each of ``steps`` (in turn, each attempt resuming
+    the last), resumes it to the end, and asserts that its final parameters and its training steps' metric
+    rows (``terms`` among them) equal the uninterrupted run's in ``reference_dir``. Returns the stderr of
+    each of those runs, the killed ones first."""
     from hybrid_distill_jax.train import metrics
     from tests.integration.test_reliability import _final_params, _run_until
 
-    for step in (3, 8):
+    logs = []
+    for step in steps:
         code, err = _run_until(cli(killed), killed, step, signal.SIGKILL)
         assert code == -signal.SIGKILL, err[-3000:]
-    assert "resumed from" in run_cli(cli(killed)).stderr
+        logs.append(err)
+    logs.append(run_cli(cli(killed)).stderr)
+    assert "resumed from" in logs[-1]
     for a, b in zip(_final_params(reference_dir), _final_params(killed), strict=True):
         np.testing.assert_array_equal(a, b)
     keys = ("step", "loss", *terms, "grad_norm")
     rows = lambda d: [{k: r[k] for k in keys} for r in metrics.read_metrics(str(d)) if "loss" in r]  # noqa: E731
     assert rows(reference_dir) == rows(killed)
+    return logs
 
 
 def hub_commit(repo: str) -> str:

@@ -13,6 +13,15 @@ objective.
 (``terms.feature``) and scores the patches; ``teachers.dinov3`` (RoPE, registers) the relations
 (``terms.relation``); ``teachers.siglip`` (no CLS, a MAP head) the summary embedding (``terms.summary``)
 and patch tokens (``terms.siglip_tokens``).
+
+``tests/tiny_config.py:agglomerative`` turns on the agglomerative features at once, over three teachers of
+the tiny architecture (pass each checkpoint: ``teachers.deit``, ``teachers.mae``, ``teachers.dino``):
+``terms.feature`` regresses DeiT's tokens by the cosine + SmoothL1 'mix' onto PHI-S-normalised targets,
+``terms.summary`` DINO's summary embedding onto PHI-S-normalised targets (both statistics estimated from
+the first ``phi_s_batches=2`` batches), ``terms.dino_tokens`` DINO's tokens onto EMA-standardised targets
+(momentum annealed to 0.1 over 4 steps), ``terms.gram`` DINO's Gram matrices, ``terms.relation`` MAE's
+attention relations; ``feature``, ``summary`` and ``dino_tokens`` drop loss-aware in one ``drop_group``.
+The student's EMA (``ema.decay``) is exported with the online weights (``ema.export='both'``).
 """
 
 import ml_collections
@@ -56,6 +65,23 @@ def get_config(arg=None):
             )
         )
         c.masking.score_teacher = "dinov2"
+    if arg == "agglomerative":
+        c.name = "tiny_agglomerative"
+        c.teachers.dino = teacher_config(dtype="float32")
+        phi_s = dict(target_norm="phi_s", phi_s_batches=2)
+        dropped = dict(drop="loss_aware", drop_prob=0.5, drop_group="agglomerative")
+        c.terms = ml_collections.ConfigDict(
+            dict(
+                feature=term_config("tokens", "deit", loss="mix", **phi_s, **dropped),
+                summary=term_config("embedding", "dino", **phi_s, **dropped),
+                dino_tokens=term_config(
+                    "tokens", "dino", target_norm="ema", ema_momentum=0.1, ema_anneal_steps=4, **dropped
+                ),
+                gram=term_config("gram", "dino", weight=10.0),  # its values are ~0.02
+                relation=term_config("relations", "mae"),
+            )
+        )
+        c.ema.update(dict(decay=0.9, warmup_steps=2, export="both"))
     c.masking.stage_starts = (0.0, 0.5)
     c.masking.stage_ratios = (0.25, 0.5)
     c.optim.lr = 1e-3

@@ -8,7 +8,9 @@ CUDA PJRT plugin with a device description), for ``jax.jit(...).lower(...).compi
   type as ``gcloud`` takes it (``v4-32``, ``v5p-64``, ``v5litepod-16``, ``v6e-16``: the slice's default
   topology). v4 compiles with one device per chip (megacore), as the TPU runtime presents it.
 * a GPU card by name (``h100-sxm``, ``h200``: the files in ``gpu_specs/``) or the path of a
-  ``GpuTargetConfigProto`` text file, with ``gpus_per_host`` GPUs on each of ``hosts`` hosts.
+  ``GpuTargetConfigProto`` text file, with ``gpus_per_host`` GPUs on each of ``hosts`` hosts. The file is
+  user input, checked before XLA reads it (:func:`gpu_spec`): XLA's compiler takes a field it lacks as 0,
+  and dies on some of them without a word.
 
 ``describe(...)`` returns a :class:`Target`: the compile-only devices, how many processes (hosts) own
 them, and the memory a program may use on each: a TPU's HBM; a GPU's memory times
@@ -19,10 +21,15 @@ uses the CPU as its runtime and never looks for a real accelerator.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import os
 import re
+import sys
+import tempfile
 
+from hybrid_distill_jax import errors
 from hybrid_distill_jax.errors import ConfigError
 
 GPU_SPECS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_specs")
@@ -174,20 +181,21 @@ def gpu_spec_path(name: str) -> str:
 def _gpu(name: str, gpus_per_host: int, hosts: int) -> Target:
     from jax.experimental import topologies
 
-    path = gpu_spec_path(name)
-    with open(path) as f:
-        spec = f.read()
-    memory = re.search(r"device_memory_size:\s*(\d+)", spec)
-    if memory is None:
-        raise ConfigError(f"--target={name}: {path} gives no gpu_device_info.device_memory_size")
+    spec, memory = gpu_spec(name)
     try:
-        topology = topologies.get_topology_desc(
-            platform="cuda",
-            topology_name="gpu",
-            target_config=spec,
-            topology=f"1x{hosts}x{gpus_per_host}",
-        )
+        with _stderr_captured() as logged:
+            topology = topologies.get_topology_desc(
+                platform="cuda",
+                topology_name="gpu",
+                target_config=spec,
+                topology=f"1x{hosts}x{gpus_per_host}",
+            )
     except Exception as e:  # noqa: BLE001 -- no CUDA plugin, or a description this jaxlib refuses
+        refused = [m for m in map(_XLA_PARSE_ERROR.search, logged) if m]
+        if refused:  # e.g. a field this jaxlib does not know
+            line, column, what = refused[0].groups()
+            where = f"{_where(name)}: XLA cannot read it: line {line}, column {column}"
+            raise ConfigError(f"{where}: {what}") from None
         text = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         hint = " (GPU targets need the CUDA plugin: pip install -e '.[aot]' or make install-aot)"
         raise ConfigError(f"--target={name}: cannot set up the CUDA compiler: {text}{hint}") from None
@@ -198,10 +206,214 @@ def _gpu(name: str, gpus_per_host: int, hosts: int) -> Target:
         platform="cuda",
         devices=devices,
         device_kind=devices[0].device_kind,
-        memory_bytes=int(int(memory.group(1)) * fraction),
+        memory_bytes=int(memory * fraction),
         num_processes=len({d.process_index for d in devices}),
-        device_memory_bytes=int(memory.group(1)),
+        device_memory_bytes=memory,
     )
+
+
+# The limits, sizes and rates XLA's GPU compiler plans kernels, launch grids and costs with: each a positive
+# number on every card (True: an integer). A field missing is 0 to the compiler: without threads_per_warp or
+# block_dim_limit_x the tiny recipe's compile died of SIGFPE, without threads_per_block_limit or
+# shared_memory_per_block of SIGSEGV, printing nothing; without shared_memory_per_block_optin (or the compute
+# capability) XLA failed with a traceback; the others describe no card. device_memory_size is also what the
+# fit check allows.
+GPU_DEVICE_INFO = {
+    "threads_per_block_limit": True,
+    "threads_per_warp": True,
+    "shared_memory_per_block": True,
+    "shared_memory_per_core": True,
+    "threads_per_core_limit": True,
+    "core_count": True,
+    "fpus_per_core": True,
+    "block_dim_limit_x": True,
+    "block_dim_limit_y": True,
+    "block_dim_limit_z": True,
+    "memory_bandwidth": True,
+    "l2_cache_size": True,
+    "clock_rate_ghz": False,
+    "device_memory_size": True,
+    "shared_memory_per_block_optin": True,
+    "registers_per_core_limit": True,
+    "registers_per_block_limit": True,
+    "thread_dim_limit_x": True,
+    "thread_dim_limit_y": True,
+    "thread_dim_limit_z": True,
+}
+# What XLA logs for a description it cannot parse (to stderr, beside its exception, which says less).
+_XLA_PARSE_ERROR = re.compile(r"Error parsing text-format \S*GpuTargetConfigProto: (\d+):(\d+): (.*)")
+
+
+def _where(name: str) -> str:
+    """How a message names GPU target ``name``: the flag, and the file a card name stands for."""
+    path = gpu_spec_path(name)
+    return f"--target={name}" if path == name else f"--target={name} ({path})"
+
+
+def gpu_spec(name: str) -> tuple[str, int]:
+    """(the text, device_memory_size) of GPU target ``name``'s description, checked as user input before
+    XLA reads it: text format, a ``gpu_device_info`` holding every ``GPU_DEVICE_INFO`` field once, positive
+    and of its type, and a ``cuda_compute_capability`` with a positive ``major``. Anything else is a
+    ConfigError naming the flag, the file and the field. Plain Python: ``compile`` checks the description
+    before JAX loads."""
+    where = _where(name)
+    data = errors.read_bytes(gpu_spec_path(name), ConfigError, where)
+    try:
+        text = data.decode()
+        fields = parse_text_proto(text)
+    except UnicodeDecodeError as e:
+        reason = f"not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start}"
+        raise ConfigError(f"{where}: not a GPU description (GpuTargetConfigProto text): {reason}") from None
+    except ValueError as e:
+        raise ConfigError(f"{where}: not a GPU description (GpuTargetConfigProto text): {e}") from None
+    info = _one_message(fields, "gpu_device_info", where)
+    missing = [field for field in GPU_DEVICE_INFO if field not in info]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ConfigError(
+            f"{where}: gpu_device_info.{', '.join(missing[:3])}{more} missing; XLA's GPU compiler needs each "
+            "(a description as XLA prints it has them: hybrid_distill_jax/aot/gpu_specs/README.md)"
+        )
+    values = {field: _positive(info, field, integer, where) for field, integer in GPU_DEVICE_INFO.items()}
+    capability = _one_message(info, "cuda_compute_capability", where, "gpu_device_info.")
+    _positive(capability, "major", True, where, "gpu_device_info.cuda_compute_capability.")
+    return text, values["device_memory_size"]
+
+
+def _one_message(fields: dict, name: str, where: str, prefix: str = "") -> dict:
+    given = fields.get(name, [])
+    if len(given) != 1 or not isinstance(given[0], dict):
+        what = "missing" if not given else "given more than once" if len(given) > 1 else "not a message"
+        raise ConfigError(f"{where}: {prefix}{name} {{ ... }} {what}; a GPU description needs it once")
+    return given[0]
+
+
+def _positive(fields: dict, name: str, integer: bool, where: str, prefix: str = "gpu_device_info."):
+    """``fields[name]``'s one value: a positive, finite number and, if ``integer``, an integer."""
+    given = fields.get(name, [])
+    kind = "a positive integer" if integer else "a positive number"
+    if len(given) != 1:
+        raise ConfigError(f"{where}: {prefix}{name} is {'missing' if not given else 'given more than once'}")
+    token = given[0]
+    if isinstance(token, dict):
+        raise ConfigError(f"{where}: {prefix}{name} must be {kind}, got a message {{ ... }}")
+    value = None
+    if token.kind == "number" and integer and re.fullmatch(r"[-+]?(0[xX][0-9a-fA-F]+|\d+)", token.text):
+        value = int(token.text, 16 if "x" in token.text.lower() else 10)
+    elif token.kind in ("number", "name") and not integer:
+        with contextlib.suppress(ValueError):
+            value = float(token.text.rstrip("fF") if token.kind == "number" else token.text)
+    if value is None or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{where}: {prefix}{name} must be {kind}, got {token.text} (line {token.line})")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Token:
+    kind: str  # 'string', 'number', 'name', 'symbol' or 'end'
+    text: str
+    line: int
+
+
+_TOKEN = re.compile(
+    r"""(?P<skip>[ \t\r\f\v]+|\#[^\n]*)|(?P<newline>\n)
+    |(?P<string>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')
+    |(?P<number>[-+]?(?:0[xX][0-9a-fA-F]+|(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?[fF]?)|-(?i:inf(?:inity)?|nan)\b)
+    |(?P<name>[A-Za-z_]\w*)|(?P<symbol>[{}<>:;,\[\]])""",
+    re.VERBOSE,
+)
+_CLOSING = {"{": "}", "<": ">"}
+
+
+def parse_text_proto(text: str) -> dict:
+    """A protocol buffer in text format as {field: [value, ...]}, each value a :class:`Token` or, for a
+    nested message, a dict of the same kind. Field names are not checked against a schema (XLA does
+    that). ValueError('line N: ...') where the text is not in that format."""
+    tokens, line, pos = [], 1, 0
+    while pos < len(text):
+        match = _TOKEN.match(text, pos)
+        if match is None:
+            raise ValueError(f"line {line}: unexpected {text[pos]!r}")
+        if match.lastgroup == "newline":
+            line += 1
+        elif match.lastgroup != "skip":
+            tokens.append(Token(match.lastgroup, match.group(), line))
+        pos = match.end()
+    tokens.append(Token("end", "the end of the file", line))
+    fields, _ = _parse_message(tokens, 0, "end")
+    return fields
+
+
+def _parse_message(tokens: list, i: int, closing: str, opened: Token | None = None) -> tuple[dict, int]:
+    """The fields from ``tokens[i]`` up to the symbol ``closing`` ('end': the end of the file) of the
+    message the field ``opened`` opened, and the index after it."""
+    fields: dict = {}
+    while True:
+        token = tokens[i]
+        if token.kind == closing or (token.kind == "symbol" and token.text == closing):
+            return fields, i + 1
+        if token.kind == "end":
+            raise ValueError(f"line {opened.line}: {opened.text} {{ is never closed (no {closing!r})")
+        if token.kind != "name":
+            raise ValueError(f"line {token.line}: expected a field name, got {token.text!r}")
+        colon = tokens[i + 1].text == ":"
+        i += 2 if colon else 1
+        if colon and tokens[i].text == "[":  # a list: [1, 2] or [{...}, {...}]
+            i += 1
+            while tokens[i].text != "]":
+                value, i = _parse_value(tokens, i, token, scalar=True)
+                fields.setdefault(token.text, []).append(value)
+                if tokens[i].text == ",":
+                    i += 1
+                elif tokens[i].text != "]":
+                    raise ValueError(f"line {tokens[i].line}: expected ',' or ']', got {tokens[i].text!r}")
+            i += 1
+        else:
+            value, i = _parse_value(tokens, i, token, scalar=colon)
+            fields.setdefault(token.text, []).append(value)
+        if tokens[i].text in (";", ","):
+            i += 1
+
+
+def _parse_value(tokens: list, i: int, field: Token, *, scalar: bool) -> tuple:
+    """The value of ``field`` at ``tokens[i]`` and the index after it: a nested message, or (``scalar``:
+    after a colon) a number, a name or a string (adjacent strings are one)."""
+    token = tokens[i]
+    if token.kind == "symbol" and token.text in _CLOSING:
+        return _parse_message(tokens, i + 1, _CLOSING[token.text], field)
+    if scalar and token.kind in ("number", "name"):
+        return token, i + 1
+    if scalar and token.kind == "string":
+        while tokens[i + 1].kind == "string":
+            i += 1
+        return token, i + 1
+    expected = "a value" if scalar else "':' or '{'"
+    raise ValueError(f"line {token.line}: expected {expected} after {field.text!r}, got {token.text!r}")
+
+
+@contextlib.contextmanager
+def _stderr_captured():
+    """Collects what is written to file descriptor 2, where XLA logs (for a description it cannot parse:
+    the line, column and field), into the list it yields: kept off stderr when the block raises (the caller
+    says it in its one line), written there when it does not."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    logged: list[str] = []
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        failed = True
+        try:
+            yield logged
+            failed = False
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            data = capture.read()
+            logged.extend(data.decode(errors="replace").splitlines())
+            if not failed:
+                os.write(2, data)
 
 
 def memory_fraction() -> float:

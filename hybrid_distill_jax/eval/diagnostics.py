@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hybrid_distill_jax.errors import write_atomically
 from hybrid_distill_jax.models.build import normalize
 
 NMI_EPS = 1e-8
@@ -194,6 +195,5 @@ class TrainingDiagnostics:
 
 def save(results: Mapping[str, Any], path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1)
+    write_atomically(path, json.dumps(results, indent=1).encode())
     return path

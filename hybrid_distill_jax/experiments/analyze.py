@@ -20,7 +20,7 @@ import os
 import sys
 import time
 
-from hybrid_distill_jax import config_lib, errors, teachers, workdir_lock
+from hybrid_distill_jax import config_lib, errors, hardware, teachers, workdir_lock
 from hybrid_distill_jax.errors import ConfigError
 from hybrid_distill_jax.eval import diagnostics
 from hybrid_distill_jax.experiments import plots
@@ -101,6 +101,7 @@ def main(argv=None) -> int:
             raise ConfigError("--model: two models share a name; use NAME=DIR")
         if args.num_images <= 0 or args.batch_size <= 0 or args.image_size < 0:
             raise ConfigError("--num_images and --batch_size must be positive, --image_size >= 0")
+        hardware.platform()  # a JAX_PLATFORMS this host cannot start: one line
         out = analyze_models(
             models,
             _data_cfg(args.data, args.data_dir, args.split),
@@ -159,8 +160,7 @@ def evaluate_model_dir(config, workdir: str) -> dict:
         plots.plot_diagnostics({name: diag}, workdir)
         summary.update({f"diag/{k}": v for k, v in diagnostics.summary_scalars(diag).items()})
     summary["eval_seconds"] = time.perf_counter() - start
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    errors.write_atomically(os.path.join(workdir, "eval.json"), json.dumps(summary, indent=2).encode())
     print(json.dumps({k: round(v, 3) for k, v in summary.items() if not k.startswith("diag/")}))
     print(f"wrote {os.path.join(workdir, 'eval.json')}")
     return summary

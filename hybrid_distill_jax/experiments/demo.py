@@ -10,11 +10,12 @@ import json
 import os
 import time
 
-from hybrid_distill_jax import config_lib, workdir_lock
+from hybrid_distill_jax import config_lib, errors, signals, workdir_lock
 from hybrid_distill_jax.experiments.report import format_table
 from hybrid_distill_jax.experiments.stages import run_random_init_stage, run_stage
 
 
+@signals.handling()
 def run_demo(config, workdir: str) -> dict:
     workdir = workdir_lock.check_workdir(workdir)
     for key in ("teacher_supervised", "teacher_mae", *config.students):
@@ -38,8 +39,7 @@ def run_demo(config, workdir: str) -> dict:
 
     summary = {name: {k: round(float(v), 3) for k, v in r.items()} for name, r in results.items()}
     total = time.perf_counter() - start
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    errors.write_atomically(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2).encode())
     table = {
         name: {k: v for k, v in r.items() if k in ("knn_top1", "linear_top1", "train_seconds")}
         for name, r in summary.items()

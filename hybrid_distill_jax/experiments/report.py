@@ -13,6 +13,7 @@ import datetime
 import math
 import os
 import platform
+import re
 import shlex
 import sys
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 
+from hybrid_distill_jax import errors
 from hybrid_distill_jax.data import dataset_info
 from hybrid_distill_jax.eval import diagnostics
 from hybrid_distill_jax.experiments import plots
@@ -35,6 +37,9 @@ LABELS = {
     "hybrid_random": "Hybrid, progressive random masking",
     "hybrid_progressive": "Hybrid, progressive redundant masking",
     "random_init": "untrained student",
+    "hybrid_phi_s": "Hybrid, PHI-S feature targets",
+    "hybrid_ema": "Hybrid, student EMA (EMA weights)",
+    "hybrid_ema_online": "Hybrid, student EMA run (online weights)",
 }
 LEVEL = 0.95
 
@@ -509,6 +514,49 @@ def write_report(config, stages, per_seed, claim_list, figures, times, bounds, p
         "(`hybrid_distill_jax/eval/diagnostics.py`).",
         "",
     ]
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+    errors.write_atomically(path, keep_sections(path, "\n".join(lines)).encode())
+    return path
+
+
+# ------------------------------------------------------------------------------ generated sections
+# A runner other than the study (e.g. ``experiments.study_agglomerative``) owns a section of RESULTS.md
+# between these markers: it replaces only its own section, and ``write_report`` keeps every section when
+# it rewrites the rest of the file.
+SECTION_BEGIN = "<!-- BEGIN generated section: {} -->"
+SECTION_END = "<!-- END generated section: {} -->"
+_SECTION = re.compile(
+    r"<!-- BEGIN generated section: (\S+) -->\n.*?<!-- END generated section: \1 -->\n?", re.S
+)
+
+
+def keep_sections(path: str, text: str) -> str:
+    """``text`` followed by every generated section of the file ``path`` (none if it does not exist), so
+    that rewriting a report keeps what other runners wrote into it."""
+    if not os.path.exists(path):
+        return text
+    with open(path) as f:
+        sections = [m.group(0).rstrip("\n") + "\n" for m in _SECTION.finditer(f.read())]
+    if not sections:
+        return text
+    return text.rstrip("\n") + "\n\n" + "\n".join(sections)
+
+
+def write_section(path: str, name: str, lines: Sequence[str]) -> str:
+    """Writes ``lines`` as the section ``name`` of the Markdown file ``path``: in place of the section's
+    previous text, or appended (the file is created if missing); the rest of the file is left as is."""
+    if not re.fullmatch(r"[\w.-]+", name):
+        raise ValueError(f"section name {name!r}: letters, digits, '_', '.' and '-' only")
+    block = "\n".join([SECTION_BEGIN.format(name), *lines, SECTION_END.format(name)]) + "\n"
+    text = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            text = f.read()
+    begin, end = re.escape(SECTION_BEGIN.format(name)), re.escape(SECTION_END.format(name))
+    pattern = re.compile(f"{begin}\n.*?{end}\n?", re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block if text.strip() else block
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    errors.write_atomically(path, text.encode())
     return path

@@ -1,4 +1,9 @@
-"""Cached experiment stages: a stage whose export and ``eval.json`` exist is reused, not rerun."""
+"""Cached experiment stages: a stage whose export and ``eval.json`` exist is reused, not rerun.
+
+Each stage is a phase of its own (``signals.enter``: a signal between stages exits at once), and writes its
+``eval.json`` whole or not at all, after its export: a stage stopped at any moment is redone, never taken
+for finished.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import time
 
 import jax
 
-from hybrid_distill_jax import tasks
+from hybrid_distill_jax import errors, signals, tasks
 from hybrid_distill_jax.data import dataset_info
 from hybrid_distill_jax.eval.features import probe_frozen_features
 from hybrid_distill_jax.train import train
@@ -16,6 +21,7 @@ from hybrid_distill_jax.train import train
 
 def run_stage(config, workdir: str) -> dict:
     """Trains (or reuses) one stage; returns its evaluation plus its wall time."""
+    signals.enter(config, "stage")
     done_marker = os.path.join(workdir, "eval.json")
     export = os.path.join(workdir, "export", "model.json")
     if os.path.exists(done_marker) and os.path.exists(export):
@@ -25,13 +31,13 @@ def run_stage(config, workdir: str) -> dict:
     start = time.perf_counter()
     result = train(config, workdir)
     summary = dict(result.summary, train_seconds=time.perf_counter() - start)
-    with open(done_marker, "w") as f:
-        json.dump(summary, f, indent=2)
+    errors.write_atomically(done_marker, json.dumps(summary, indent=2).encode())
     return summary
 
 
 def run_random_init_stage(config, workdir: str) -> dict:
     """The untrained student architecture, exported (for diagnostics and fine-tuning) and evaluated."""
+    signals.enter(config, "stage")
     marker, export = os.path.join(workdir, "eval.json"), os.path.join(workdir, "export")
     if os.path.exists(marker) and os.path.exists(os.path.join(export, "model.json")):
         print(f"[random_init] reusing {workdir}", flush=True)
@@ -45,8 +51,7 @@ def run_random_init_stage(config, workdir: str) -> dict:
     summary = dict(
         probe_frozen_features(config, task.feature_fn, params, info.num_classes), train_seconds=0.0
     )
-    with open(marker, "w") as f:
-        json.dump(summary, f, indent=2)
+    errors.write_atomically(marker, json.dumps(summary, indent=2).encode())
     return summary
 
 

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from hybrid_distill_jax import config_lib, masking, workdir_lock
+from hybrid_distill_jax import config_lib, errors, masking, signals, workdir_lock
 from hybrid_distill_jax.errors import ConfigError
 from hybrid_distill_jax.eval import diagnostics
 from hybrid_distill_jax.experiments import report
@@ -131,8 +131,7 @@ def _masking_cost(config, workdir: str) -> dict | None:
         "rounds": rounds,
         "seconds": time.perf_counter() - start,
     }
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+    errors.write_atomically(path, json.dumps(result, indent=2).encode())
     return result
 
 
@@ -172,6 +171,7 @@ def _check_study(config) -> None:
             raise ConfigError(f"{field}: expected {expected}, got {value!r}")
 
 
+@signals.handling()
 def run_study(config, workdir: str) -> dict:
     workdir = workdir_lock.check_workdir(workdir)
     _check_study(config)
@@ -247,8 +247,7 @@ def run_study(config, workdir: str) -> dict:
         "stage_seconds": stage_seconds,
         "machine": report.machine_info(),
     }
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    errors.write_atomically(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2).encode())
 
     report_dir = config.report_dir or workdir
     bounds = report.distance_bounds(config.image_size, config.variant)

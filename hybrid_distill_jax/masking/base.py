@@ -34,8 +34,9 @@ SHARED_DEFAULTS = dict(
     temperature=1.0,
     score_teacher="deit",
     score="cls_attention",
-    # 1, or e.g. 8/16/128: masked stages keep K patches with CLS + K a multiple of it (fewer patches than
-    # the ratio says; shapes GPU and TPU kernels tile without padding).
+    # 1, or e.g. 8/16/32: masked stages keep K patches with CLS + K a multiple of it (fewer patches than
+    # the ratio says; shapes GPU and TPU kernels tile without padding). A multiple that would cost a stage
+    # more than MAX_ROUNDING_LOSS of its patches is refused (check_token_multiple).
     token_multiple=1,
 )
 SHARED_RANGES = {"temperature": checks.POSITIVE, "token_multiple": checks.ints(1, "1: off")}
@@ -132,6 +133,40 @@ def keep_count(num_patches: int, mask_ratio: float, token_multiple: int = 1) -> 
     if token_multiple > 1 and k < num_patches:
         k = max((1 + k) // token_multiple * token_multiple - 1, 1)
     return k
+
+
+# The largest fraction of a masked stage's patches that token_multiple's rounding may cost it.
+MAX_ROUNDING_LOSS = 0.25
+
+
+def check_token_multiple(num_patches: int, ratios_field: str, mask_ratios, token_multiple: int) -> None:
+    """Refuses a ``masking.token_multiple`` that rounds a masked stage's count far from the one its mask
+    ratio asks for: more than ``MAX_ROUNDING_LOSS`` (a quarter) of its patches lost. One-line ConfigError
+    naming the field, the stage and the largest power of two that would do.
+
+    Rounding CLS + K down to a multiple of m costs fewer than m patches, so a stage keeping at least
+    4 (m - 1) patches always passes; a multiple near or above K leaves a handful, or a single patch (128
+    on ViT-B/16 at 224 px: 98 -> 1), and silently trains another method. The limit is a quarter because
+    it keeps a stage of mask ratio r at an effective ratio of at most r + (1 - r) / 4: the recipes' 0.5
+    stage stays within 0.625, half the 0.25 step between their stages, so the schedule still means what it
+    says. Aligned lengths are for speed; they must not change what is learnt more than that.
+    """
+
+    def costly(multiple: int) -> list[tuple[float, int, int]]:
+        stages = [(r, keep_count(num_patches, r), keep_count(num_patches, r, multiple)) for r in mask_ratios]
+        return [(r, asked, kept) for r, asked, kept in stages if kept < (1 - MAX_ROUNDING_LOSS) * asked]
+
+    refused = costly(token_multiple)
+    if refused:
+        ratio, asked, kept = refused[0]
+        smaller = (2**i for i in reversed(range((token_multiple - 1).bit_length())))  # ..., 4, 2, 1
+        best = next(m for m in smaller if not costly(m))
+        use = f"{best} or less for {num_patches} patches, or 1 (off)" if best > 1 else "1 (off)"
+        raise ConfigError(
+            f"masking.token_multiple={token_multiple}: the stage with {ratios_field} {ratio:g} would keep "
+            f"{kept} of its {asked} patches (CLS + K rounded down to a multiple of {token_multiple}), losing "
+            f"more than {MAX_ROUNDING_LOSS:.0%} of them; use {use}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -59,6 +59,9 @@ class OverDepthPlan(base.KeepPlan):
                 f"masking.drop_layers={layers}: expected increasing layers in 1..{self.depth - 1}"
             )
         base.check_mask_ratios("masking.drop_ratios", self.drop_ratios, non_decreasing=True)
+        base.check_token_multiple(
+            self.num_patches, "masking.drop_ratios", self.drop_ratios, self.token_multiple
+        )
 
     @classmethod
     def from_config(cls, mcfg, num_patches: int, depth: int) -> OverDepthPlan:

@@ -47,6 +47,10 @@ class OverTrainingPlan(base.KeepPlan):
 
     schedule: MaskRatioSchedule
 
+    def __post_init__(self):
+        ratios = self.schedule.ratios
+        base.check_token_multiple(self.num_patches, "masking.stage_ratios", ratios, self.token_multiple)
+
     @classmethod
     def from_config(cls, mcfg, num_patches: int, depth: int) -> OverTrainingPlan:
         schedule = MaskRatioSchedule(tuple(mcfg.stage_starts), tuple(mcfg.stage_ratios))

@@ -50,6 +50,8 @@ class Task:
     """Base class: the required methods raise, the hooks have the defaults most modes want."""
 
     name: ClassVar[str]
+    # The ``loss_fn`` metric that carries a batch's contribution to the task's statistics (``init_stats``).
+    STATS_KEY: ClassVar[str] = "stats"
     vit: VisionTransformer  # the ViT this task trains, evaluates and exports
     mean: tuple  # its input normalisation
     std: tuple
@@ -79,11 +81,32 @@ class Task:
         """The trained parameters (a pytree), freshly initialised."""
         raise NotImplementedError
 
-    def loss_fn(self, params, frozen, batch: dict, rng: jax.Array, stage: Hashable):
-        """(scalar loss, {name: scalar}) of one batch; runs inside the jitted, differentiated step."""
+    def loss_fn(self, params, frozen, batch: dict, rng: jax.Array, stage: Hashable, stats=None, step=None):
+        """(scalar loss, {name: scalar}) of one batch; runs inside the jitted, differentiated step. A
+        task that keeps statistics (``init_stats``) is also given them and the step number (0-based),
+        and returns the batch's moments for ``update_stats`` as ``metrics[STATS_KEY]``."""
         raise NotImplementedError
 
     # -- hooks ---------------------------------------------------------------------------------------
+    def init_stats(self) -> Any | None:
+        """Statistics the step keeps beside the parameters, never trained (a pytree in the train state,
+        checkpointed and replicated), or None when the task keeps none."""
+        return None
+
+    def update_stats(self, stats, moments, step: jax.Array):
+        """``stats`` after step ``step``, given the batch's ``metrics[STATS_KEY]`` (averaged over
+        micro-batches)."""
+        return stats
+
+    @property
+    def estimation_batches(self) -> int:
+        """How many training batches ``estimate_stats`` reads before a fresh run's first step (0: none)."""
+        return 0
+
+    def estimate_stats(self, frozen, stats, batches):
+        """Statistics estimated from the first training ``batches`` (on the devices), before step 0."""
+        return stats
+
     def vit_params(self, params) -> Any:
         """The part of the trained parameters that belongs to ``vit``."""
         return params
@@ -127,8 +150,9 @@ class Task:
     def export_metadata(self) -> dict:
         return {"trained_by": f"hybrid_distill_jax {self.name}"}
 
-    def export(self, params, directory: str) -> str:
-        """Writes ``vit`` as a model directory (``model.json`` + ``params.msgpack``)."""
+    def export(self, params, directory: str, stats=None) -> str:
+        """Writes ``vit`` as a model directory (``model.json`` + ``params.msgpack``); ``stats``: the train
+        state's (``init_stats``), for tasks that export them."""
         return model_io.save_model(
             directory,
             self.vit,

@@ -12,8 +12,10 @@ patch outputs resampled onto the student's grid when its entry says ``interpolat
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
 import zlib
 from collections.abc import Mapping
 from typing import Any
@@ -21,10 +23,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
-from hybrid_distill_jax import checks, masking, terms
+from hybrid_distill_jax import checks, errors, masking, terms
+from hybrid_distill_jax.models import io as model_io
 from hybrid_distill_jax.models.build import check_model_config, model_defaults, normalize, vit_from_config
 from hybrid_distill_jax.models.vit import arch_dict, forward_flops
+from hybrid_distill_jax.parallel import sharding
 from hybrid_distill_jax.tasks.base import Task, register
 from hybrid_distill_jax.teachers import (
     FrozenTeacher,
@@ -32,8 +37,11 @@ from hybrid_distill_jax.teachers import (
     describe_for_validation,
     teacher_config,
 )
+from hybrid_distill_jax.terms import target_norm
 
 log = logging.getLogger("hybrid_distill_jax")
+TARGET_STATS_FILE = "target_stats.npz"
+
 
 def add_defaults(c: ml_collections.ConfigDict) -> None:
     """The distill sections of ``base_config('distill')``: Hybrid Distill's two teachers and two terms."""
@@ -94,10 +102,18 @@ def check_fields(config) -> dict:
             f"{', '.join(sorted(config.teachers))}",
         )
         cls.check_fields(name, cfg, s["depth"])
-    checks.require(
-        bool(active_terms(config, s["depth"])),
-        "terms: every term has weight 0 (or no layer): nothing to distil",
-    )
+    active = active_terms(config, s["depth"])
+    checks.require(bool(active), "terms: every term has weight 0 (or no layer): nothing to distil")
+    groups: dict[str, list[str]] = {}
+    for name, cfg in active.items():
+        if cfg.get("drop", "step") == "loss_aware":
+            groups.setdefault(cfg.get("drop_group", ""), []).append(name)
+    for group, names in groups.items():
+        checks.require(
+            len(names) > 1,
+            f"terms.{names[0]}.drop='loss_aware': no other active loss-aware term in drop_group={group!r} "
+            "to compete with; add one, or use drop='step'",
+        )
     masking.check_section(config.masking, config.teachers)
     return s
 
@@ -204,6 +220,12 @@ class DistillTask(Task):
             name: terms.build_term(name, cfg, self.student, self.teachers[cfg.teacher])
             for name, cfg in active_terms(config, self.depth).items()
         }
+        # the terms whose targets keep statistics in the train state (``init_stats``)
+        self.stat_terms = {
+            name: term
+            for name, term in self.terms.items()
+            if isinstance(term, terms.NormalizedTargets) and term.keeps_stats
+        }
         self.plan = masking.keep_plan(mcfg, self.num_patches, self.depth)
         self.score_teacher = mcfg.score_teacher
         scorer_depth = self.teachers[self.score_teacher].model.depth if self.score_teacher else self.depth
@@ -233,6 +255,24 @@ class DistillTask(Task):
     def export_metadata(self) -> dict:
         teachers = {name: t.source for name, t in self.teachers.items()}
         return dict(super().export_metadata(), teachers=teachers)
+
+    def export(self, params, directory, stats=None):
+        """The student (``Task.export``) and, for the terms that keep target statistics, those statistics
+        in ``target_stats.npz`` (arrays ``TERM/FIELD``), described under ``target_norms`` in model.json:
+        what maps the student's head outputs back to each teacher's space."""
+        described = {name: term.describe_stats() for name, term in self.stat_terms.items()}
+        extra = dict(self.export_metadata())
+        if stats and described:
+            extra["target_norms"] = dict(file=TARGET_STATS_FILE, terms=described)
+        path = model_io.save_model(
+            directory, self.student, self.vit_params(params), mean=self.mean, std=self.std, extra=extra
+        )
+        if stats and described:
+            arrays = {f"{name}/{key}": np.asarray(v) for name in described for key, v in stats[name].items()}
+            buffer = io.BytesIO()
+            np.savez(buffer, **arrays)
+            errors.write_atomically(os.path.join(directory, TARGET_STATS_FILE), buffer.getvalue())
+        return path
 
     def init_params(self, rng):
         x = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
@@ -277,17 +317,55 @@ class DistillTask(Task):
         out["total"] = sum(out.values())
         return out
 
-    def loss_fn(self, params, frozen, batch, rng, stage):
-        images = batch["image"]
-        b = images.shape[0]
-        rng_mask, rng_drop = jax.random.split(rng)
+    # -- statistics of the targets (``terms.target_norm``) -------------------------------------------
+    def init_stats(self):
+        return {name: term.init_stats() for name, term in self.stat_terms.items()} or None
 
-        # Every teacher once, on the full image and fused attention: no N x N map is formed. Each hands
-        # out what some term reads (queries and keys, hidden states) and the scorer its CLS attention.
-        tout = {
+    def update_stats(self, stats, moments, step):
+        return {
+            name: term.updated_stats(stats[name], moments[name], step) if name in moments else stats[name]
+            for name, term in self.stat_terms.items()
+        }
+
+    @property
+    def estimation_batches(self) -> int:
+        return max((t.estimation_batches for t in self.stat_terms.values()), default=0)
+
+    def estimate_stats(self, frozen, stats, batches):
+        """PHI-S's statistics from the teachers' outputs on ``batches`` (each term reads its first
+        ``phi_s_batches``); the other terms' statistics as they are."""
+        estimating = {n: t for n, t in self.stat_terms.items() if t.estimation_batches}
+
+        @jax.jit
+        def moments(frozen, images):
+            tout = self.teacher_passes(frozen, images)
+            return {
+                name: term.estimation_moments(tout[term.cfg.teacher]) for name, term in estimating.items()
+            }
+
+        seen: dict[str, list] = {name: [] for name in estimating}
+        for i, batch in enumerate(batches):
+            out = sharding.to_host(moments(frozen, batch["image"]))
+            for name, term in estimating.items():
+                if i < term.estimation_batches:
+                    seen[name].append(out[name])
+        return dict(stats, **{name: target_norm.phi_s_stats(seen[name]) for name in estimating})
+
+    def teacher_passes(self, frozen, images):
+        """Every teacher once, on the full image and fused attention: no N x N map is formed. Each hands
+        out what some term reads (queries and keys, hidden states) and the scorer its CLS attention."""
+        return {
             name: self.teachers[name](frozen[name], images, grid=self.student.grid, **request)
             for name, request in self.teacher_requests.items()
         }
+
+    def loss_fn(self, params, frozen, batch, rng, stage, stats=None, step=None):
+        """(total, metrics); with ``stats`` (the train state's, ``init_stats``), ``metrics[STATS_KEY]``
+        holds this batch's moments for ``update_stats``."""
+        images = batch["image"]
+        b = images.shape[0]
+        rng_mask, rng_drop = jax.random.split(rng)
+        tout = self.teacher_passes(frozen, images)
         scorer = self.teachers.get(self.score_teacher)
         scores = {
             layer: masking.patch_scores(self.score, tout[self.score_teacher], layer, scorer.model.num_prefix)
@@ -307,7 +385,7 @@ class DistillTask(Task):
             **self.student_request,
         )
         heads = params.get("heads", {})
-        metrics, total = {}, 0.0
+        metrics, values, per_sample, moments = {}, {}, {}, {}
         for name, term in self.terms.items():
             teacher = term.cfg.teacher
             inputs = terms.TermInputs(
@@ -315,12 +393,59 @@ class DistillTask(Task):
                 teacher=tout.get(teacher),
                 kept=kept,
                 run_teacher=lambda t=teacher, **kw: self.teachers[t](frozen[t], images, **kw),
+                stats=(stats or {}).get(name),
+                step=step,
             )
-            value = term.value(heads.get(name), inputs)
-            metrics[f"{name}_loss"] = value
-            if term.drop_prob:  # its own stream from the step's key: no other term's draws change
-                key = jax.random.fold_in(rng, zlib.crc32(name.encode()) & 0x7FFFFFFF)
-                value = jnp.where(jax.random.bernoulli(key, 1.0 - term.drop_prob), value, 0.0)
+            if term.drop == "loss_aware":
+                per_sample[name] = term.value(heads.get(name), inputs, per_sample=True)
+                metrics[f"{name}_loss"] = jnp.mean(per_sample[name])
+            else:
+                values[name] = metrics[f"{name}_loss"] = term.value(heads.get(name), inputs)
+            if name in self.stat_terms and (m := term.batch_stats(inputs)) is not None:
+                moments[name] = m
+        for name, (value, kept_fraction) in self._loss_aware(per_sample, rng).items():
+            values[name] = value
+            metrics[f"{name}_kept"] = kept_fraction
+        total = 0.0
+        for name, term in self.terms.items():
+            value = values[name]
+            if term.drop == "step" and term.drop_prob:  # its own stream from the step's key
+                value = jnp.where(
+                    jax.random.bernoulli(self._drop_key(rng, name), 1.0 - term.drop_prob), value, 0.0
+                )
             total = total + term.weight * value
         metrics["loss"] = total
+        if stats is not None:
+            metrics[self.STATS_KEY] = moments
         return total, metrics
+
+    @staticmethod
+    def _drop_key(rng, name: str) -> jax.Array:
+        """A term's own random stream from the step's key: no other term's draws change with it."""
+        return jax.random.fold_in(rng, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+    def _loss_aware(self, per_sample: dict[str, jax.Array], rng) -> dict[str, tuple]:
+        """Loss-aware dropping: per ``drop_group`` and example, the term with the largest weighted loss is
+        kept, each other one kept with probability 1 - its ``drop_prob``; then the mean over the batch.
+        {name: (its value after the mask, the fraction of examples that kept it)}."""
+        groups: dict[str, list[str]] = {}
+        for name in per_sample:
+            groups.setdefault(self.terms[name].drop_group, []).append(name)
+        out = {}
+        for names in groups.values():
+            weighted = jnp.stack([self.terms[n].weight * per_sample[n] for n in names])
+            draws = jnp.stack(
+                [
+                    jax.random.bernoulli(
+                        self._drop_key(rng, n), 1.0 - self.terms[n].drop_prob, weighted.shape[1:]
+                    )
+                    for n in names
+                ]
+            )
+            keep = terms.loss_aware_keep(weighted, draws)
+            for name, kept in zip(names, keep, strict=True):
+                out[name] = (
+                    jnp.mean(jnp.where(kept, per_sample[name], 0.0)),
+                    jnp.mean(kept.astype(jnp.float32)),
+                )
+        return out

@@ -18,7 +18,7 @@ import os
 import shutil
 import sys
 
-from hybrid_distill_jax import errors
+from hybrid_distill_jax import errors, hardware
 from hybrid_distill_jax.errors import ConfigError
 from hybrid_distill_jax.models.vit import ACTIVATIONS
 from hybrid_distill_jax.teachers import hub, importer
@@ -149,6 +149,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
     def run():
+        hardware.cpu_without_accelerators()
         if args.command == "import":
             _import(args)
         elif args.command == "list":

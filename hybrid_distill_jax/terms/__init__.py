@@ -5,8 +5,26 @@ module here with a ``@register``-ed ``Term`` subclass, and nothing else to edit.
 """
 
 from hybrid_distill_jax.registry import import_submodules
-from hybrid_distill_jax.terms.base import TERMS, Term, TermInputs, build_term, term_class, term_config
+from hybrid_distill_jax.terms.base import (
+    TERMS,
+    Term,
+    TermInputs,
+    build_term,
+    loss_aware_keep,
+    term_class,
+    term_config,
+)
+from hybrid_distill_jax.terms.target_norm import NormalizedTargets
 
 import_submodules(__name__, __path__)
 
-__all__ = ["TERMS", "Term", "TermInputs", "build_term", "term_class", "term_config"]
+__all__ = [
+    "TERMS",
+    "NormalizedTargets",
+    "Term",
+    "TermInputs",
+    "loss_aware_keep",
+    "build_term",
+    "term_class",
+    "term_config",
+]

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from hybrid_distill_jax import checks
@@ -23,9 +24,20 @@ from hybrid_distill_jax.models.vit import VisionTransformer
 from hybrid_distill_jax.teachers import FrozenTeacher
 
 TERMS: dict[str, type[Term]] = {}
-# Every term's fields. ``drop_prob``: the probability that a step leaves the term out of the total (UNIC's
-# teacher dropping, per term and step; 0 = always in).
-COMMON_FIELDS = dict(kind="", teacher="", weight=1.0, drop_prob=0.0)
+# Every term's fields. ``drop_prob``: the probability that the term is left out of the total, by ``drop``:
+# 'step', the whole term for a whole step; 'loss_aware' (UNIC, DUNE), per example among the loss-aware
+# terms of the same ``drop_group``: the one with the largest weighted loss on that example is always
+# kept, each other one dropped with its ``drop_prob``.
+DROPS = ("step", "loss_aware")
+COMMON_FIELDS = dict(kind="", teacher="", weight=1.0, drop_prob=0.0, drop="step", drop_group="")
+
+
+def loss_aware_keep(weighted: jax.Array, draws: jax.Array) -> jax.Array:
+    """Which terms an example keeps under loss-aware dropping: ``weighted`` [T, B], each term's weighted
+    loss per example; ``draws`` [T, B], True where a term's own draw keeps it. An example always keeps
+    its largest term (the first, on a tie), and the others where drawn. Returns bool [T, B]."""
+    worst = jnp.argmax(weighted, axis=0)
+    return (jnp.arange(weighted.shape[0])[:, None] == worst[None, :]) | draws
 
 
 def register(cls: type[Term]) -> type[Term]:
@@ -62,13 +74,16 @@ class TermInputs:
     ``student``/``teacher``: the outputs of the student and of this term's teacher on the full image (the
     teacher's None when no term asked it for anything); ``kept``: the patches the student keeps, where;
     ``run_teacher(**kwargs)``: a further pass of this term's frozen teacher on the batch, for terms whose
-    target depends on the kept tokens.
+    target depends on the kept tokens; ``stats``: the statistics the term keeps in the train state
+    (``target_norm.NormalizedTargets``), ``step`` the step being taken (0-based).
     """
 
     student: dict
     teacher: dict | None
     kept: KeptTokens
     run_teacher: Callable[..., dict]
+    stats: Any = None
+    step: jax.Array | None = None
 
 
 class Term:
@@ -84,6 +99,8 @@ class Term:
         self.name, self.cfg, self.student, self.teacher = name, cfg, student, teacher
         self.weight = float(cfg.weight)
         self.drop_prob = float(cfg.get("drop_prob", 0.0))
+        self.drop = cfg.get("drop", "step")
+        self.drop_group = cfg.get("drop_group", "")
 
     # -- configuration -------------------------------------------------------------------------------
     @classmethod
@@ -97,6 +114,7 @@ class Term:
             f"{field}.{unknown[0] if unknown else ''}: not a field of a {cls.kind!r} term; "
             f"its fields: {', '.join(sorted(known))}",
         )
+        checks.one_of(cfg.get("drop", "step"), DROPS, f"{field}.drop")
         for key, allowed in cls.choices.items():
             checks.one_of(cfg[key], allowed, f"{field}.{key}")
         common = {"weight": checks.NON_NEGATIVE, "drop_prob": checks.UNIT}
@@ -132,8 +150,9 @@ class Term:
         """The term's own trained parameters (a projection head), or None."""
         return None
 
-    def value(self, params, inputs: TermInputs) -> jax.Array:
-        """The term's scalar loss (fp32); ``params``: its own (``init_params``) or None."""
+    def value(self, params, inputs: TermInputs, per_sample: bool = False) -> jax.Array:
+        """The term's scalar loss (fp32), or with ``per_sample`` one per example, [B] (their mean is the
+        scalar); ``params``: its own (``init_params``) or None."""
         raise NotImplementedError
 
     def flops_per_example(self, patches_per_block) -> dict[str, float]:

@@ -25,12 +25,12 @@ class GramTerm(BlockTokensTerm):
     defaults = dict(BLOCK_FIELDS)
     ranges = dict(BLOCK_RANGES)
 
-    def value(self, params, inputs: TermInputs) -> jax.Array:
+    def value(self, params, inputs: TermInputs, per_sample: bool = False) -> jax.Array:
         cfg = self.cfg
         block = cfg.student_block or self.student.depth
         student = tokens_at(inputs.student, cfg.student_block)[:, self.student.num_prefix :]
         teacher = tokens_at(inputs.teacher, cfg.teacher_block)[:, self.teacher.model.num_prefix :]
-        return losses.gram_loss(student, gather_tokens(teacher, inputs.kept.patches_at(block)))
+        return losses.gram_loss(student, gather_tokens(teacher, inputs.kept.patches_at(block)), per_sample)
 
     def flops_per_example(self, patches_per_block):
         """The two K x K products (the student's forward and backward: 3x)."""

@@ -109,16 +109,19 @@ class RelationTerm(Term):
             for layer in self.layers
         }
 
-    def value(self, params, inputs: TermInputs) -> jax.Array:
+    def value(self, params, inputs: TermInputs, per_sample: bool = False) -> jax.Array:
         targets = self.targets(inputs)
         sp = self.student.num_prefix
         per_layer = [
             losses.relation_loss(
-                targets[layer], without_registers(inputs.student["attn_logits"][layer], sp), self.cfg.loss
+                targets[layer],
+                without_registers(inputs.student["attn_logits"][layer], sp),
+                self.cfg.loss,
+                per_sample,
             )
             for layer in self.layers
         ]
-        return jnp.mean(jnp.stack(per_layer))
+        return jnp.mean(jnp.stack(per_layer), axis=0)
 
     def flops_per_example(self, patches_per_block):
         if not self.cfg.teacher_on_kept:

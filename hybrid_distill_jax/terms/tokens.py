@@ -9,9 +9,9 @@ import jax.numpy as jnp
 
 from hybrid_distill_jax import checks, losses
 from hybrid_distill_jax.models.vit import gather_tokens
+from hybrid_distill_jax.terms import target_norm
 from hybrid_distill_jax.terms.base import Term, TermInputs, register
 
-TARGET_NORMS = ("whiten", "standardize", "none")
 # loss='mix': the weights of the cosine and the SmoothL1 parts (``losses.feature_loss``)
 MIX_FIELDS = dict(mix_cosine=0.5, mix_smooth_l1=0.5)
 MIX_RANGES = dict(mix_cosine=checks.NON_NEGATIVE, mix_smooth_l1=checks.NON_NEGATIVE)
@@ -19,19 +19,6 @@ MIX_RANGES = dict(mix_cosine=checks.NON_NEGATIVE, mix_smooth_l1=checks.NON_NEGAT
 
 def mix_weights(cfg) -> tuple[float, float]:
     return float(cfg.mix_cosine), float(cfg.mix_smooth_l1)
-
-
-def normalize_target(x: jax.Array, kind: str) -> jax.Array:
-    """'whiten': parameter-free LayerNorm over channels, per token; 'standardize': each channel to zero
-    mean and unit variance over the batch's tokens (per-teacher standardisation, as UNIC); 'none'."""
-    if kind == "whiten":
-        return losses.whiten(x)
-    if kind == "standardize":
-        x = x.astype(jnp.float32)
-        mean = jnp.mean(x, axis=(0, 1), keepdims=True)
-        var = jnp.var(x, axis=(0, 1), keepdims=True)
-        return (x - mean) * jax.lax.rsqrt(var + 1e-6)
-    return x
 
 
 def tokens_at(out: dict, block: int) -> jax.Array:
@@ -74,11 +61,21 @@ def linear_head(name: str, student, out_width: int) -> nn.Dense:
     return nn.Dense(out_width, dtype=student.dtype, param_dtype=student.param_dtype, name=name)
 
 
+def check_phi_s_width(name: str, cfg, width: int) -> None:
+    checks.require(
+        cfg.target_norm != "phi_s" or target_norm.hadamard(width) is not None,
+        f"terms.{name}.target_norm='phi_s': the teacher's target width {width} has no Hadamard matrix here "
+        "(a power of two times 1, 12, 20, 36, ...: docs/METHOD.md, 'PHI-S'); use target_norm='ema' or "
+        "'standardize'",
+    )
+
+
 @register
-class TokenTerm(BlockTokensTerm):
+class TokenTerm(target_norm.NormalizedTargets, BlockTokensTerm):
     """CLS + kept patch tokens of student block ``student_block`` regressed onto the teacher's at block
     ``teacher_block`` (0: each model's final, normed tokens; l: the hidden state after block l).
-    Registers (either side's) are not regressed; a teacher without CLS (SigLIP) gives patch targets only."""
+    Registers (either side's) are not regressed; a teacher without CLS (SigLIP) gives patch targets only.
+    ``target_norm``'s statistics cover every token the term regresses, CLS included."""
 
     kind = "tokens"
     defaults = dict(
@@ -87,10 +84,13 @@ class TokenTerm(BlockTokensTerm):
         smooth_l1_beta=2.0,
         **MIX_FIELDS,
         target_norm="whiten",
+        **target_norm.FIELDS,
         head="linear",
     )
-    choices = dict(loss=losses.FEATURE_LOSSES, target_norm=TARGET_NORMS, head=("linear", "identity"))
-    ranges = dict(**BLOCK_RANGES, smooth_l1_beta=checks.POSITIVE, **MIX_RANGES)
+    choices = dict(
+        loss=losses.FEATURE_LOSSES, target_norm=target_norm.TARGET_NORMS, head=("linear", "identity")
+    )
+    ranges = dict(**BLOCK_RANGES, smooth_l1_beta=checks.POSITIVE, **MIX_RANGES, **target_norm.RANGES)
 
     @classmethod
     def check_archs(cls, name, cfg, student, teacher):
@@ -101,10 +101,11 @@ class TokenTerm(BlockTokensTerm):
             f"{field}.head='identity' needs equal widths; the student has {student['width']}, "
             f"the teacher {teacher['width']}: use head='linear'",
         )
+        check_phi_s_width(name, cfg, teacher["width"])
 
     def __init__(self, name, cfg, student, teacher):
         super().__init__(name, cfg, student, teacher)
-        self.width = teacher.model.width
+        self.width = self.target_width = teacher.model.width
         self.head = linear_head(name, student, self.width) if cfg.head == "linear" else None
 
     def init_params(self, rng):
@@ -112,23 +113,31 @@ class TokenTerm(BlockTokensTerm):
             return None
         return self.head.init(rng, jnp.zeros((1, 1, self.student.width)))["params"]
 
-    def value(self, params, inputs: TermInputs) -> jax.Array:
+    def raw_target(self, teacher_out, patches):
+        """The teacher's CLS (when it has one) and patch tokens at ``patches`` (None: all)."""
+        tokens = tokens_at(teacher_out, self.cfg.teacher_block)
+        target = tokens[:, self.teacher.model.num_prefix :]
+        if patches is not None:
+            target = gather_tokens(target, patches)
+        if self.teacher.model.class_token:
+            target = jnp.concatenate([tokens[:, :1], target], axis=1)
+        return target
+
+    def kept_patches(self, inputs: TermInputs) -> jax.Array:
+        return inputs.kept.patches_at(self.cfg.student_block or self.student.depth)
+
+    def value(self, params, inputs: TermInputs, per_sample: bool = False) -> jax.Array:
         cfg = self.cfg
-        teacher_tokens = tokens_at(inputs.teacher, cfg.teacher_block)
-        block = cfg.student_block or self.student.depth
         pred = tokens_at(inputs.student, cfg.student_block)
-        teacher, p = self.teacher.model, self.teacher.model.num_prefix
-        target = gather_tokens(teacher_tokens[:, p:], inputs.kept.patches_at(block))
         patches_pred = pred[:, self.student.num_prefix :]
-        if teacher.class_token:
-            target = jnp.concatenate([teacher_tokens[:, :1], target], axis=1)
+        if self.teacher.model.class_token:
             pred = jnp.concatenate([pred[:, :1], patches_pred], axis=1)
         else:
             pred = patches_pred
-        target = normalize_target(target, cfg.target_norm)
+        target = self.target(inputs)
         if self.head is not None:
             pred = self.head.apply({"params": params}, pred)
-        return losses.feature_loss(pred, target, cfg.loss, cfg.smooth_l1_beta, mix_weights(cfg))
+        return losses.feature_loss(pred, target, cfg.loss, cfg.smooth_l1_beta, mix_weights(cfg), per_sample)
 
     def flops_per_example(self, patches_per_block):
         if self.head is None:

@@ -4,8 +4,8 @@
 ``step(state, frozen, batch, stage) -> (state, metrics)`` that ``jit_step`` compiles once per stage
 (``stage`` fixes the static shapes, e.g. the kept-token count). The step draws its RNG from the state,
 computes the task's loss and gradients (accumulated over micro-batches when asked), skips updates with
-a non-finite loss or gradient (counted in the state), applies the optax update and, when the run keeps
-one, moves the parameters' EMA (``ema_decay``).
+a non-finite loss or gradient (counted in the state), applies the optax update, moves the task's
+statistics (``Task.update_stats``) and, when the run keeps one, the parameters' EMA (``ema_decay``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from hybrid_distill_jax.parallel.sharding import BATCH_AXES
 
 def make_init_fn(task, tx: optax.GradientTransformation, ema: bool = False) -> Callable[[jax.Array], dict]:
     """``init(rng) -> state``: step, params, optimizer state, RNG and the non-finite counters; with
-    ``ema``, an fp32 copy of the params that the step averages (``ema``)."""
+    ``ema``, an fp32 copy of the params that the step averages (``ema``); the task's statistics
+    (``stats``), if it keeps any."""
 
     def init(rng):
         params = task.init_params(rng)
@@ -39,6 +40,9 @@ def make_init_fn(task, tx: optax.GradientTransformation, ema: bool = False) -> C
         }
         if ema:
             state["ema"] = ema_of(params)
+        stats = task.init_stats()
+        if stats is not None:
+            state["stats"] = stats
         return state
 
     return init
@@ -75,8 +79,9 @@ def make_train_step(
     def step(state, frozen, batch, stage: Hashable):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         grad_fn = jax.value_and_grad(task.loss_fn, has_aux=True)
+        stats = {"stats": state["stats"], "step": state["step"]} if "stats" in state else {}
         (loss, metrics), grads = accumulate_gradients(
-            lambda params, b, r: grad_fn(params, frozen, b, r, stage),
+            lambda params, b, r: grad_fn(params, frozen, b, r, stage, **stats),
             state["params"],
             batch,
             rng,
@@ -105,6 +110,9 @@ def make_train_step(
             nonfinite=nonfinite,
             first_nonfinite=first_nonfinite,
         )
+        if "stats" in state:
+            updated = task.update_stats(state["stats"], metrics.pop(task.STATS_KEY), state["step"])
+            new_state["stats"] = keep_old(updated, state["stats"])
         if "ema" in state:
             d = ema_decay(state["step"] + 1, *ema)
             averaged = jax.tree.map(

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 from typing import Any
 
 import jax
@@ -26,6 +25,7 @@ from hybrid_distill_jax.eval import diagnostics
 from hybrid_distill_jax.eval.features import probe_frozen_features
 from hybrid_distill_jax.optim import resolve_steps
 from hybrid_distill_jax.parallel import sharding
+from hybrid_distill_jax.train import preflight, run_config
 from hybrid_distill_jax.train.checkpoint import Checkpointer, abstract_like
 from hybrid_distill_jax.train.metrics import ExampleLog, MetricWriter, Progress
 from hybrid_distill_jax.train.program import build_program
@@ -55,8 +55,10 @@ class Trainer:
         self.mesh = sharding.make_mesh(config.mesh)
 
         # ---- data --------------------------------------------------------------------------------
-        signals.pause_for_fault(config, "data")
+        signals.enter(config, "data")
         self.info = dataset_info(config.data)
+        preflight.check_before_training(config, self.info, self.workdir)  # what the end needs, up front
+        run_config.check_resume(config, self.workdir)
         self.total_steps, self.warmup_steps, self.steps_per_epoch = resolve_steps(
             config, self.info.num_examples[config.data.train_split]
         )
@@ -87,7 +89,7 @@ class Trainer:
     # ---- the step ----------------------------------------------------------------------------------
     def _counted_step(self, state, frozen, batch, stage):
         self.compiles += 1  # runs once per trace, i.e. once per compilation
-        signals.pause_for_fault(self.config, "compile")
+        signals.enter(self.config, "compile" if self.compiles == 1 else "recompile")
         return self.program.step(state, frozen, batch, stage)
 
     def step_fn(self, stage):
@@ -125,7 +127,24 @@ class Trainer:
             state["params"] = jax.device_put(params, self.program.state_shardings["params"])
             if "ema" in state:
                 state["ema"] = jax.device_put(ema_of(params), self.program.state_shardings["ema"])
+        if "stats" in state and self.task.estimation_batches:
+            stats = self._estimate_stats(state["stats"])
+            state["stats"] = jax.device_put(stats, self.program.state_shardings["stats"])
         return state, 0
+
+    def _estimate_stats(self, stats):
+        """The task's statistics from the first training batches (the stream training then reads from its
+        start): a fresh run's, once; a resume restores them with the rest of the state."""
+        cfg, count = self.config, self.task.estimation_batches
+        log.info("[%s] estimating target statistics from the first %d training batches", self.name, count)
+        host_batches = train_iterator(
+            cfg.data, image_size=cfg.image_size, global_batch=cfg.batch_size, seed=cfg.seed, start_step=0
+        )
+        try:
+            batches = (self._device_batch(next(host_batches)) for _ in range(count))
+            return self.task.estimate_stats(self.frozen, stats, batches)
+        finally:
+            host_batches.close()
 
     def _save(self, step, state):
         self.checkpointer.save(
@@ -150,9 +169,11 @@ class Trainer:
                 )
 
     # ---- loop --------------------------------------------------------------------------------------
+    @signals.handling()
     def run(self) -> TrainResult:
-        """Trains (or resumes) to ``total_steps``, exports and evaluates; the workdir's lock is given up
-        when it returns or fails, so another process may continue in the workdir."""
+        """Trains (or resumes) to ``total_steps``, exports and evaluates, answering signals throughout; the
+        workdir's lock is given up when it returns or fails, so another process may continue in the
+        workdir."""
         try:
             return self._run()
         finally:
@@ -161,6 +182,7 @@ class Trainer:
     def _run(self) -> TrainResult:
         cfg = self.config
         state, start = self.initial_state()
+        run_config.save(cfg, self.workdir)
         writer = MetricWriter(self.workdir, cfg.tensorboard)
         writer.truncate_after(start)  # a resumed run rewrites the metrics logged after its checkpoint
         progress = Progress(self.total_steps, cfg.batch_size, start)
@@ -185,9 +207,6 @@ class Trainer:
             jax.device_count(),
             start,
         )
-        # Done by main already; for library use only SIGTERM, so that Ctrl-C in a notebook stays a
-        # KeyboardInterrupt rather than ending the kernel.
-        installed = signals.install(handled=(signal.SIGTERM,))
         pending = None
         try:
             for step in range(start, self.total_steps):
@@ -196,8 +215,7 @@ class Trainer:
                 state, metrics = self.step_fn(stage)(state, self.frozen, batch)
                 done = step + 1
                 signals.set_unsaved_progress(True)  # a signal now waits for the step boundary below
-                if done == start + 1:
-                    signals.pause_for_fault(cfg, "train")
+                signals.enter(cfg, "train")
                 if example_log is not None:
                     example_log.write(done)
                 if pending is not None:  # read the previous report now: no host sync inside the loop
@@ -234,22 +252,21 @@ class Trainer:
             batches.close()  # ends the input pipeline's thread (and host_batches with it)
             host_batches.close()
             signals.set_unsaved_progress(False)
-            if installed:
-                signals.uninstall()
         writer.flush()
 
         params = sharding.to_host(state["params"])  # gathers FSDP shards held by other processes
         ema = sharding.to_host(state["ema"]) if "ema" in state else None
-        export_dir = cfg.export_dir or os.path.join(self.workdir, "export")
+        stats = sharding.to_host(state["stats"]) if "stats" in state else None
+        export_dir = preflight.export_dir(cfg, self.workdir)
         exports = {export_dir: params}
         if ema is not None and cfg.ema.export != "online":
             exports = {export_dir: ema}
             if cfg.ema.export == "both":
-                exports[export_dir.rstrip(os.sep) + "_online"] = params
+                exports[preflight.online_export_dir(export_dir)] = params
         if jax.process_index() == 0:
-            signals.pause_for_fault(cfg, "export")
+            signals.enter(cfg, "export")
             for directory, weights in exports.items():
-                self.task.export(weights, directory)
+                self.task.export(weights, directory, stats=stats)
         summary = {}
         if cfg.eval.at_end:
             summary = self.final_evaluation(params)
@@ -286,13 +303,15 @@ class Trainer:
     # ---- evaluation --------------------------------------------------------------------------------
     def final_evaluation(self, params) -> dict[str, float]:
         """Frozen-feature probes of the trained ViT, plus the task's own end-of-run metrics."""
-        signals.pause_for_fault(self.config, "eval")
+        signals.enter(self.config, "eval")
         out = probe_frozen_features(self.config, self.task.feature_fn, params, self.info.num_classes)
         return {**out, **self.task.final_metrics(params)}
 
 
+@signals.handling()
 def train(config, workdir: str) -> TrainResult:
-    """Runs (or resumes) one training job described by ``config`` in ``workdir``."""
+    """Runs (or resumes) one training job described by ``config`` in ``workdir``, answering signals from
+    its data preparation on (``signals.handling``)."""
     return Trainer(config, workdir).run()
 
 

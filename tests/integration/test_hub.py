@@ -671,6 +671,8 @@ def test_recipes_default_to_the_known_teachers(capsys):
         "hd_vitb16_clip_mae": dict(clip="clip_b16", mae="mae_b16"),
         "hd_vitl16_clipl14_mae": dict(clip="clip_l14", mae="mae_l16"),
         "hd3_vitb16_clip_dino_mae": dict(clip="clip_b16", dino="dino_b16", mae="mae_b16"),
+        "hd_vitb16_dinov2_siglip2_mae": dict(dinov2="dinov2reg_b14", siglip2="siglip2_b16", mae="mae_b16"),
+        "hd_vitb16_agglomerative": dict(dense="dinov2reg_b14", language="siglip2_b16", mae="mae_b16"),
     }
     for recipe, shorts in defaults.items():
         c = recipe_config(recipe)

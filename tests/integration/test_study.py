@@ -7,9 +7,11 @@ import os
 
 import pytest
 
+from hybrid_distill_jax import config_lib
 from hybrid_distill_jax.errors import ConfigError
 from hybrid_distill_jax.experiments import report
-from hybrid_distill_jax.experiments.study import run_study
+from hybrid_distill_jax.experiments.study import _shared, run_study
+from hybrid_distill_jax.experiments.study_agglomerative import run_agglomerative
 
 
 def _study_config(arg="smoke"):
@@ -31,6 +33,42 @@ def test_full_config_lists_the_paper_ablation():
     assert c.seeds == 3 and {"teacher_supervised", "teacher_mae"} <= set(c.finetune_models)
     # An 8x8 patch grid: attention distance has room between 0 (self) and ~16.5 px (uniform).
     assert report.distance_bounds(c.image_size, c.variant)["grid"] >= 8
+
+
+@pytest.mark.parametrize("arg", ["agglomerative", "agglomerative,smoke"])
+def test_agglomerative_config_changes_one_thing_per_student(arg):
+    """configs/study.py:agglomerative: the study's Hybrid student, and the same with PHI-S feature targets
+    or a student EMA, nothing else changed; every stage passes validation."""
+    c = _study_config(arg)
+    main = _study_config("smoke" if "smoke" in arg else None)
+    assert c.mode == "study_agglomerative" and c.students == (
+        "hybrid_progressive",
+        "hybrid_phi_s",
+        "hybrid_ema",
+    )
+    assert c.hybrid_progressive.to_dict() == main.hybrid_progressive.to_dict()  # the study's stage, reused
+    assert c.hybrid_phi_s.terms.feature.target_norm == "phi_s" and c.hybrid_ema.ema.decay > 0
+    for key in ("hybrid_phi_s", "hybrid_ema"):
+        diff = c[key].to_dict()
+        ref = c.hybrid_progressive.to_dict()
+        for d in (diff, ref):
+            d.pop("name")
+            d["terms"]["feature"].pop("target_norm")
+            d["terms"]["feature"].pop("phi_s_batches")
+            d.pop("ema")
+        assert diff == ref, key
+    for key in ("teacher_supervised", "teacher_mae", *c.students):
+        config_lib.validate(_shared(c, c[key]), check_teachers=False)
+    with pytest.raises(ValueError, match="unknown argument"):
+        _study_config("agglomerativ")
+
+
+def test_agglomerative_bad_difference_is_named(tmp_path):
+    c = _study_config("agglomerative,smoke")
+    c.differences = (("hybrid_phi_s", "fd_only"),)
+    with pytest.raises(ConfigError, match=r"^differences: .*fd_only"):
+        run_agglomerative(c, str(tmp_path / "study"))
+    assert not (tmp_path / "study" / "teacher_supervised").exists()
 
 
 @pytest.mark.parametrize(

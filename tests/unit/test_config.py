@@ -52,7 +52,8 @@ def _set(c, dotted, value):
         ("mesh.data", 3, "mesh.data"),
         ("eval.pool", "max", "eval.pool"),
         ("teachers.deit.attn_impl", "flash", "teachers.deit.attn_impl"),
-        ("teachers.mae.attn_impl", "cudnn", None),  # valid (used on NVIDIA GPUs)
+        # on NVIDIA GPUs only (these tests run on the CPU; test_reliability_hardware.py has the rest)
+        ("teachers.mae.attn_impl", "cudnn", "teachers.mae.attn_impl='cudnn': cuDNN's fused attention needs"),
         ("student.attn_impl", "flash", "student.attn_impl"),
         ("student.attn_impl", "xla", None),
         ("faults.pause_at", "lunch", "faults.pause_at"),
@@ -229,10 +230,13 @@ def test_every_mode_names_a_runner_that_exists():
 
 
 def test_every_config_field_the_docs_name_exists():
-    """Each ``config.x.y`` in README.md and docs/*.md is a field of base_config (in some mode)."""
-    from hybrid_distill_jax.config_file import field_names
+    """Each ``config.x.y`` in README.md and docs/*.md is a field of base_config (in some mode) or of an
+    ImageNet recipe (``configs/hd*.py``: its own teachers and terms, e.g. ``--config.terms.gram.weight``)."""
+    from hybrid_distill_jax.config_file import field_names, load_config_file
 
     fields = {name for mode in VALIDATED_MODES for name in field_names(base_config(mode))}
+    for recipe in sorted(glob.glob(os.path.join(REPO, "configs", "hd*.py"))):
+        fields |= set(field_names(load_config_file(recipe)))
     docs = [os.path.join(REPO, "README.md"), *glob.glob(os.path.join(REPO, "docs", "*.md"))]
     named = set()
     for path in docs:

@@ -18,7 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2] / PACKAGE
 # the longest name here that is it or one of its parent packages.
 LAYERS = (
     ("errors", ("", "errors", "checks", "registry")),
-    ("process", ("signals", "workdir_lock")),
+    ("process", ("signals", "workdir_lock", "hardware")),
     ("primitives", ("losses", "masking", "parallel", "aot")),
     ("models", ("models",)),
     ("teachers", ("teachers",)),

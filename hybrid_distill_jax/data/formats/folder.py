@@ -1,8 +1,18 @@
 """The image-folder format (``config.data.name='folder'``): ``data_dir/<split>/<class>/*.jpg|jpeg|png``,
-held in memory as sorted file paths; a file that cannot be read is handled by the pipeline."""
+held in memory as sorted file paths; a file that cannot be read is handled by the pipeline.
+
+The listing reads those three levels and no deeper, so it never recurses. Symbolic links are followed
+(a dataset assembled from links is common), except a link loop: a folder link back to its own folder or
+one above it (or to itself) is skipped with a warning, since following it would list the dataset again
+as a split or class of itself; an image file's link that loops is listed, and reading it fails like any
+unreadable file (``data.on_corrupt``). Followed, either would stop the run (``Too many levels of
+symbolic links``, or a class folder the train split lacks).
+"""
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 from typing import Any
 
@@ -23,14 +33,53 @@ from hybrid_distill_jax.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
+log = logging.getLogger(__name__)
+_skipped_loops: set[str] = set()  # the link loops warned about, once each per process
+
 
 def _folder_root(data_cfg: Any) -> str:
     return expanded_data_dir(data_cfg) or ""
 
 
+def _loops(entry: os.DirEntry, folder: str) -> bool:
+    """Whether ``entry`` of ``folder`` is a link that cannot be followed for its loop of links, or a folder
+    link to ``folder`` itself or a folder above it."""
+    if not entry.is_symlink():
+        return False
+    try:
+        if not entry.is_dir():
+            return False
+    except OSError as e:
+        return e.errno == errno.ELOOP
+    target, here = os.path.realpath(entry.path), os.path.realpath(folder)
+    return here == target or here.startswith(target.rstrip(os.sep) + os.sep)
+
+
 def _subdirs(path: str) -> list[str]:
+    """The folders in ``path`` (not hidden), sorted; link loops skipped with a warning."""
+    names = []
     with os.scandir(path) as it:
-        return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+        for e in it:
+            if e.name.startswith("."):
+                continue
+            if _loops(e, path):
+                if e.path not in _skipped_loops:
+                    _skipped_loops.add(e.path)
+                    log.warning("folder dataset: skipping %s, a symbolic link that loops", e.path)
+            elif e.is_dir():
+                names.append(e.name)
+    return sorted(names)
+
+
+def _is_image(entry: os.DirEntry) -> bool:
+    """An image by its extension: a file, a link to one, or a link whose target cannot be told (a loop of
+    links), which is read, and fails, like any unreadable file (``data.on_corrupt``)."""
+    if os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
+        return False
+    try:
+        return entry.is_file()
+    except OSError:
+        return True
 
 
 def _folder_classes(data_cfg: Any, split: str) -> list[str]:
@@ -66,9 +115,7 @@ def list_folder(data_cfg: Any, split: str) -> tuple[list[str], np.ndarray, list[
             )
         cdir = os.path.join(split_dir, cname)
         with os.scandir(cdir) as it:
-            files = sorted(
-                e.name for e in it if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
-            )
+            files = sorted(e.name for e in it if _is_image(e))
         paths.extend(os.path.join(cdir, f) for f in files)
         labels.extend([label_of[cname]] * len(files))
     if not paths:
