@@ -201,6 +201,17 @@ def timm_parity_error(export_dir: str, out_path: str, image_size: int = 32) -> f
     return float(np.abs(ours - expected).max())
 
 
+def files_under(directory) -> dict[str, bytes]:
+    """Every file under ``directory`` with its contents."""
+    out = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, directory)] = f.read()
+    return out
+
+
 def run_cli(cmd) -> subprocess.CompletedProcess:
     """Runs a ``tiny_cli``-style command in a ``tiny_cli_env`` subprocess; asserts it exits 0."""
     proc = subprocess.run(cmd, cwd=REPO, env=tiny_cli_env(), capture_output=True, text=True, timeout=300)

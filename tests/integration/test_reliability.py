@@ -306,7 +306,9 @@ def test_a_full_disk_is_one_line_and_resumes_once_space_is_freed(tmp_path, tfds_
         assert "Traceback" not in full.stderr, full.stderr[-3000:]
         if os.path.exists(workdir / "metrics.jsonl"):
             text = (workdir / "metrics.jsonl").read_text()
-            assert text.endswith("\n") and all(json.loads(line) for line in text.splitlines())
+            # no torn line (the run's config.json, written first, may leave no room for any)
+            lines = text.splitlines()
+            assert text == "" or (text.endswith("\n") and all(json.loads(line) for line in lines))
         if what == "checkpoint":
             kept = checkpoint_lib.Checkpointer(str(workdir / "checkpoints"), every=0).all_steps()
             _resize(workdir / where, "16m")

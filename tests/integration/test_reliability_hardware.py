@@ -18,7 +18,7 @@ import pytest
 from hybrid_distill_jax import config_lib, hardware
 from hybrid_distill_jax.aot import targets
 from hybrid_distill_jax.errors import ConfigError
-from tests.helpers import REPO, make_teacher, tiny_cli, tiny_cli_env, tiny_distill_config
+from tests.helpers import REPO, files_under, make_teacher, tiny_cli, tiny_cli_env, tiny_distill_config
 from tests.integration.test_bad_files import CORRUPTIONS, _drop_read_capabilities, _root_reads_anything
 from tests.integration.test_compile import TINY, describe_teacher
 
@@ -34,17 +34,6 @@ def one_line(proc: subprocess.CompletedProcess, logs: re.Pattern = _START_UP_LOG
     ok = proc.returncode == 2 and "Traceback" not in proc.stderr and len(lines) == 1
     assert ok and lines[0].startswith("error: "), f"exit status {proc.returncode}\n{proc.stderr[-3000:]}"
     return lines[0]
-
-
-def files_under(directory) -> dict[str, bytes]:
-    """Every file under ``directory`` with its contents."""
-    out = {}
-    for root, _, names in os.walk(directory):
-        for name in names:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, directory)] = f.read()
-    return out
 
 
 @pytest.fixture

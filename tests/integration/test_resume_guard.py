@@ -4,12 +4,11 @@ as much as one added; ``resume_with_changes=True`` resumes anyway; what may chan
 does."""
 
 import json
-import os
 import subprocess
 
 import pytest
 
-from tests.helpers import REPO, make_teacher, run_cli, tiny_cli, tiny_cli_env
+from tests.helpers import REPO, files_under, make_teacher, run_cli, tiny_cli, tiny_cli_env
 
 
 @pytest.fixture(scope="module")
@@ -25,16 +24,6 @@ def finished(tmp_path_factory, tfds_dir, teachers):
     cli = [*tiny_cli(workdir, tfds_dir, teachers), "--config.total_steps=4", "--config.checkpoint_every=2"]
     run_cli(cli)
     return workdir, cli
-
-
-def _snapshot(workdir) -> dict:
-    out = {}
-    for root, _, files in os.walk(workdir):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, workdir)] = f.read()
-    return out
 
 
 def test_the_resolved_config_is_saved_in_the_workdir(finished):
@@ -55,7 +44,7 @@ def test_the_resolved_config_is_saved_in_the_workdir(finished):
 )
 def test_a_changed_objective_or_optimizer_is_refused_in_one_line(finished, change, named):
     workdir, cli = finished
-    before = _snapshot(workdir)
+    before = files_under(workdir)
     proc = subprocess.run(
         [*cli, change], cwd=REPO, env=tiny_cli_env(), capture_output=True, text=True, timeout=300
     )
@@ -63,7 +52,7 @@ def test_a_changed_objective_or_optimizer_is_refused_in_one_line(finished, chang
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
     assert named in errors[0] and "resume_with_changes=True" in errors[0], errors[0]
     assert "Traceback" not in proc.stderr
-    after = {k: v for k, v in _snapshot(workdir).items() if k != ".lock"}
+    after = {k: v for k, v in files_under(workdir).items() if k != ".lock"}
     assert after == {k: v for k, v in before.items() if k != ".lock"}  # nothing written, nothing lost
 
 
