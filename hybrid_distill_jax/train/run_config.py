@@ -67,24 +67,21 @@ def _resolved(config) -> dict:
 
 def changed_fields(saved: dict, config) -> list[str]:
     """The dotted fields whose values differ between ``saved`` (a ``config.json``) and ``config``, beyond
-    ``MAY_CHANGE``; a field present on one side only counts as changed."""
+    ``MAY_CHANGE``, each described ('F added', 'F removed' or 'F: old -> new')."""
     before, now = _flat(saved), _flat(_resolved(config))
-    fields = sorted(set(before) | set(now))
-    return [
-        f
-        for f in fields
-        if before.get(f, "<absent>") != now.get(f, "<absent>")
-        and not any(fnmatch.fnmatchcase(f, pattern) for pattern in MAY_CHANGE)
-    ]
-
-
-def _describe(field: str, saved: dict, config) -> str:
-    before, now = _flat(saved), _flat(_resolved(config))
-    if field not in before:
-        return f"{field} added"
-    if field not in now:
-        return f"{field} removed"
-    return f"{field}: {json.dumps(before[field])} -> {json.dumps(now[field])}"
+    changes = []
+    for f in sorted(set(before) | set(now)):
+        if before.get(f, "<absent>") == now.get(f, "<absent>"):
+            continue
+        if any(fnmatch.fnmatchcase(f, pattern) for pattern in MAY_CHANGE):
+            continue
+        if f not in before:
+            changes.append(f"{f} added")
+        elif f not in now:
+            changes.append(f"{f} removed")
+        else:
+            changes.append(f"{f}: {json.dumps(before[f])} -> {json.dumps(now[f])}")
+    return changes
 
 
 def has_checkpoints(workdir: str) -> bool:
@@ -109,7 +106,7 @@ def check_resume(config, workdir: str) -> None:
     if config.get("resume_with_changes", False):
         log.warning("resuming with a changed config (resume_with_changes=True): %s", "; ".join(changed))
         return
-    shown = "; ".join(_describe(f, saved, config) for f in changed[:3])
+    shown = "; ".join(changed[:3])
     more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
     raise ConfigError(
         f"config: differs from the run being resumed in {workdir} ({shown}{more}; saved in {path}): use "
